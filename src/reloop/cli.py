@@ -1,0 +1,101 @@
+"""The ``reloop`` command: argument wiring only; the logic lives in the packages."""
+from __future__ import annotations
+
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markdown import Markdown
+from rich.table import Table
+
+from reloop.config import ConfigError, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Keep CTR models accurate under drift: compare and run model-updating strategies.")
+data_app = typer.Typer(no_args_is_help=True, help="Look at a dataset as the protocol will see it.")
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+
+SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: a.b.c=<YAML value>.")]
+
+
+def _load(config: Path, overrides: list[str] | None):
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as e:
+        console.print(f"[red]config error[/] {config}: {e}")
+        raise typer.Exit(2) from None
+
+
+def _fail(e: Exception) -> None:
+    console.print(f"[red]error[/]: {e}")
+    raise typer.Exit(1) from None
+
+
+@app.command()
+def run(config: Annotated[Path, typer.Argument(help="YAML config (see configs/).")],
+        out: Annotated[Path, typer.Option(help="Result directory.")] = Path("runs/latest"),
+        set_: SetOption = None,
+        resume: Annotated[bool, typer.Option(help="Continue a killed run from its last finished period.")] = False,
+        progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True) -> None:
+    """Run every strategy of CONFIG period by period and write tables and plots to OUT."""
+    from reloop.data.sources.validate import DataError
+    from reloop.protocol.experiment import run_experiment
+
+    cfg = _load(config, set_)
+    try:
+        result = run_experiment(cfg, out, resume=resume, show_progress=progress, console=console)
+    except (DataError, FileNotFoundError) as e:
+        _fail(e)
+    Console().print(Markdown(result.markdown))
+    console.print(f"results in [bold]{out}[/]: config.yaml periods.csv summary.csv summary.md periods.png")
+
+
+def demo_config_path() -> Path:
+    return Path(str(resources.files("reloop") / "configs" / "demo.yaml"))
+
+
+@app.command()
+def demo(out: Annotated[Path, typer.Option(help="Result directory.")] = Path("runs/demo"),
+         set_: SetOption = None, resume: bool = False, progress: bool = True) -> None:
+    """The drift benchmark on the embedded synthetic stream (no data to fetch; minutes on 2 cores)."""
+    run(demo_config_path(), out=out, set_=set_, resume=resume, progress=progress)
+
+
+@data_app.command("inspect")
+def data_inspect(config: Path, set_: SetOption = None) -> None:
+    """Rows, label rate and the share of never-seen ids per period."""
+    from reloop.data.encode import EncoderConfig
+    from reloop.data.inspect import inspect_stream
+    from reloop.data.prepare import prepare_stream
+
+    cfg = _load(config, set_)
+    prepared = prepare_stream(cfg.data, cfg.protocol.pretrain, EncoderConfig(**cfg.encoder.model_dump()))
+    console.print(prepared.report)
+    table = Table(title=f"{config} — {len(prepared.stream.rows):,} rows")
+    rows = inspect_stream(prepared.stream, cfg.protocol)
+    for col in rows[0]:
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()])
+    Console().print(table)
+
+
+@app.command()
+def models() -> None:
+    """List the registered base models with their papers."""
+    from reloop.models import MODELS
+
+    table = Table(title="reloop model zoo")
+    table.add_column("name")
+    table.add_column("paper")
+    for name, cls in sorted(MODELS.items()):
+        table.add_row(name, cls.paper)
+    Console().print(table)
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())

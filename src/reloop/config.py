@@ -1,0 +1,144 @@
+"""Typed run configuration: YAML + ``--set key=value`` overrides -> validated ``Config``.
+
+Unknown keys are errors that name their dotted path (``runs.IU.updat: extra inputs are not
+permitted``); nothing is ``eval``-ed. The choices of a run (update, loss, generator, memory) are
+parsed by their own modules so that each method owns its options.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from reloop.data.periods import PeriodsConfig
+from reloop.update.trainer import TrainConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem, always naming the offending key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ProtocolConfig(_Strict):
+    """``protocol``: periods 1..pretrain train Θ0; then warm-up / valid / test served periods."""
+
+    pretrain: int = Field(default=10, ge=1)
+    warmup: int = Field(default=10, ge=0)
+    valid: int = Field(default=3, ge=0)
+    test: int = Field(default=7, ge=1)
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    serve_batch_size: int = Field(default=1024, ge=1)
+    feedback_delay: int = Field(default=0, ge=0)
+
+    @property
+    def served_periods(self) -> int:
+        return self.warmup + self.valid + self.test
+
+
+class EncoderSettings(_Strict):
+    """``encoder``: how table capacities are sized from the pretraining periods."""
+
+    headroom: float = Field(default=2.0, ge=1.0)
+    min_capacity: int = Field(default=16, ge=1)
+    overflow_share: float = Field(default=0.125, ge=0.0)
+
+
+class RunSpec(_Strict):
+    """One compared method: a composition of base update, loss, generator and serving memory."""
+
+    update: str | dict[str, Any] = "incremental"
+    loss: str | dict[str, Any] = "ce"
+    generator: str | dict[str, Any] = "identity"
+    memory: dict[str, Any] | None = None
+
+
+class Config(_Strict):
+    data: dict[str, Any]
+    model: dict[str, Any] = Field(default_factory=lambda: {"name": "deepfm"})
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    protocol: ProtocolConfig = Field(default_factory=ProtocolConfig)
+    encoder: EncoderSettings = Field(default_factory=EncoderSettings)
+    runs: dict[str, RunSpec] = Field(default_factory=lambda: {"IU": RunSpec()})
+    device: str = "cpu"
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> Config:
+        periods = PeriodsConfig(**self.data.get("periods", {}))
+        need = self.protocol.pretrain + 1 + self.protocol.served_periods
+        if need > periods.count:
+            raise ValueError(f"protocol: pretrain + 1 + warmup + valid + test = {need} periods, "
+                             f"but data.periods.count is {periods.count}")
+        if not self.runs:
+            raise ValueError("runs: at least one run is needed")
+        return self
+
+    @property
+    def periods(self) -> PeriodsConfig:
+        return PeriodsConfig(**self.data.get("periods", {}))
+
+
+def _format_errors(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        lines.append(f"{prefix}{loc}: {e['msg']}")
+    return "; ".join(lines)
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """``protocol.seeds`` -> tree['protocol']['seeds'] = value (creating dicts on the way)."""
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        if not isinstance(node.get(k, {}), dict):
+            raise ConfigError(f"--set {dotted}: {k!r} is not a mapping")
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, text = item.split("=", 1)
+        set_dotted(out, key.strip(), yaml.safe_load(text))
+    return out
+
+
+def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> Config:
+    """Validate a config mapping; every run's choices are built once so errors surface now."""
+    try:
+        cfg = Config(**raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e)) from None
+    if base_dir is not None and isinstance(cfg.data.get("path"), str):
+        path = Path(cfg.data["path"]).expanduser()
+        if not path.is_absolute() and not path.exists() and (base_dir / path).exists():
+            cfg.data["path"] = str((base_dir / path).resolve())
+    from reloop.components import validate_run  # late: components import the method modules
+
+    for name, run in cfg.runs.items():
+        validate_run(name, run, cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    with path.open() as fh:
+        raw = yaml.safe_load(fh) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return parse_config(apply_overrides(raw, overrides or []), base_dir=path.parent)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

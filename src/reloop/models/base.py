@@ -1,0 +1,121 @@
+"""The base-model contract: logits, the hidden representation h, parameter groups, save/load.
+
+Every model is ``h = body(batch)``; ``logit = head(h)`` with ``head`` one ``nn.Linear(h_dim, 1)``.
+``h`` (the input of the output layer) is what the error memory (ReLoop2) keys on; the split of
+parameters into ``embedding`` and ``dense`` groups is what ASMG's generator needs.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import Tensor, nn
+
+from reloop.data.schema import FeatureMap
+from reloop.models.layers import Batch
+
+
+class ModelOptions(BaseModel):
+    """Options shared by every model; subclasses add their own. Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+    embedding_dim: int = Field(default=16, ge=1)
+    hidden_units: list[int] = Field(default_factory=lambda: [256, 128])
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    init_std: float = Field(default=1e-2, gt=0.0)
+
+
+class CTRModel(nn.Module):
+    """Base class of every CTR model in the zoo.
+
+    Subclasses set ``name``, ``paper``, ``Options`` and implement ``body`` (returning ``h``) after
+    building ``self.head = nn.Linear(h_dim, 1)`` in ``__init__``.
+    """
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    Options: ClassVar[type[ModelOptions]] = ModelOptions
+
+    def __init__(self, feature_map: FeatureMap, options: ModelOptions) -> None:
+        super().__init__()
+        self.feature_map = feature_map
+        self.options = options
+
+    def body(self, batch: Batch) -> Tensor:
+        raise NotImplementedError
+
+    def hidden(self, batch: Batch) -> Tensor:
+        """``h``: the representation fed to the output layer, ``[B, h_dim]``."""
+        return self.body(batch)
+
+    def forward_hidden(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        return self(batch, with_hidden=True)
+
+    def forward(self, batch: Batch, with_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits ``[B]`` (not probabilities: losses are computed on logits); with ``h`` on request.
+
+        ``with_hidden`` lets ``torch.func.functional_call`` (ASMG, SML) get ``h`` from generated weights.
+        """
+        h = self.body(batch)
+        logits = self.head(h).squeeze(-1)
+        return (logits, h) if with_hidden else logits
+
+    def param_groups(self) -> dict[str, str]:
+        """Parameter name -> ``"embedding"`` (rows indexed by id) or ``"dense"``."""
+        groups: dict[str, str] = {}
+        for mod_name, mod in self.named_modules():
+            for p_name, _ in mod.named_parameters(recurse=False):
+                full = f"{mod_name}.{p_name}" if mod_name else p_name
+                groups[full] = "embedding" if isinstance(mod, nn.Embedding) else "dense"
+        return groups
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, **self.options.model_dump()}
+
+
+MODELS: dict[str, type[CTRModel]] = {}
+
+
+def register_model(cls: type[CTRModel]) -> type[CTRModel]:
+    """Class decorator: make a model available as ``model: {name: <cls.name>}``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no registry name")
+    MODELS[cls.name] = cls
+    return cls
+
+
+def build_model(config: dict[str, Any], feature_map: FeatureMap) -> CTRModel:
+    """Build a registered model from ``{name: ..., **options}``; unknown options name the key."""
+    from reloop import models as _zoo  # noqa: F401  (registers the zoo)
+
+    cfg = dict(config)
+    name = cfg.pop("name", None)
+    if name not in MODELS:
+        raise ValueError(f"model.name: unknown model {name!r}; choose one of {sorted(MODELS)}")
+    cls = MODELS[name]
+    try:
+        options = cls.Options(**cfg)
+    except ValidationError as e:
+        problems = "; ".join(f"model.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ValueError(problems) from None
+    return cls(feature_map, options)
+
+
+def save_model(model: CTRModel, path: str | Path) -> None:
+    torch.save({"config": model.config(), "feature_map": model.feature_map.model_dump(),
+                "state_dict": model.state_dict()}, path)
+
+
+def load_model(path: str | Path, feature_map: FeatureMap | None = None) -> CTRModel:
+    """Load a checkpoint written by ``save_model``; a feature map mismatch fails loudly."""
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    stored = FeatureMap(**blob["feature_map"])
+    if feature_map is not None and stored != feature_map:
+        raise ValueError(f"{path}: checkpoint was built for another feature map "
+                         f"({json.dumps(stored.tables)} vs {json.dumps(feature_map.tables)})")
+    model = build_model(blob["config"], stored)
+    model.load_state_dict(blob["state_dict"], strict=True)
+    return model

@@ -1,0 +1,166 @@
+"""The prequential, period-by-period protocol (ASMG §4.1.3; METHODS.md "The protocol").
+
+Per seed, Θ0 is pretrained once on periods 1..P and shared by every run (paired comparisons). For
+each run and t = P+1 .. P+warmup+valid+test:
+  1. base update with D_t (the run's strategy and loss)      -> Θ_t
+  2. the run's generator forms the model to serve           -> Θ*_t
+  3. serve D_{t+1} batch by batch (error memory in between) -> metrics of period t+1, served ŷ
+  4. the generator may now learn from D_{t+1}.
+Each finished period is checkpointed (model, optimizer, strategy, generator, memory, served
+predictions, RNG states), so ``resume`` continues where a killed run stopped and gives the same
+metrics as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reloop.components import build_generator, build_loss, build_memory, build_update, memory_resets_on_update
+from reloop.config import Config, RunSpec
+from reloop.data.periods import phase_of
+from reloop.data.tensors import History, Stream
+from reloop.models.base import CTRModel, build_model
+from reloop.protocol.metrics import period_metrics
+from reloop.protocol.serving import serve_period
+from reloop.update.losses import CrossEntropy
+from reloop.update.strategies import UpdateContext
+from reloop.update.trainer import make_optimizer, train_rows
+
+Progress = Callable[[str, int], None]
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def fresh_model(cfg: Config, stream: Stream, seed: int) -> CTRModel:
+    torch.manual_seed(seed)
+    return build_model(cfg.model, stream.feature_map)
+
+
+def pretrain(cfg: Config, stream: Stream, seed: int, out: Path | None = None,
+             on_batch: Callable[[int], None] | None = None) -> tuple[CTRModel, dict]:
+    """Θ0: ``train.pretrain_epochs`` passes over periods 1..P (cached per seed under ``out``)."""
+    path = out / "pretrain" / f"seed{seed}.pt" if out is not None else None
+    if path is not None and path.exists():
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+        model = build_model(cfg.model, stream.feature_map)
+        model.load_state_dict(blob["model"])
+        model.eval()
+        return model, blob["optimizer"]
+    model = fresh_model(cfg, stream, seed)
+    optimizer = make_optimizer(model, cfg.train)
+    gen = torch.Generator().manual_seed(seed)
+    rows = stream.periods(1, cfg.protocol.pretrain)
+    train_rows(model, optimizer, rows, CrossEntropy(), cfg.train, gen, epochs=cfg.train.pretrain_epochs,
+               on_batch=on_batch)
+    if path is not None:
+        _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
+    return model, optimizer.state_dict()
+
+
+@dataclass
+class RunState:
+    t: int  # the last period trained on (P before the first update)
+    model: CTRModel
+    optim_state: dict | None
+    served_base: torch.Tensor
+    served_final: torch.Tensor
+    rows: list[dict[str, Any]]
+
+
+def _checkpoint_path(out: Path, run: str, seed: int) -> Path:
+    return out / "checkpoints" / run / f"seed{seed}.pt"
+
+
+def run_one(cfg: Config, stream: Stream, name: str, spec: RunSpec, seed: int, theta0: CTRModel,
+            optim0: dict, out: Path | None = None, resume: bool = False,
+            progress: Progress | None = None, stop_after: int | None = None) -> list[dict[str, Any]]:
+    """One run under one seed; returns its per-period metric rows.
+
+    ``stop_after`` ends the run after training on that period (used to test resuming).
+    """
+    P = cfg.protocol.pretrain
+    last_t = P + cfg.protocol.served_periods
+    strategy = build_update(spec.update, seed=seed)
+    loss_spec = build_loss(spec.loss)
+    generator = build_generator(spec.generator)
+    h_dim = theta0.head.in_features
+    compensator = build_memory(spec.memory, dim=h_dim, seed=seed)
+    rng = torch.Generator().manual_seed(seed)
+    n_rows = len(stream.rows)
+    ckpt = _checkpoint_path(out, name, seed) if out is not None else None
+
+    if resume and ckpt is not None and ckpt.exists():
+        blob = torch.load(ckpt, map_location="cpu", weights_only=False)
+        model = build_model(cfg.model, stream.feature_map)
+        model.load_state_dict(blob["model"])
+        model.eval()
+        state = RunState(blob["t"], model, blob["optim"], blob["served_base"], blob["served_final"], blob["rows"])
+        strategy.load_state_dict(blob["strategy"])
+        generator.load_state_dict(blob["generator"])
+        if compensator is not None:
+            compensator.memory.load_state_dict(blob["memory"])
+        rng.set_state(blob["rng"])
+        torch.set_rng_state(blob["torch_rng"])
+    else:
+        nan = torch.full((n_rows,), float("nan"))
+        state = RunState(P, copy.deepcopy(theta0), copy.deepcopy(optim0), nan, nan.clone(), [])
+        # Θ0 serves period P+1 so that its served predictions exist when training on it.
+        served = serve_period(state.model, stream.period(P + 1), compensator,
+                              cfg.protocol.serve_batch_size, cfg.protocol.feedback_delay)
+        _record(state, stream, P + 1, served, cfg, name, seed)
+        torch.manual_seed(seed)
+
+    def fresh() -> CTRModel:
+        return build_model(cfg.model, stream.feature_map)
+
+    while state.t < last_t:
+        t = state.t + 1
+        ctx = UpdateContext(history=History(stream, upto=t), t=t, loss=loss_spec.loss, train=cfg.train,
+                            generator=rng, fresh_model=fresh,
+                            served=state.served_final if loss_spec.y_last == "compensated" else state.served_base,
+                            y_last_source="previous_model" if loss_spec.y_last == "previous_model" else "served",
+                            on_batch=(lambda n: progress(name, n)) if progress else None)
+        model, optim_state = strategy.update(state.model, state.optim_state, ctx)
+        generator.observe(t, model)
+        serving = generator.serving_model(model)
+        if compensator is not None and model is not state.model and memory_resets_on_update(spec.memory):
+            compensator.memory.reset()
+        served = serve_period(serving, stream.period(t + 1), compensator, cfg.protocol.serve_batch_size,
+                              cfg.protocol.feedback_delay)
+        state.model, state.optim_state, state.t = model, optim_state, t
+        _record(state, stream, t + 1, served, cfg, name, seed)
+        ctx.history = History(stream, upto=t + 1)
+        generator.learn(ctx.history, t + 1, ctx)
+        if ckpt is not None:
+            _atomic_save({"t": t, "model": state.model.state_dict(), "optim": state.optim_state,
+                          "served_base": state.served_base, "served_final": state.served_final,
+                          "rows": state.rows, "strategy": strategy.state_dict(),
+                          "generator": generator.state_dict(),
+                          "memory": compensator.memory.state_dict() if compensator is not None else None,
+                          "rng": rng.get_state(), "torch_rng": torch.get_rng_state()}, ckpt)
+        if stop_after is not None and t >= stop_after:
+            break
+    return state.rows
+
+
+def _record(state: RunState, stream: Stream, period: int, served, cfg: Config, name: str, seed: int) -> None:
+    start, end = stream.bounds[period - 1]
+    state.served_base[start:end] = served.base
+    state.served_final[start:end] = served.final
+    rows = stream.period(period)
+    users = rows.data["user"].numpy() if "user" in rows.data else None
+    metrics = period_metrics(rows.data["label"].numpy(), served.final.numpy(), users)
+    p = cfg.protocol
+    state.rows.append({"run": name, "seed": seed, "period": period,
+                       "phase": phase_of(period, p.pretrain, p.warmup, p.valid), **metrics})

@@ -1,0 +1,45 @@
+"""Serve one period batch by batch, as production would: predict, then receive labels.
+
+The error memory (when configured) is read before a batch's labels exist and written with them only
+afterwards, ``feedback_delay`` batches later (label latency). A batch's own labels can therefore
+never influence its predictions.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from reloop.data.tensors import PeriodTensors
+from reloop.models.base import CTRModel
+
+
+@dataclass
+class Served:
+    base: Tensor  # the base model's probability per row
+    final: Tensor  # what was served (compensated when a memory is configured)
+
+
+@torch.no_grad()
+def serve_period(model: CTRModel, rows: PeriodTensors, compensator=None, batch_size: int = 1024,
+                 feedback_delay: int = 0) -> Served:
+    """Predict every row of ``rows`` in order; feed labels back to ``compensator`` after the fact."""
+    model.eval()
+    base_out, final_out = [], []
+    pending: deque[tuple[Tensor, Tensor, Tensor]] = deque()
+    for batch in rows.batches(batch_size):
+        logits, h = model.forward_hidden(batch)
+        p = torch.sigmoid(logits.float())
+        served = compensator.predict(h.float(), p) if compensator is not None else p
+        base_out.append(p)
+        final_out.append(served)
+        if compensator is not None:
+            pending.append((h.float(), batch["label"], p))
+            while len(pending) > feedback_delay:
+                compensator.feedback(*pending.popleft())
+    # Labels of the last batches arrive after the period closes: they still reach the memory.
+    while pending and compensator is not None:
+        compensator.feedback(*pending.popleft())
+    return Served(torch.cat(base_out), torch.cat(final_out))

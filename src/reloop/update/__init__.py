@@ -1,0 +1,1 @@
+"""Base updates, losses and model generators."""

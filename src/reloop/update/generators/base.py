@@ -1,0 +1,63 @@
+"""Model generators: what gets served after period t (METHODS.md "Model generators").
+
+Timeline (ASMG Algorithm 1), driven by the protocol for every generator:
+  1. the base update produces Θ_t from D_t;   ``observe(t, Θ_t)``
+  2. the generator forms Θ*_t;                 ``serving_model(Θ_t) -> CTRModel`` (serves D_{t+1})
+  3. D_{t+1} is served and scored;             (protocol)
+  4. only then may the generator learn from D_{t+1}: ``learn(history, t + 1, ctx)`` where
+     ``history.upto == t + 1``.
+A generator must never read D_{t+1} before step 4 (``History`` raises ``LookAheadError``).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from reloop.data.tensors import Batch, History
+from reloop.models.base import CTRModel
+
+
+def functional_forward(model: CTRModel, params: dict[str, Tensor], batch: Batch,
+                       with_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Run ``model``'s architecture with substituted parameters (gradients flow into ``params``)."""
+    return torch.func.functional_call(model, params, (batch,), {"with_hidden": with_hidden}, strict=False)
+
+
+def materialize(model: CTRModel, params: dict[str, Tensor]) -> CTRModel:
+    """A standalone copy of ``model`` holding ``params`` (detached) — what actually serves."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        state = out.state_dict()
+        for name, value in params.items():
+            state[name].copy_(value.detach())
+    out.eval()
+    return out
+
+
+class ModelGenerator:
+    """Identity generator and base class: Θ*_t = Θ_t."""
+
+    name: ClassVar[str] = "identity"
+
+    def observe(self, t: int, model: CTRModel) -> None:
+        """Θ_t exists (after the base update on D_t)."""
+
+    def serving_model(self, model: CTRModel) -> CTRModel:
+        """Θ*_t, the model that serves D_{t+1}."""
+        return model
+
+    def learn(self, history: History, t_next: int, ctx: Any) -> None:
+        """Called after D_{t_next} was served; may train on ``history.period(t_next)``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{self.name}: unexpected state keys {sorted(state)}")
+
+
+Identity = ModelGenerator

@@ -1,0 +1,169 @@
+"""Base-update strategies: which rows a period's training sees, and where it starts from.
+
+Protocol (METHODS.md "Base updates"): after period t the strategy turns Θ_{t−1} into Θ_t using only
+data from periods ≤ t (enforced by ``History``). Strategies never mutate the model they are given:
+they return a trained copy.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from reloop.data.tensors import History, PeriodTensors
+from reloop.models.base import CTRModel
+from reloop.update.losses import Loss
+from reloop.update.trainer import TrainConfig, make_optimizer, predict_rows, train_rows
+
+
+@dataclass
+class UpdateContext:
+    """Everything a strategy may use at period t (data only through ``history``)."""
+
+    history: History
+    t: int
+    loss: Loss
+    train: TrainConfig
+    generator: torch.Generator
+    fresh_model: Callable[[], CTRModel]
+    served: Tensor | None = None  # served probability per global row (NaN where never served)
+    y_last_source: str = "served"  # or "previous_model"
+    on_batch: Callable[[int], None] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def attach_loss_columns(rows: PeriodTensors, previous: CTRModel, ctx: UpdateContext) -> PeriodTensors:
+    """Add the per-row columns the loss needs: ``teacher`` logits and/or ``y_last`` probabilities.
+
+    ``y_last`` is the prediction served for the row when ``y_last_source == 'served'`` (what production
+    logs); rows never served (pretraining periods) fall back to the previous model's prediction.
+    """
+    needs = ctx.loss.needs
+    if not needs:
+        return rows
+    cols: dict[str, Tensor] = {}
+    prev_logits = None
+    if "teacher" in needs or ctx.y_last_source == "previous_model" or ctx.served is None:
+        prev_logits, _ = predict_rows(previous, rows, ctx.train.eval_batch_size)
+    if "teacher" in needs:
+        cols["teacher"] = prev_logits
+    if "y_last" in needs:
+        if ctx.y_last_source == "served" and ctx.served is not None:
+            y_last = ctx.served[rows.data["row"]]
+            missing = torch.isnan(y_last)
+            if bool(missing.any()):
+                if prev_logits is None:
+                    prev_logits, _ = predict_rows(previous, rows, ctx.train.eval_batch_size)
+                y_last = torch.where(missing, torch.sigmoid(prev_logits), y_last)
+        else:
+            y_last = torch.sigmoid(prev_logits)
+        cols["y_last"] = y_last
+    return rows.with_columns(**cols)
+
+
+class UpdateStrategy:
+    """Base class: ``update`` = pick rows, start model, train; state via ``state_dict``."""
+
+    name: ClassVar[str] = ""
+    trains: ClassVar[bool] = True
+
+    def training_rows(self, ctx: UpdateContext) -> PeriodTensors:
+        raise NotImplementedError
+
+    def start_model(self, previous: CTRModel, ctx: UpdateContext) -> CTRModel:
+        return copy.deepcopy(previous)
+
+    def epochs(self, ctx: UpdateContext) -> int:
+        return ctx.train.epochs
+
+    def update(self, model: CTRModel, optim_state: dict | None,
+               ctx: UpdateContext) -> tuple[CTRModel, dict | None]:
+        """Return (Θ_t, optimizer state) from Θ_{t−1}; ``model`` is left untouched."""
+        if not self.trains:
+            return model, optim_state
+        rows = attach_loss_columns(self.training_rows(ctx), model, ctx)
+        new = self.start_model(model, ctx)
+        optimizer = make_optimizer(new, ctx.train)
+        if optim_state is not None and new is not model and self.keeps_optimizer:
+            optimizer.load_state_dict(copy.deepcopy(optim_state))
+        train_rows(new, optimizer, rows, ctx.loss, ctx.train, ctx.generator,
+                   epochs=self.epochs(ctx), on_batch=ctx.on_batch)
+        self.after_update(ctx)
+        return new, optimizer.state_dict()
+
+    keeps_optimizer: ClassVar[bool] = True
+
+    def after_update(self, ctx: UpdateContext) -> None:
+        """Hook for stateful strategies (the replay reservoir absorbs D_t here)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{self.name}: unexpected state keys {sorted(state)}")
+
+
+class NoUpdate(UpdateStrategy):
+    """Serve Θ_0 forever: the "never updated" floor."""
+
+    name = "none"
+    trains = False
+
+
+class Incremental(UpdateStrategy):
+    """IU: Θ_t = argmin L(Θ | D_t) starting from Θ_{t−1} (optimizer state carried over)."""
+
+    name = "incremental"
+
+    def training_rows(self, ctx: UpdateContext) -> PeriodTensors:
+        return ctx.history.period(ctx.t)
+
+
+class BatchWindow(UpdateStrategy):
+    """BU-w: from Θ_{t−1}, train on D_{t−w+1} ∪ … ∪ D_t (ASMG §4.1.4)."""
+
+    name = "batch"
+
+    def __init__(self, window: int) -> None:
+        if window < 1:
+            raise ValueError(f"update.batch: window must be ≥ 1, got {window}")
+        self.window = window
+
+    def training_rows(self, ctx: UpdateContext) -> PeriodTensors:
+        return ctx.history.periods(ctx.t - self.window + 1, ctx.t)
+
+
+class FullRetrain(UpdateStrategy):
+    """Everything up to t. ``start='previous'`` (default): warm start, ``train.epochs`` passes;
+    ``start='scratch'``: a fresh model trained ``train.pretrain_epochs`` passes (the costly upper
+    reference)."""
+
+    name = "full"
+
+    def __init__(self, start: str = "previous") -> None:
+        if start not in ("previous", "scratch"):
+            raise ValueError(f"update.full.start: expected 'previous' or 'scratch', got {start!r}")
+        self.start = start
+
+    @property
+    def keeps_optimizer(self) -> bool:  # type: ignore[override]
+        return self.start == "previous"
+
+    def training_rows(self, ctx: UpdateContext) -> PeriodTensors:
+        return ctx.history.periods(1, ctx.t)
+
+    def start_model(self, previous: CTRModel, ctx: UpdateContext) -> CTRModel:
+        return ctx.fresh_model() if self.start == "scratch" else copy.deepcopy(previous)
+
+    def epochs(self, ctx: UpdateContext) -> int:
+        return ctx.train.pretrain_epochs if self.start == "scratch" else ctx.train.epochs
+
+
+def n_batches(rows: int, batch_size: int) -> int:
+    return math.ceil(rows / batch_size)
