@@ -42,7 +42,7 @@ def run(config: Annotated[Path, typer.Argument(help="YAML config (see configs/).
         resume: Annotated[bool, typer.Option(help="Continue a killed run from its last finished period.")] = False,
         progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True) -> None:
     """Run every strategy of CONFIG period by period and write tables and plots to OUT."""
-    from reloop.data.sources.validate import DataError
+    from reloop.data.validate import DataError
     from reloop.protocol.experiment import run_experiment
 
     cfg = _load(config, set_)
