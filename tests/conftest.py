@@ -6,6 +6,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import torch
+
+# pytest -n 2 runs two workers on two cores: one intra-op thread each avoids oversubscription,
+# which slows small-model training by an order of magnitude.
+torch.set_num_threads(1)
 
 from reloop.config import parse_config
 from reloop.data.encode import FeatureEncoder

@@ -24,6 +24,7 @@ class FeatureEmbedding(nn.Module):
         self.tables = nn.ModuleDict(
             {name: nn.Embedding(size, dim, padding_idx=PAD) for name, size in feature_map.tables.items()}
         )
+        self._fields = {f.name: f for f in feature_map.fields}
         numeric = feature_map.of_kind("numeric")
         self.numeric_names = [f.name for f in numeric]
         self.numeric = nn.Parameter(torch.empty(len(numeric), dim)) if numeric else None
@@ -43,14 +44,12 @@ class FeatureEmbedding(nn.Module):
 
     def sequence(self, batch: Batch, name: str) -> tuple[Tensor, Tensor]:
         """Unpooled sequence embeddings ``[B, L, dim]`` and mask ``[B, L]`` (True = real item)."""
-        field = next(f for f in self.feature_map.fields if f.name == name)
         ids = batch[name]
-        return self.tables[field.table](ids), ids != PAD
+        return self.tables[self._fields[name].table](ids), ids != PAD
 
     def lookup(self, batch: Batch, name: str) -> Tensor:
         """``[B, dim]`` embedding of a single categorical field."""
-        field = next(f for f in self.feature_map.fields if f.name == name)
-        return self.tables[field.table](batch[name])
+        return self.tables[self._fields[name].table](batch[name])
 
     def forward(self, batch: Batch) -> Tensor:
         out = []
@@ -60,9 +59,10 @@ class FeatureEmbedding(nn.Module):
             if f.kind == "categorical":
                 out.append(self.tables[f.table](x))
             elif f.kind == "sequence":
-                emb = self.tables[f.table](x)  # [B, L, d]; padding rows are zero
-                count = (x != PAD).sum(-1, keepdim=True).clamp(min=1).to(emb.dtype)
-                out.append(emb.sum(1) / count)
+                # Mask explicitly: generated weights (ASMG, SML) need not keep the padding row at zero.
+                mask = (x != PAD).unsqueeze(-1).to(self.tables[f.table].weight.dtype)
+                emb = self.tables[f.table](x) * mask
+                out.append(emb.sum(1) / mask.sum(1).clamp(min=1))
             else:
                 out.append(x.unsqueeze(-1).to(self.numeric.dtype) * self.numeric[num_i])
                 num_i += 1

@@ -28,7 +28,10 @@ class TrainConfig(BaseModel):
 
 
 def make_optimizer(model: CTRModel, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    """Adam (the papers' optimiser), or FTRL-Proximal when the model asks for it (LR, ReLoop's baseline)."""
+    from reloop.models.ftrl import optimizer_for
+
+    return optimizer_for(model) or torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def _autocast(precision: str):
