@@ -170,3 +170,14 @@ def test_history_option_strictly_before() -> None:
     assert generate(cfg.model_copy(update={"history": None})).frame.columns == [
         "label", "time", "user_id", "item_id", "item_cat", "hour", "p_true",
     ]  # fmt: skip
+
+
+def test_label_noise_flips_the_requested_share_and_keeps_the_oracle():
+    from reloop.data.sources import load_source, parse_source_config
+
+    small = {"users": 200, "items": 100, "rows_per_period": 2000, "periods": 5}
+    clean = load_source(parse_source_config({"source": "synthetic", "synthetic": small})).frame
+    noisy = load_source(parse_source_config({"source": "synthetic", "synthetic": {**small, "label_noise": 0.1}})).frame
+    share = (clean["label"] != noisy["label"]).mean()
+    assert 0.085 < share < 0.115
+    assert (clean["p_true"] == noisy["p_true"]).all()

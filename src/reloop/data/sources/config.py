@@ -236,6 +236,7 @@ class SyntheticConfig(_Strict):
     context_amplitude: float = Field(default=0.8, ge=0.0)
     context_cycle: float = Field(default=7.0, gt=0.0, description="periods per full oscillation")
     history: int | None = Field(default=None, ge=1, description="add 'history': last N positives per user")
+    label_noise: float = Field(default=0.0, ge=0.0, lt=0.5, description="share of labels flipped at random")
 
 
 class SyntheticSourceConfig(_Strict):

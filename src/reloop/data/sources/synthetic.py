@@ -151,6 +151,11 @@ class SyntheticWorld:
         users, items = users.ravel(), items.ravel()
         p = self.click_probability(users, items, hours, periods)
         label = (rng.random(len(p)) < p).astype(np.int8)
+        if cfg.label_noise > 0:
+            # Flipped labels model logging noise; p_true stays the clean probability (the oracle).
+            noise_rng = np.random.default_rng([cfg.seed, 0x401])
+            flip = noise_rng.random(len(label)) < cfg.label_noise
+            label = np.where(flip, 1 - label, label).astype(np.int8)
         return {
             "user": users, "item": items, "hour": hours, "period": periods, "time": time, "p_true": p, "label": label,
         }  # fmt: skip
