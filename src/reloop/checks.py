@@ -36,6 +36,11 @@ CONTRACT_CASES: dict[str, dict[str, Any]] = {
     "loss=self_correction": {"loss": {"self_correction": 0.5}},
     "loss=self_correction-normalized": {"loss": {"self_correction": 0.5, "scale": "normalized"}},
     "loss=distill": {"loss": {"distill": 0.3}},
+    "update=replay": {"update": {"replay": {"reservoir": 0.3, "ratio": 0.5}}},
+    "generator=asmg_gru": {"generator": {"asmg_gru": {"k": 2, "hidden": 4, "variant": "multi"}}},
+    "generator=asmg_gru-full": {"generator": {"asmg_gru": {"k": 2, "variant": "full"}}},
+    "generator=asmg_linear": {"generator": {"asmg_linear": {"k": 2}}},
+    "generator=sml": {"generator": "sml"},
 }
 
 

@@ -17,6 +17,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Keep CTR models accurate under drift: compare and run model-updating strategies.")
 data_app = typer.Typer(no_args_is_help=True, help="Look at a dataset as the protocol will see it.")
 app.add_typer(data_app, name="data")
+bench_app = typer.Typer(no_args_is_help=True, help="Reproduce the papers' comparisons.")
+app.add_typer(bench_app, name="bench")
 console = Console(stderr=True)
 
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: a.b.c=<YAML value>.")]
@@ -82,6 +84,37 @@ def data_inspect(config: Path, set_: SetOption = None) -> None:
     for r in rows:
         table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()])
     Console().print(table)
+
+
+@bench_app.command("paper")
+def bench_paper(data: Annotated[str, typer.Option(help="movielens100k, movielens100k-implicit or synthetic.")] = "movielens100k",
+                seeds: Annotated[int, typer.Option(help="Number of seeds (0..N-1).")] = 5,
+                out: Annotated[Path, typer.Option(help="Report directory.")] = Path("runs/paper"),
+                section: Annotated[Optional[list[str]], typer.Option(help="Only these sections (repeatable).")] = None,
+                ml_path: Annotated[Path, typer.Option(help="MovieLens-100K directory.")] = Path("../shared/data/movielens-100k"),
+                set_: SetOption = None, progress: bool = True) -> None:
+    """ASMG, ReLoop and ReLoop2 comparisons plus their combinations, as one Markdown report."""
+    import yaml
+
+    from reloop.bench.paper import SECTIONS, datasets, run_paper
+
+    if data not in datasets(ml_path):
+        console.print(f"[red]--data[/]: unknown dataset {data!r}; choose {sorted(datasets(ml_path))}")
+        raise typer.Exit(2)
+    known = {s.name for s in SECTIONS}
+    if section and set(section) - known:
+        console.print(f"[red]--section[/]: unknown {sorted(set(section) - known)}; choose {sorted(known)}")
+        raise typer.Exit(2)
+    overrides = {}
+    for item in set_ or []:
+        key, _, text = item.partition("=")
+        overrides[key] = yaml.safe_load(text)
+    try:
+        report = run_paper(data, out, list(range(seeds)), section, ml_path, progress, overrides, console)
+    except ConfigError as e:
+        console.print(f"[red]config error[/]: {e}")
+        raise typer.Exit(2) from None
+    console.print(f"report: [bold]{report}[/]")
 
 
 @app.command()

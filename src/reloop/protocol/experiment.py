@@ -39,7 +39,9 @@ def oracle_by_period(stream: Stream) -> dict[int, dict[str, float]]:
 
 
 def run_experiment(cfg: Config, out: Path, resume: bool = False, show_progress: bool = True,
-                   console: Console | None = None) -> ExperimentResult:
+                   console: Console | None = None, pretrain_dir: Path | None = None) -> ExperimentResult:
+    """Run every run × seed of ``cfg`` into ``out``. ``pretrain_dir`` shares Θ0 between experiments
+    that use the same data and model (the paper benchmark pairs all its sections on one Θ0 per seed)."""
     console = console or Console(stderr=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
@@ -59,7 +61,7 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, show_progress: 
     with Progress(*columns, console=console, disable=not show_progress, transient=False) as bar:
         for seed in cfg.protocol.seeds:
             task = bar.add_task(f"seed {seed}: pretrain Θ0", total=pre_rows * cfg.train.pretrain_epochs)
-            theta0, optim0 = pretrain(cfg, stream, seed, out, on_batch=lambda n, task=task: bar.advance(task, n))
+            theta0, optim0 = pretrain(cfg, stream, seed, pretrain_dir or out, on_batch=lambda n, task=task: bar.advance(task, n))
             bar.update(task, completed=pre_rows * cfg.train.pretrain_epochs)
             for name, spec in cfg.runs.items():
                 task = bar.add_task(f"seed {seed}: {name}", total=None)

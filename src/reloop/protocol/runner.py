@@ -13,6 +13,7 @@ metrics as an uninterrupted run.
 from __future__ import annotations
 
 import copy
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,8 +52,11 @@ def pretrain(cfg: Config, stream: Stream, seed: int, out: Path | None = None,
              on_batch: Callable[[int], None] | None = None) -> tuple[CTRModel, dict]:
     """Θ0: ``train.pretrain_epochs`` passes over periods 1..P (cached per seed under ``out``)."""
     path = out / "pretrain" / f"seed{seed}.pt" if out is not None else None
-    if path is not None and path.exists():
-        blob = torch.load(path, map_location="cpu", weights_only=False)
+    # Θ0 is reused only for the same data, model, training settings and pretraining span.
+    key = json.dumps({"data": stream.meta.get("key"), "model": cfg.model, "train": cfg.train.model_dump(),
+                      "pretrain": cfg.protocol.pretrain, "seed": seed}, sort_keys=True, default=str)
+    blob = torch.load(path, map_location="cpu", weights_only=False) if path is not None and path.exists() else None
+    if blob is not None and blob.get("key") == key:
         model = build_model(cfg.model, stream.feature_map)
         model.load_state_dict(blob["model"])
         model.eval()
@@ -64,7 +68,7 @@ def pretrain(cfg: Config, stream: Stream, seed: int, out: Path | None = None,
     train_rows(model, optimizer, rows, CrossEntropy(), cfg.train, gen, epochs=cfg.train.pretrain_epochs,
                on_batch=on_batch)
     if path is not None:
-        _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
+        _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "key": key}, path)
     return model, optimizer.state_dict()
 
 
