@@ -21,6 +21,18 @@ bench_app = typer.Typer(no_args_is_help=True, help="Reproduce the papers' compar
 app.add_typer(bench_app, name="bench")
 console = Console(stderr=True)
 
+
+
+@app.callback()
+def _main(threads: Annotated[Optional[int], typer.Option(
+        help="torch intra-op threads (default: torch's choice; 1 is fastest for small models on busy machines).",
+        envvar="RELOOP_THREADS")] = None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: a.b.c=<YAML value>.")]
 
 

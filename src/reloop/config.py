@@ -87,7 +87,8 @@ def _format_errors(err: ValidationError, prefix: str = "") -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
-        lines.append(f"{prefix}{loc}: {e['msg']}")
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{prefix}{loc}: {msg}" if loc else f"{prefix.rstrip('.') or 'config'}: {msg}")
     return "; ".join(lines)
 
 
