@@ -17,6 +17,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Keep CTR models accurate under drift: compare and run model-updating strategies.")
 data_app = typer.Typer(no_args_is_help=True, help="Look at a dataset as the protocol will see it.")
 app.add_typer(data_app, name="data")
+from reloop.serve.cli import retrain as _retrain_command  # noqa: E402
+from reloop.serve.cli import serve as _serve_command  # noqa: E402
+
+app.command("serve")(_serve_command)
+app.command("retrain")(_retrain_command)
 bench_app = typer.Typer(no_args_is_help=True, help="Reproduce the papers' comparisons.")
 app.add_typer(bench_app, name="bench")
 console = Console(stderr=True)
@@ -28,9 +33,12 @@ def _main(threads: Annotated[Optional[int], typer.Option(
         help="torch intra-op threads (default: torch's choice; 1 is fastest for small models on busy machines).",
         envvar="RELOOP_THREADS")] = None) -> None:
     if threads:
+        import os
+
         import torch
 
         torch.set_num_threads(threads)
+        os.environ["RELOOP_THREADS"] = str(threads)  # processes started by `run --nproc` use the same
 
 
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: a.b.c=<YAML value>.")]
@@ -54,16 +62,30 @@ def run(config: Annotated[Path, typer.Argument(help="YAML config (see configs/).
         out: Annotated[Path, typer.Option(help="Result directory.")] = Path("runs/latest"),
         set_: SetOption = None,
         resume: Annotated[bool, typer.Option(help="Continue a killed run from its last finished period.")] = False,
-        progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True) -> None:
+        progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+        nproc: Annotated[int, typer.Option(help="Data-parallel processes on this machine (torchrun; gloo on CPU, "
+                                                "NCCL on GPU); rank 0 writes OUT.")] = 1) -> None:
     """Run every strategy of CONFIG period by period and write tables and plots to OUT."""
+    from reloop import distributed as rd
     from reloop.data.validate import DataError
     from reloop.protocol.experiment import run_experiment
 
+    if nproc > 1 and not rd.launched_by_torchrun():  # re-launch this command under torchrun
+        args = ["run", str(config), "--out", str(out), "--progress" if progress else "--no-progress"]
+        args += ["--resume"] if resume else []
+        for item in set_ or []:
+            args += ["--set", item]
+        raise typer.Exit(rd.launch_local(nproc, args))
     cfg = _load(config, set_)
     try:
-        result = run_experiment(cfg, out, resume=resume, show_progress=progress, console=console)
+        if rd.launched_by_torchrun():
+            result = rd.run_experiment_distributed(cfg, out, resume=resume, show_progress=progress, console=console)
+        else:
+            result = run_experiment(cfg, out, resume=resume, show_progress=progress, console=console)
     except (DataError, FileNotFoundError) as e:
         _fail(e)
+    if rd.launched_by_torchrun() and rd.env_from_torchrun()[0] != 0:
+        return  # rank 0 reports
     Console().print(Markdown(result.markdown))
     console.print(f"results in [bold]{out}[/]: config.yaml periods.csv summary.csv summary.md periods.png")
 
@@ -144,3 +166,7 @@ def models() -> None:
 
 def main() -> None:  # pragma: no cover
     sys.exit(app())
+
+
+if __name__ == "__main__":  # python -m reloop.cli / torchrun -m reloop.cli
+    main()

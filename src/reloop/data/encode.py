@@ -34,16 +34,18 @@ class TableVocab:
     def size(self) -> int:
         return N_RESERVED + self.capacity + self.overflow
 
+    def grow(self, arrivals: pl.Series) -> None:
+        """Give unseen ids of ``arrivals`` (already in arrival order) the next free indices."""
+        fresh = arrivals.cast(pl.String).drop_nulls().unique(maintain_order=True)
+        fresh = fresh.filter(~fresh.is_in(pl.Series(list(self.index), dtype=pl.String).implode()))
+        room = self.capacity - len(self.index)
+        start = N_RESERVED + len(self.index)
+        for offset, v in enumerate(fresh.head(max(room, 0)).to_list()):
+            self.index[v] = start + offset
+
     def encode(self, values: pl.Series, grow: bool) -> np.ndarray:
-        """Ids for ``values`` (nulls -> PAD). New ids are assigned in order of first appearance."""
+        """Ids for ``values`` (nulls -> PAD); unknown ids -> hashed overflow (``grow``) or OOV."""
         values = values.cast(pl.String)
-        if grow:
-            fresh = values.drop_nulls().unique(maintain_order=True)
-            fresh = fresh.filter(~fresh.is_in(pl.Series(list(self.index), dtype=pl.String).implode()))
-            room = self.capacity - len(self.index)
-            start = N_RESERVED + len(self.index)
-            for offset, v in enumerate(fresh.head(max(room, 0)).to_list()):
-                self.index[v] = start + offset
         known = pl.Series(list(self.index), dtype=pl.String)
         mapped = values.replace_strict(known, pl.Series(list(self.index.values()), dtype=pl.Int64),
                                        default=None, return_dtype=pl.Int64)
@@ -133,6 +135,8 @@ class FeatureEncoder:
         if not self.vocabs and any(s.kind != "numeric" for s in self.schema.features):
             raise RuntimeError("fit_capacities() must run before transform()")
         out: dict[str, torch.Tensor] = {}
+        if grow:
+            self._grow_tables(frame)
         for spec in self.schema.features:
             col = frame[spec.name]
             if spec.kind == "numeric":
@@ -154,6 +158,31 @@ class FeatureEncoder:
         if self.schema.user:
             out["user"] = torch.from_numpy(self._encode_users(frame[self.schema.user]))
         return out
+
+    def _grow_tables(self, frame: pl.DataFrame) -> None:
+        """Assign new ids per table in true arrival order: by row, then field, then list position.
+
+        Fields sharing a table (an item and a history of items) must interleave by row, or a later
+        row's id could take a slot an earlier row's history id would have had (seeing the future).
+        """
+        by_table: dict[str, list[pl.DataFrame]] = {}
+        for order, spec in enumerate(self.schema.features):
+            if spec.kind == "numeric":
+                continue
+            col = frame[spec.name].cast(pl.List(pl.String) if spec.kind == "sequence" else pl.String)
+            part = pl.DataFrame({"row": pl.int_range(len(frame), eager=True), "v": col})
+            if spec.kind == "sequence":
+                part = part.with_columns(pl.col("v").list.head(spec.max_len)).explode(
+                    "v", empty_as_null=False, keep_nulls=False)
+                part = part.with_columns(pos=pl.int_range(pl.len()).over("row"))
+            else:
+                part = part.with_columns(pos=pl.lit(0, dtype=pl.Int64))
+            part = part.with_columns(field=pl.lit(order, dtype=pl.Int64)).select(
+                "row", "field", pl.col("pos").cast(pl.Int64), pl.col("v").cast(pl.String))
+            by_table.setdefault(spec.vocab or spec.name, []).append(part)
+        for table, parts in by_table.items():
+            arrivals = pl.concat(parts).sort(["row", "field", "pos"], maintain_order=True)["v"]
+            self.vocabs[table].grow(arrivals)
 
     def _encode_sequence(self, name: str, col: pl.Series, max_len: int, grow: bool) -> torch.Tensor:
         vocab = self.vocabs[self.table_of(name)]

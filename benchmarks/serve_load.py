@@ -1,0 +1,227 @@
+"""Load benchmark of ``reloop serve``: one JSON object per line.
+
+    python benchmarks/serve_load.py [--concurrency 8] [--requests-b1 400] [--requests-b256 60]
+                                    [--swap-seconds 6] [--out DIR]
+
+Bootstraps two model directories from a synthetic config (DeepFM; run ``IU`` without and ``IU+mem``
+with the LSH-sketch error memory), starts each as a real ``reloop serve`` subprocess on loopback and
+drives it with a bounded asyncio httpx client (``--concurrency`` requests in flight):
+
+* ``predict`` batch 1 and batch 256, ``feedback`` batch 1 and batch 256 (feedback for the impressions
+  just predicted, with their true labels): requests/s, rows/s, p50/p99 latency, failed requests;
+* ``swap``: predict + feedback traffic while ``retrain`` runs in this process (as ``reloop retrain``
+  would, next to the server) and publishes a new version that the server hot-swaps by polling
+  ``CURRENT``: failed_requests must be 0; ``versions_seen`` shows the swap happened under load.
+
+Every acknowledged request is a durable SQLite commit (WAL, synchronous=FULL), so the figures include
+an fsync per request. Client and server share the machine's cores.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import yaml
+
+from reloop.config import load_config
+from reloop.data.sources import load_source
+from reloop.serve.registry import bootstrap
+from reloop.serve.replay import start_server
+from reloop.serve.retrain import RetrainOptions, retrain
+
+CONFIG = {
+    "data": {"source": "synthetic",
+             "synthetic": {"users": 2000, "items": 1000, "rows_per_period": 4000, "periods": 8, "seed": 0},
+             "periods": {"count": 8, "by": "rows"}},
+    "model": {"name": "deepfm", "embedding_dim": 16, "hidden_units": [64, 32]},
+    "train": {"epochs": 1, "pretrain_epochs": 1, "batch_size": 256, "lr": 0.001},
+    "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2, "seeds": [0]},
+    "runs": {"IU": {"update": "incremental"},
+             "IU+mem": {"update": "incremental", "memory": {"sketch": {"arrays": 64, "bits": 8}, "lambda": 0.5}}},
+}
+
+
+def _summary(name: str, batch: int, memory: bool, lat: list[float], failed: int, seconds: float,
+             concurrency: int, **extra) -> dict:
+    arr = np.asarray(lat) * 1000 if lat else np.asarray([np.nan])
+    n = len(lat) + failed
+    return {"scenario": name, "batch": batch, "memory": memory, "requests": n, "concurrency": concurrency,
+            "rps": round(n / seconds, 1), "rows_per_s": round(len(lat) * batch / seconds, 1),
+            "p50_ms": round(float(np.percentile(arr, 50)), 2), "p99_ms": round(float(np.percentile(arr, 99)), 2),
+            "failed_requests": failed, **extra}
+
+
+async def _drive(url: str, path: str, bodies: list[dict], concurrency: int) -> tuple[list[float], int, float, list]:
+    """Send ``bodies`` with at most ``concurrency`` in flight; latencies, failures, wall time, responses."""
+    lat: list[float] = []
+    failed = 0
+    out: list = [None] * len(bodies)
+    sem = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=60.0, limits=limits) as client:
+        async def one(i: int, body: dict) -> None:
+            nonlocal failed
+            async with sem:
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post(path, json=body)
+                except httpx.HTTPError:
+                    failed += 1
+                    return
+                if r.status_code != 200:
+                    failed += 1
+                    return
+                lat.append(time.perf_counter() - t0)
+                out[i] = r.json()
+        start = time.perf_counter()
+        await asyncio.gather(*(one(i, b) for i, b in enumerate(bodies)))
+        return lat, failed, time.perf_counter() - start, out
+
+
+async def _swap_phase(url: str, records: list[dict], labels: list[int], concurrency: int, seconds: float,
+                      md: Path) -> dict:
+    """Mixed predict(1)/feedback(1) traffic; a retrain publishes mid-way; the server swaps by polling."""
+    lat: list[float] = []
+    failed = 0
+    versions: dict[int, int] = {}
+    result: dict = {}
+    publish_at: list[float] = []
+    first_new: list[float] = []
+
+    def do_retrain() -> None:
+        r = retrain(md, RetrainOptions(max_auc_drop=1.0, holdout=0.1, label_timeout=None))
+        result.update(r.to_dict())
+        publish_at.append(time.perf_counter())
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    start = time.perf_counter()
+    stop_at = [start + seconds]
+    async with httpx.AsyncClient(base_url=url, timeout=60.0, limits=limits) as client:
+        async def worker(w: int) -> None:
+            nonlocal failed
+            k = w
+            while time.perf_counter() < stop_at[0]:
+                i = k % len(records)
+                k += concurrency
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post("/predict", json={"records": [records[i]]})
+                    if r.status_code != 200:
+                        failed += 1
+                        continue
+                    lat.append(time.perf_counter() - t0)
+                    body = r.json()
+                    v = body["model_version"]
+                    versions[v] = versions.get(v, 0) + 1
+                    if publish_at and v == result.get("version") and not first_new:
+                        first_new.append(time.perf_counter())
+                    t0 = time.perf_counter()
+                    r = await client.post("/feedback", json={"events": [
+                        {"impression_id": body["predictions"][0]["impression_id"], "label": labels[i]}]})
+                    if r.status_code != 200:
+                        failed += 1
+                        continue
+                    lat.append(time.perf_counter() - t0)
+                except httpx.HTTPError:
+                    failed += 1
+
+        async def trigger() -> None:
+            await asyncio.sleep(min(1.0, seconds / 4))
+            th = threading.Thread(target=do_retrain)
+            th.start()
+            while th.is_alive():
+                await asyncio.sleep(0.05)
+            stop_at[0] = max(stop_at[0], time.perf_counter() + 2.0)  # keep the load on after the swap
+
+        await asyncio.gather(trigger(), *(worker(w) for w in range(concurrency)))
+    wall = time.perf_counter() - start
+    swap_delay = (first_new[0] - publish_at[0]) if first_new and publish_at else None
+    return {"lat": lat, "failed": failed, "wall": wall, "versions_seen": {str(k): v for k, v in sorted(versions.items())},
+            "retrain": {k: result.get(k) for k in ("outcome", "version", "n_train", "seconds")},
+            "swap_delay_s": None if swap_delay is None else round(swap_delay, 3)}
+
+
+def bench_variant(md: Path, memory: bool, records: list[dict], labels: list[int], args, emit) -> None:
+    server = start_server(md, args=["--poll-interval", "0.5"], log_path=md / "server.log")
+    try:
+        c = args.concurrency
+        # warm-up (first-call costs: polars, torch kernels, SQLite pages)
+        asyncio.run(_drive(server.url, "/predict", [{"records": records[:256]}] * 4, 2))
+        n1, n256 = args.requests_b1, args.requests_b256
+        bodies = [{"records": [records[i % len(records)]]} for i in range(n1)]
+        lat, failed, wall, resp1 = asyncio.run(_drive(server.url, "/predict", bodies, c))
+        emit(_summary("predict", 1, memory, lat, failed, wall, c))
+        bodies = [{"records": records[(i * 256) % (len(records) - 256):][:256]} for i in range(n256)]
+        lat, failed, wall, resp256 = asyncio.run(_drive(server.url, "/predict", bodies, c))
+        emit(_summary("predict", 256, memory, lat, failed, wall, c))
+        fb1 = [{"events": [{"impression_id": r["predictions"][0]["impression_id"], "label": labels[i % len(labels)]}]}
+               for i, r in enumerate(resp1) if r]
+        lat, failed, wall, _ = asyncio.run(_drive(server.url, "/feedback", fb1, c))
+        emit(_summary("feedback", 1, memory, lat, failed, wall, c))
+        fb256 = []
+        for i, r in enumerate(resp256):
+            if not r:
+                continue
+            off = (i * 256) % (len(records) - 256)
+            fb256.append({"events": [{"impression_id": p["impression_id"], "label": labels[off + j]}
+                                     for j, p in enumerate(r["predictions"])]})
+        lat, failed, wall, _ = asyncio.run(_drive(server.url, "/feedback", fb256, c))
+        emit(_summary("feedback", 256, memory, lat, failed, wall, c))
+        swap = asyncio.run(_swap_phase(server.url, records, labels, c, args.swap_seconds, md))
+        emit(_summary("swap (predict 1 + feedback 1, retrain + hot swap mid-run)", 1, memory, swap["lat"],
+                      swap["failed"], swap["wall"], c, versions_seen=swap["versions_seen"],
+                      retrain=swap["retrain"], swap_delay_s=swap["swap_delay_s"]))
+        metrics = httpx.get(server.url + "/metrics").text
+        mem_line = next((line for line in metrics.splitlines() if line.startswith("reloop_memory_bytes ")), "")
+        if memory:
+            emit({"scenario": "memory", "memory": True, "nbytes": float(mem_line.split()[-1]) if mem_line else None})
+    finally:
+        server.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--requests-b1", type=int, default=400)
+    ap.add_argument("--requests-b256", type=int, default=60)
+    ap.add_argument("--swap-seconds", type=float, default=6.0)
+    ap.add_argument("--out", type=Path, default=None, help="work directory (default: a temporary one, removed)")
+    args = ap.parse_args(argv)
+    work = args.out or Path(tempfile.mkdtemp(prefix="reloop-serve-load-"))
+    work.mkdir(parents=True, exist_ok=True)
+    raw = json.loads(json.dumps(CONFIG))
+    raw["data"]["cache"] = str(work / "cache")
+    (work / "config.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(work / "config.yaml")
+
+    def emit(obj: dict) -> None:
+        print(json.dumps(obj), flush=True)
+
+    try:
+        frame = load_source(cfg.data).frame
+        P, R = cfg.protocol.pretrain, raw["data"]["synthetic"]["rows_per_period"]
+        served = frame.slice(P * R, 2 * R)
+        records = served.select(["user_id", "item_id", "item_cat", "hour"]).to_dicts()
+        labels = served["label"].to_list()
+        for run, memory in (("IU", False), ("IU+mem", True)):
+            md = work / ("md-mem" if memory else "md")
+            if md.exists():
+                shutil.rmtree(md)
+            bootstrap(cfg, md, run, log=lambda m: print(m, file=sys.stderr))
+            bench_variant(md, memory, records, labels, args, emit)
+    finally:
+        if args.out is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,365 @@
+"""Periods as Parquet shards, read streaming: a period larger than memory still trains.
+
+A period on disk is a directory of ``part-00000.parquet, part-00001.parquet, ...`` files (row order =
+file-name order, then row order inside a file; row groups of ``row_group_rows``). Two kinds of rows:
+
+* **raw** canonical rows of a loaded log (``label``, ``time``, the user column, the features), written
+  by :func:`write_shards`, encoded on read by a :class:`~reloop.data.encode.FeatureEncoder`;
+* **encoded** rows (the tensors of :class:`~reloop.data.tensors.PeriodTensors`: int ids, float values,
+  ``[N, L]`` sequences as fixed-size lists), written by :func:`encode_to_shards` (raw frames in,
+  encoded in arrival order, chunk by chunk) or :func:`write_tensors`. Reading them needs no encoder,
+  so they can be split across ranks (``torchrun``) without the ranks' vocabularies diverging.
+
+:class:`ShardedPeriod` reads either kind with ``pyarrow.dataset`` in chunks of ``read_rows`` rows and
+quacks like a ``PeriodTensors`` for :func:`reloop.update.trainer.train_rows` and ``predict_rows``
+(``len`` and ``batches(batch_size, shuffle, generator)``); memory holds one shuffle window, not the
+period. ``shuffle`` permutes rows inside windows of ``shuffle_rows`` consecutive rows (encoding always
+runs in file order, so ids are still assigned in order of first arrival).
+
+Example::
+
+    >>> import polars as pl, tempfile
+    >>> from reloop.data.shards import ShardedPeriod, write_shards
+    >>> d = tempfile.mkdtemp()
+    >>> files = write_shards(pl.DataFrame({"label": [0, 1, 1], "x": [1, 2, 3]}), d, rows_per_file=2)
+    >>> [f.name for f in files]
+    ['part-00000.parquet', 'part-00001.parquet']
+    >>> [b["x"].tolist() for b in ShardedPeriod(d).batches(2)]
+    [[1, 2], [3]]
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+
+from reloop.data.tensors import Batch, PeriodTensors
+
+PART = "part-{:05d}.parquet"
+
+
+def period_dir(root: str | Path, period: int) -> Path:
+    """``root/period-0007`` for period 7 (1-based, as the protocol counts)."""
+    return Path(root) / f"period-{period:04d}"
+
+
+def shard_files(path: str | Path) -> list[Path]:
+    """The ``*.parquet`` files of a period directory in name order (or the file itself)."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    files = sorted(f for f in p.glob("*.parquet") if f.is_file())
+    if not files:
+        raise FileNotFoundError(f"no *.parquet shards in {p}")
+    return files
+
+
+# --------------------------------------------------------------------------------------------------
+# writing
+
+
+class _ShardWriter:
+    """Appends tables to numbered Parquet files of at most ``rows_per_file`` rows."""
+
+    def __init__(self, directory: str | Path, rows_per_file: int, row_group_rows: int, compression: str) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for old in self.dir.glob("part-*.parquet"):  # rewriting a period replaces it
+            old.unlink()
+        self.rows_per_file = rows_per_file
+        self.row_group_rows = row_group_rows
+        self.compression = compression
+        self.files: list[Path] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._in_file = 0
+
+    def write(self, table: pa.Table) -> None:
+        start = 0
+        while start < table.num_rows:
+            if self._writer is None or self._in_file >= self.rows_per_file:
+                self._open(table.schema)
+            take = min(self.rows_per_file - self._in_file, table.num_rows - start)
+            self._writer.write_table(table.slice(start, take), row_group_size=self.row_group_rows)
+            self._in_file += take
+            start += take
+
+    def _open(self, schema: pa.Schema) -> None:
+        self.close()
+        path = self.dir / PART.format(len(self.files))
+        self._writer = pq.ParquetWriter(path, schema, compression=self.compression)
+        self.files.append(path)
+        self._in_file = 0
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def _frames(frames: pl.DataFrame | Iterable[pl.DataFrame]) -> Iterator[pl.DataFrame]:
+    if isinstance(frames, pl.DataFrame):
+        yield frames
+    else:
+        yield from frames
+
+
+def write_shards(frames: pl.DataFrame | Iterable[pl.DataFrame], directory: str | Path, *,
+                 rows_per_file: int = 1_000_000, row_group_rows: int = 65_536,
+                 compression: str = "zstd") -> list[Path]:
+    """Write rows (one frame, or an iterator of frames: never all in memory) as Parquet shards.
+
+    E.g. ``write_shards(pl.scan_csv(path).collect_batches(), dir)`` for a log larger than memory.
+    Returns the files written, in order.
+    """
+    writer = _ShardWriter(directory, rows_per_file, row_group_rows, compression)
+    try:
+        for frame in _frames(frames):
+            if frame.height:
+                writer.write(frame.to_arrow())
+    finally:
+        writer.close()
+    return writer.files
+
+
+def write_period_shards(frame: pl.DataFrame, bounds: list[tuple[int, int]], root: str | Path,
+                        **kwargs) -> list[Path]:
+    """One shard directory per period (``period_dir(root, i)``) of a time-sorted frame; returns the dirs."""
+    dirs = []
+    for i, (start, end) in enumerate(bounds, start=1):
+        write_shards(frame.slice(start, end - start), period_dir(root, i), **kwargs)
+        dirs.append(period_dir(root, i))
+    return dirs
+
+
+def tensors_to_arrow(columns: dict[str, Tensor]) -> pa.Table:
+    """Encoded columns -> an Arrow table (``[N]`` as plain columns, ``[N, L]`` as fixed-size lists)."""
+    arrays, names = [], []
+    for name, t in columns.items():
+        a = t.detach().cpu().contiguous().numpy()
+        if a.ndim == 1:
+            arrays.append(pa.array(a))
+        elif a.ndim == 2:
+            arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1]))
+        else:
+            raise ValueError(f"column {name!r} has {a.ndim} dimensions; shards hold [N] or [N, L] columns")
+        names.append(name)
+    return pa.Table.from_arrays(arrays, names=names)
+
+
+def arrow_to_tensors(table: pa.Table | pa.RecordBatch) -> dict[str, Tensor]:
+    """The inverse of :func:`tensors_to_arrow` (copies into torch-owned, writable memory)."""
+    out = {}
+    for name, col in zip(table.schema.names, table.columns):
+        if isinstance(col, pa.ChunkedArray):
+            col = col.combine_chunks()
+        if pa.types.is_fixed_size_list(col.type):
+            width = col.type.list_size
+            values = col.flatten().to_numpy(zero_copy_only=False)
+            out[name] = torch.from_numpy(np.array(values.reshape(-1, width)))
+        else:
+            out[name] = torch.from_numpy(np.array(col.to_numpy(zero_copy_only=False)))
+    return out
+
+
+def write_tensors(rows: PeriodTensors | dict[str, Tensor], directory: str | Path, **kwargs) -> list[Path]:
+    """Write encoded rows (already in memory) as shards; ``chunk_rows`` bounds the Arrow copy."""
+    chunk = kwargs.pop("chunk_rows", 262_144)
+    data = rows.data if isinstance(rows, PeriodTensors) else rows
+    n = len(next(iter(data.values()))) if data else 0
+    rows_per_file = kwargs.pop("rows_per_file", 1_000_000)
+    writer = _ShardWriter(directory, rows_per_file, kwargs.pop("row_group_rows", 65_536),
+                          kwargs.pop("compression", "zstd"))
+    try:
+        for start in range(0, n, chunk):
+            writer.write(tensors_to_arrow({k: v[start:start + chunk] for k, v in data.items()}))
+    finally:
+        writer.close()
+    return writer.files
+
+
+def encode_to_shards(frames: pl.DataFrame | Iterable[pl.DataFrame], encoder, directory: str | Path, *,
+                     grow: bool = True, first_row: int = 0, **kwargs) -> list[Path]:
+    """Encode raw frames in arrival order, chunk by chunk, and write the encoded rows as shards.
+
+    ``encoder`` must have its capacities fitted (``fit_capacities``); with ``grow`` new ids get indices
+    exactly as one ``transform`` over all the rows would give them. A ``row`` column (global row number
+    from ``first_row``) is added, as ``prepare_stream`` does.
+    """
+    writer = _ShardWriter(directory, kwargs.pop("rows_per_file", 1_000_000), kwargs.pop("row_group_rows", 65_536),
+                          kwargs.pop("compression", "zstd"))
+    row = first_row
+    try:
+        for frame in _frames(frames):
+            if not frame.height:
+                continue
+            cols = encoder.transform(frame, grow=grow)
+            cols["row"] = torch.arange(row, row + frame.height, dtype=torch.int64)
+            row += frame.height
+            writer.write(tensors_to_arrow(cols))
+    finally:
+        writer.close()
+    return writer.files
+
+
+# --------------------------------------------------------------------------------------------------
+# reading
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    file: Path
+    index: int
+    num_rows: int
+
+
+def row_groups(path: str | Path) -> list[RowGroup]:
+    """Every row group of a period's shards, in row order (from the Parquet footers only)."""
+    out = []
+    for f in shard_files(path):
+        meta = pq.ParquetFile(f).metadata
+        out.extend(RowGroup(f, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups))
+    return out
+
+
+class ShardedPeriod:
+    """One period stored as Parquet shards, read chunk by chunk (see the module docstring).
+
+    - ``encoder``: a fitted ``FeatureEncoder`` when the shards hold raw rows (``grow`` as in
+      ``transform``); None when they hold encoded rows.
+    - ``rank`` / ``world``: read only this rank's share, whole row groups split in contiguous blocks
+      balanced by row count (ranks of a DDP job each read their own part; needs encoded shards or a
+      frozen encoder, else the ranks' vocabularies would diverge).
+    - ``int32``: store id columns as int32 (half the memory; embeddings accept them).
+    - ``columns``: the columns to read (default: all).
+    """
+
+    def __init__(self, path: str | Path, encoder=None, *, grow: bool = False, columns: list[str] | None = None,
+                 read_rows: int = 65_536, shuffle_rows: int = 262_144, rank: int = 0, world: int = 1,
+                 int32: bool = False) -> None:
+        if encoder is not None and grow and world > 1:
+            raise ValueError("a growing encoder cannot read a rank's share: every rank must see every new id "
+                             "(encode once with encode_to_shards, or freeze the encoder)")
+        self.path = Path(path)
+        self.encoder = encoder
+        self.grow = grow
+        self.columns = columns
+        self.read_rows = read_rows
+        self.shuffle_rows = max(shuffle_rows, 1)
+        self.int32 = int32
+        groups = row_groups(self.path)
+        self.groups = _split_groups(groups, rank, world)
+        self.rank, self.world = rank, world
+
+    def __len__(self) -> int:
+        return sum(g.num_rows for g in self.groups)
+
+    # -- raw chunks ----------------------------------------------------------------------------------
+    def record_batches(self) -> Iterator[pa.RecordBatch]:
+        """This rank's rows as Arrow record batches of at most ``read_rows`` rows, in order."""
+        by_file: dict[Path, list[int]] = {}
+        for g in self.groups:
+            by_file.setdefault(g.file, []).append(g.index)
+        fmt, local = ds.ParquetFileFormat(), pafs.LocalFileSystem()
+        for file, groups in by_file.items():
+            fragment = fmt.make_fragment(str(file.resolve()), filesystem=local).subset(row_group_ids=groups)
+            scanner = ds.Scanner.from_fragment(fragment, columns=self.columns, batch_size=self.read_rows,
+                                               use_threads=False)
+            for rb in scanner.to_batches():
+                if rb.num_rows:
+                    yield rb
+
+    def frames(self) -> Iterator[pl.DataFrame]:
+        """Raw rows as polars frames (raw shards)."""
+        for rb in self.record_batches():
+            yield pl.from_arrow(rb)  # type: ignore[misc]
+
+    def chunks(self) -> Iterator[dict[str, Tensor]]:
+        """Encoded column chunks in row order (encoded on read when an encoder is given)."""
+        for rb in self.record_batches():
+            if self.encoder is not None:
+                cols = self.encoder.transform(pl.from_arrow(rb), grow=self.grow)  # type: ignore[arg-type]
+            else:
+                cols = arrow_to_tensors(rb)
+            if self.int32:
+                cols = {k: v.to(torch.int32) if v.dtype == torch.int64 and k != "row" else v for k, v in cols.items()}
+            yield cols
+
+    # -- the PeriodTensors protocol ------------------------------------------------------------------
+    def batches(self, batch_size: int, shuffle: bool = False,
+                generator: torch.Generator | None = None) -> Iterator[Batch]:
+        """Batches of ``batch_size`` rows (the last one shorter), in order or shuffled within windows."""
+        window = max(self.shuffle_rows, batch_size) if shuffle else batch_size
+        pending: list[dict[str, Tensor]] = []
+        held = 0
+        for cols in self.chunks():
+            pending.append(cols)
+            held += _rows(cols)
+            if held >= window:
+                buf = _concat(pending)
+                if shuffle:  # the window in random order; rows past the last full batch wait for the next
+                    order = torch.randperm(held, generator=generator)
+                    buf = {k: v[order] for k, v in buf.items()}
+                usable = (held // batch_size) * batch_size
+                for i in range(0, usable, batch_size):
+                    yield {k: v[i:i + batch_size] for k, v in buf.items()}
+                rest = {k: v[usable:] for k, v in buf.items()}
+                pending, held = ([rest], held - usable) if held > usable else ([], 0)
+        if held:
+            buf = _concat(pending)
+            if shuffle:
+                order = torch.randperm(held, generator=generator)
+                buf = {k: v[order] for k, v in buf.items()}
+            for i in range(0, held, batch_size):
+                yield {k: v[i:i + batch_size] for k, v in buf.items()}
+
+    @property
+    def rank_local(self) -> bool:
+        """True when this reader holds one rank's share (``train_rows`` then trains it locally)."""
+        return self.world > 1
+
+    def take(self, index: Tensor) -> PeriodTensors:
+        raise TypeError("ShardedPeriod streams its rows; sharded training (torchrun) reads a rank's share "
+                        "with ShardedPeriod(..., rank=r, world=w) instead of a global batch split")
+
+    def to_tensors(self) -> PeriodTensors:
+        """All of this rank's rows in memory (tests, small periods)."""
+        chunks = list(self.chunks())
+        if not chunks:
+            raise ValueError(f"{self.path}: no rows")
+        return PeriodTensors(_concat(chunks))
+
+
+def _rows(cols: dict[str, Tensor]) -> int:
+    return next(iter(cols.values())).shape[0] if cols else 0
+
+
+def _concat(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    if len(parts) == 1:
+        return parts[0]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _split_groups(groups: list[RowGroup], rank: int, world: int) -> list[RowGroup]:
+    """Contiguous blocks of whole row groups, one per rank, balanced by row count (deterministic)."""
+    if world <= 1:
+        return groups
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside 0..{world - 1}")
+    total = sum(g.num_rows for g in groups)
+    out, seen = [], 0
+    lo, hi = total * rank / world, total * (rank + 1) / world
+    for g in groups:
+        mid = seen + g.num_rows / 2  # a group belongs to the rank whose share holds its middle row
+        if lo <= mid < hi:
+            out.append(g)
+        seen += g.num_rows
+    return out

@@ -1,0 +1,131 @@
+"""The ``memory:`` block of a run config, and building a ``Compensator`` from it.
+
+Exactly one of ``sketch`` or ``exact``, plus the keys both share::
+
+    memory:
+      sketch: {arrays: 64, bits: 8, similarity: density}     # or: exact: {size: 10000, top_k: 64}
+      lambda: 0.5
+      gamma: 1.0
+      temperature: 0.1
+      write: all            # all | errors
+      error_threshold: 0.0  # σ for write: errors
+      decay: 1.0
+      reset_on_update: true
+
+Unknown keys are errors, reported with their dotted path (``memory.sketch.bitz: ...``).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
+
+from reloop.memory.base import ErrorMemory
+from reloop.memory.compensate import Compensator
+from reloop.memory.exact import ExactMemory
+from reloop.memory.sketch import MAX_BITS, SketchMemory
+
+
+class SketchConfig(BaseModel):
+    """LSH sketch: K arrays of 2^L buckets (paper: K = 70 to 180)."""
+
+    model_config = ConfigDict(extra="forbid")
+    arrays: int = Field(default=64, ge=1)
+    bits: int = Field(default=8, ge=0, le=MAX_BITS)
+    similarity: Literal["density", "centroid"] = "density"
+    hash_dtype: Literal["float32", "bfloat16"] = "float32"  # ours: bfloat16 hashes ~2x faster
+
+
+class ExactConfig(BaseModel):
+    """Ring buffer of the last ``size`` samples with cosine top-``top_k`` retrieval."""
+
+    model_config = ConfigDict(extra="forbid")
+    size: int = Field(default=10000, ge=1)
+    top_k: int = Field(default=64, ge=1)
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_fits(cls, v: int, info: ValidationInfo) -> int:
+        size = info.data.get("size")
+        if size is not None and v > size:
+            raise ValueError(f"must be <= size ({size}), got {v}")
+        return v
+
+
+class MemoryConfig(BaseModel):
+    """Validated ``memory:`` block. ``lambda`` is exposed as the attribute ``lam``."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    sketch: SketchConfig | None = None
+    exact: ExactConfig | None = None
+    lam: float = Field(default=0.5, alias="lambda", ge=0.0, le=1.0)
+    gamma: float = Field(default=1.0, ge=0.0, le=1.0)
+    temperature: float = Field(default=0.1, gt=0.0)
+    write: Literal["all", "errors"] = "all"
+    error_threshold: float = Field(default=0.0, ge=0.0, le=1.0)
+    decay: float = Field(default=1.0, gt=0.0, le=1.0)
+    reset_on_update: bool = True
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> MemoryConfig:
+        if (self.sketch is None) == (self.exact is None):
+            raise ValueError("exactly one of 'sketch' or 'exact' must be given")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "sketch" if self.sketch is not None else "exact"
+
+    @classmethod
+    def parse(cls, data: Mapping[str, Any]) -> MemoryConfig:
+        """Validate ``{memory: {...}}`` or the inner mapping; errors name the dotted key.
+
+        Raises:
+            ValueError: ``"memory.<key>: <problem>"`` for every problem found.
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"memory: expected a mapping, got {type(data).__name__}")
+        if set(data) == {"memory"}:
+            data = data["memory"]
+            if not isinstance(data, Mapping):
+                raise ValueError(f"memory: expected a mapping, got {type(data).__name__}")
+        try:
+            return cls.model_validate(dict(data))
+        except ValidationError as e:
+            raise ValueError(format_errors(e)) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The inner mapping in the YAML shape (``lambda``, only the chosen kind)."""
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+def format_errors(e: ValidationError, prefix: str = "memory") -> str:
+    """One ``prefix.dotted.key: message`` per pydantic error, joined by ``; ``."""
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in (prefix, *err["loc"]))
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def make_memory(cfg: MemoryConfig, dim: int, seed: int = 0) -> ErrorMemory:
+    """The bare ``ErrorMemory`` described by ``cfg`` for keys of width ``dim``."""
+    common = {"temperature": cfg.temperature, "gamma": cfg.gamma, "write_policy": cfg.write,
+              "error_threshold": cfg.error_threshold, "decay": cfg.decay}
+    if cfg.sketch is not None:
+        return SketchMemory(dim, arrays=cfg.sketch.arrays, bits=cfg.sketch.bits,
+                            similarity=cfg.sketch.similarity, seed=seed,
+                            hash_dtype=getattr(torch, cfg.sketch.hash_dtype), **common)
+    assert cfg.exact is not None
+    return ExactMemory(dim, size=cfg.exact.size, top_k=cfg.exact.top_k, seed=seed, **common)
+
+
+def build_memory(cfg: MemoryConfig | Mapping[str, Any], dim: int, seed: int) -> Compensator:
+    """Build the ``Compensator`` (memory + λ) a config describes; a mapping is parsed first."""
+    if not isinstance(cfg, MemoryConfig):
+        cfg = MemoryConfig.parse(cfg)
+    return Compensator(make_memory(cfg, dim, seed), cfg.lam, reset_on_update=cfg.reset_on_update)

@@ -1,0 +1,154 @@
+"""``reloop serve`` and ``reloop retrain``: argument wiring only (the logic is in ``reloop.serve``).
+
+Mounted on the main ``reloop`` app by ``reloop.cli``; also runnable alone as
+``python -m reloop.serve.cli serve|retrain ...`` (the tests and the benchmark start servers so).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="reloop online service.")
+
+
+def _err(msg: str, code: int = 2) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def _load_config(config: Path, overrides: list[str] | None):
+    from reloop.config import ConfigError, load_config
+
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as e:
+        _err(f"config error {config}: {e}")
+
+
+def _compatible(stored, given, run: str) -> list[str]:
+    """Keys of ``given`` that must not differ from the config a model directory was built with."""
+    problems = []
+    a, b = stored.model_dump(mode="json"), given.model_dump(mode="json")
+    for key in ("model", "encoder"):
+        if a[key] != b[key]:
+            problems.append(key)
+    da = {k: v for k, v in a["data"].items() if k not in ("path", "cache")}
+    db = {k: v for k, v in b["data"].items() if k not in ("path", "cache")}
+    if da != db:
+        problems.append("data")
+    if a["protocol"]["pretrain"] != b["protocol"]["pretrain"]:
+        problems.append("protocol.pretrain")
+    if run not in b["runs"]:
+        problems.append(f"runs.{run} (missing)")
+    elif a["runs"].get(run) != b["runs"][run]:
+        problems.append(f"runs.{run}")
+    return problems
+
+
+def _label_timeout(value: float) -> float | None:
+    return None if value < 0 else value
+
+
+def serve(
+    config: Annotated[Optional[Path], typer.Option("--config", help="Run config (YAML); needed to bootstrap an empty --model-dir.")] = None,
+    model_dir: Annotated[Optional[Path], typer.Option("--model-dir", help="Model directory (created and bootstrapped when empty).")] = None,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (--demo picks a free one).")] = 8080,
+    run: Annotated[Optional[str], typer.Option("--run", help="Which run of the config composes the service (default: the first).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: a.b.c=<YAML value>.")] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Largest records/events per request (413 above).")] = 4096,
+    retrain_every: Annotated[int, typer.Option("--retrain-every", help="Retrain in the background every N feedback events (0: never; use `reloop retrain`).")] = 0,
+    max_auc_drop: Annotated[float, typer.Option("--max-auc-drop", help="Reject a candidate whose held-out AUC is lower than the serving model's by more than this.")] = 0.01,
+    holdout: Annotated[float, typer.Option("--holdout", help="Share of the period's last rows held out for validation.")] = 0.1,
+    label_timeout: Annotated[float, typer.Option("--label-timeout", help="Seconds after which an unlabelled impression counts as a negative (<0: never).")] = 3600.0,
+    poll_interval: Annotated[float, typer.Option("--poll-interval", help="Seconds between checks of the CURRENT pointer.")] = 0.5,
+    demo: Annotated[bool, typer.Option("--demo", help="Replay the embedded synthetic stream through a live server; write OUT/live.png and live.json.")] = False,
+    out: Annotated[Path, typer.Option("--out", help="Output directory of --demo.")] = Path("runs/serve-demo"),
+    demo_periods: Annotated[Optional[int], typer.Option("--demo-periods", help="--demo: replay only this many served periods.")] = None,
+) -> None:
+    """Serve predictions over HTTP with feedback, a durable log and hot-swapped models."""
+    from reloop.serve.retrain import RetrainOptions
+
+    options = RetrainOptions(max_auc_drop=max_auc_drop, holdout=holdout, label_timeout=_label_timeout(label_timeout))
+    if demo:
+        from reloop.serve.replay import run_demo
+
+        summary = run_demo(out, run=run, periods=demo_periods, options=options,
+                           config=config, overrides=set_ or [], log=lambda m: typer.echo(m, err=True))
+        typer.echo(json.dumps({k: summary[k] for k in ("live_auc", "frozen_auc", "requests", "failed_requests",
+                                                        "seconds")}))
+        return
+    if model_dir is None:
+        _err("--model-dir is required (or --demo)")
+    from reloop.serve.registry import ModelDir, RegistryError, bootstrap, pick_run
+
+    md = ModelDir(model_dir)
+    try:
+        if not md.is_bootstrapped():
+            if config is None:
+                _err(f"{model_dir} is not bootstrapped yet: pass --config CONFIG to create it")
+            cfg = _load_config(config, set_)
+            bootstrap(cfg, md.path, run, log=lambda m: typer.echo(m, err=True))
+        elif config is not None:
+            cfg = _load_config(config, set_)
+            stored_run = md.info()["run"]
+            chosen = pick_run(cfg, run) if run is not None else stored_run
+            if chosen != stored_run:
+                _err(f"{model_dir} serves run {stored_run!r}; --run {chosen!r} needs a new --model-dir")
+            problems = _compatible(md.config(), cfg, stored_run)
+            if problems:
+                _err(f"{config} differs from the config {model_dir} was bootstrapped with in: {', '.join(problems)}; "
+                     "use a new --model-dir")
+            from reloop.config import dump_config
+            from reloop.serve.registry import write_atomic
+
+            write_atomic(md.path / "config.yaml", dump_config(cfg))  # e.g. new train settings for retrains
+        elif run is not None and run != md.info()["run"]:
+            _err(f"{model_dir} serves run {md.info()['run']!r}; --run {run!r} needs a new --model-dir")
+    except RegistryError as e:
+        _err(str(e))
+    import uvicorn
+
+    from reloop.serve.app import create_app
+
+    application = create_app(md.path, max_batch=max_batch, retrain_every=retrain_every, retrain_options=options,
+                             poll_interval=poll_interval)
+    svc = application.state.service
+    typer.echo(f"reloop serve: {md.path} version {svc.state.version} (run {svc.run}) on http://{host}:{port}",
+               err=True)
+    uvicorn.run(application, host=host, port=port, log_level="warning", access_log=False)
+
+
+def retrain(
+    model_dir: Annotated[Path, typer.Option("--model-dir", help="Model directory of a (running or stopped) service.")],
+    max_auc_drop: Annotated[float, typer.Option("--max-auc-drop", help="Reject a candidate whose held-out AUC is lower than the serving model's by more than this.")] = 0.01,
+    holdout: Annotated[float, typer.Option("--holdout", help="Share of the period's last rows held out for validation.")] = 0.1,
+    label_timeout: Annotated[float, typer.Option("--label-timeout", help="Seconds after which an unlabelled impression counts as a negative (<0: never).")] = 3600.0,
+    min_rows: Annotated[int, typer.Option("--min-rows", help="Skip (keep the period open) with fewer labelled impressions.")] = 1,
+) -> None:
+    """Close the open period, train on its logged impressions and feedback, validate and publish."""
+    from reloop.serve.registry import RegistryError
+    from reloop.serve.retrain import RetrainOptions
+    from reloop.serve.retrain import retrain as run_retrain
+
+    options = RetrainOptions(max_auc_drop=max_auc_drop, holdout=holdout, label_timeout=_label_timeout(label_timeout),
+                             min_rows=min_rows)
+    try:
+        result = run_retrain(model_dir, options, log=lambda m: typer.echo(m, err=True))
+    except RegistryError as e:
+        _err(str(e))
+    out: dict[str, Any] = result.to_dict()
+    typer.echo(json.dumps(out))
+    if result.outcome == "busy":
+        raise typer.Exit(1)
+
+
+app.command("serve")(serve)
+app.command("retrain")(retrain)
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

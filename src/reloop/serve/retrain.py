@@ -1,0 +1,292 @@
+"""Close the open period, train on what the log says happened in it, validate, publish.
+
+``retrain(model_dir)`` (CLI: ``reloop retrain --model-dir DIR``; or scheduled by the service every N
+feedback events) is the online version of one step of the offline protocol
+(:func:`reloop.protocol.runner.run_one`), built through the same :mod:`reloop.components`:
+
+1. Period t is the log's open period. Its training set is its impressions (logged up to now) with
+   their labels; an impression without feedback counts as a negative once older than
+   ``label_timeout`` seconds, and is left out before that (``label_timeout=None``: never a negative).
+2. The last ``holdout`` share of those rows (log order, i.e. by time) is held out for validation.
+3. A ``Stream`` is rebuilt: the pretraining periods (``pretrain.pt``), the earlier closed periods
+   (their training rows, from the log) and period t's training rows, each row carrying its global
+   ``row`` id, fixed at close time so the replay reservoir's ids stay valid. ``served`` holds the
+   logged predictions aligned by ``row`` (NaN for pretraining rows) so the ReLoop self-correction
+   loss reads ŷ_last exactly as logged: ``loss.y_last: served`` → the serving model's logged base
+   prediction ``p_base`` (as offline, where ``served`` is the serving model's output), ``compensated``
+   → the logged ``p_served`` (after the error memory), ``previous_model`` → recomputed.
+4. The generator first learns from D_t (it was served by Θ*_{t−1}) when it observed Θ_{t−1}, then
+   the base update turns Θ_{t−1} into Θ_t, the generator observes it and forms Θ*_t.
+5. Θ*_t is compared with the serving model on the held-out rows; it is *rejected* when its AUC is
+   lower by more than ``max_auc_drop``. Otherwise it is published atomically (``registry.publish``)
+   with the optimizer, strategy, generator and RNG states; the running server hot-swaps it.
+6. Period t is closed in one transaction (published or not): impressions logged after step 1 move
+   to period t+1, the training rows get their ``row`` ids and labels, period t+1 opens.
+
+A crash before step 6 leaves period t open and the previous version serving: nothing is lost.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from reloop.components import build_generator, build_loss, build_update
+from reloop.data.tensors import History, PeriodTensors, Stream
+from reloop.models.base import build_model
+from reloop.protocol.metrics import auc
+from reloop.serve.log import RowCodec, ServeLog
+from reloop.serve.registry import ModelDir, composition
+from reloop.update.strategies import NoUpdate, UpdateContext
+from reloop.update.trainer import predict_rows
+
+
+@dataclass
+class RetrainOptions:
+    max_auc_drop: float = 0.01
+    holdout: float = 0.1
+    label_timeout: float | None = 3600.0
+    min_rows: int = 1
+
+
+@dataclass
+class RetrainResult:
+    outcome: str  # published | rejected | skipped | busy
+    period: int | None
+    version: int | None  # the version serving after this call
+    reason: str = ""
+    n_train: int = 0
+    n_holdout: int = 0
+    auc_candidate: float | None = None
+    auc_serving: float | None = None
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for k in ("auc_candidate", "auc_serving"):
+            if out[k] is not None and not math.isfinite(out[k]):
+                out[k] = None
+        return out
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    fh = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    finally:
+        fh.close()
+
+
+def _update_periods(strategy, t: int) -> list[int]:
+    name = getattr(strategy, "name", "")
+    if name == "incremental":
+        return [t]
+    if name == "batch":
+        return list(range(max(1, t - strategy.window + 1), t + 1))
+    if name == "full":
+        return list(range(1, t + 1))
+    if name == "none":
+        return []
+    return list(range(1, t + 1))  # replay and others: D_t plus samples of earlier periods
+
+
+def build_history(md: ModelDir, slog: ServeLog, codec: RowCodec, new: dict[str, torch.Tensor] | None,
+                  y_last: str) -> tuple[Stream, torch.Tensor]:
+    """The stream of pretraining + closed periods (+ ``new``, the open period's rows) and the logged
+    ``served`` prediction per global row (NaN where none was logged)."""
+    pre, pre_bounds, fmap = md.pretrain_rows()
+    parts = [pre.data]
+    bounds = list(pre_bounds)
+    n_pre = len(pre)
+    served_parts = [torch.full((n_pre,), float("nan"))]
+    closed = slog.closed_rows()
+    if closed:
+        row_ids = np.fromiter((r[0] for r in closed), dtype=np.int64, count=len(closed))
+        if not np.array_equal(row_ids, np.arange(n_pre, n_pre + len(closed))):
+            raise RuntimeError("log: the row ids of closed periods are not contiguous")
+        cols = codec.decode([r[2] for r in closed])
+        cols["label"] = torch.tensor([float(r[3]) for r in closed], dtype=torch.float32)
+        cols["row"] = torch.from_numpy(row_ids)
+        parts.append(cols)
+        served_parts.append(torch.tensor([r[4] if y_last != "compensated" else r[5] for r in closed],
+                                         dtype=torch.float32))
+        periods = np.fromiter((r[1] for r in closed), dtype=np.int64, count=len(closed))
+        change = np.flatnonzero(np.diff(periods)) + 1
+        starts = np.r_[0, change]
+        ends = np.r_[change, len(periods)]
+        expected = len(bounds) + 1
+        for s, e in zip(starts, ends):
+            if int(periods[s]) != expected:
+                raise RuntimeError(f"log: closed periods are not consecutive (expected {expected}, got {periods[s]})")
+            bounds.append((n_pre + int(s), n_pre + int(e)))
+            expected += 1
+    if new is not None:
+        n0 = sum(len(next(iter(p.values()))) for p in parts)
+        n_new = len(new["label"])
+        parts.append({k: v for k, v in new.items() if k != "served"})
+        served_parts.append(new["served"])
+        bounds.append((n0, n0 + n_new))
+    keys = set(parts[0])
+    for p in parts[1:]:
+        keys &= set(p)
+    data = {k: torch.cat([p[k] for p in parts]) for k in sorted(keys)}
+    stream = Stream(feature_map=fmap, rows=PeriodTensors(data), bounds=bounds)
+    return stream, torch.cat(served_parts)
+
+
+def retrain(model_dir: str | Path, options: RetrainOptions | None = None, now: float | None = None,
+            log=None) -> RetrainResult:
+    """One retrain step (see the module docstring). Never raises for "nothing to do": returns a
+    result whose ``outcome`` says what happened."""
+    options = options or RetrainOptions()
+    md = ModelDir(model_dir)
+    md.check()
+    start_time = time.perf_counter()
+    say = log or (lambda *_: None)
+    with _exclusive(md.path / "retrain.lock") as got:
+        if not got:
+            return RetrainResult("busy", None, None, "another retrain holds retrain.lock")
+        slog = ServeLog(md.log_path)
+        try:
+            result = _retrain_locked(md, slog, options, now if now is not None else time.time(), say)
+        finally:
+            slog.close()
+    result.seconds = round(time.perf_counter() - start_time, 3)
+    return result
+
+
+def _retrain_locked(md: ModelDir, slog: ServeLog, options: RetrainOptions, now: float, say) -> RetrainResult:
+    cfg = md.config()
+    info = md.info()
+    run = info["run"]
+    spec = cfg.runs[run]
+    seed = int(info.get("seed", 0))
+    P = int(info["pretrain_periods"])
+    version = md.current_version()
+    meta_now = md.meta(version)
+    t = slog.current_period()
+    if t is None:
+        return RetrainResult("skipped", None, version, "the log has no open period")
+    upto = slog.max_rowid()
+    if int(meta_now["trained_through"]) >= t:
+        # A crash between publishing and closing the period: finish the close, train next time.
+        slog.close_period(t, upto, [], "repaired", {"reason": f"version {version} already trained on period {t}"}, None)
+        return RetrainResult("skipped", t, version, f"period {t} was already trained on (closed it)")
+
+    rows = slog.period_rows(t, upto)
+    labelled: list[tuple[str, bytes, int, float, float]] = []
+    waiting = 0
+    for imp_id, ts, feats, p_base, p_served, label, _ in rows:
+        if label is not None:
+            labelled.append((imp_id, feats, int(label), p_base, p_served))
+        elif options.label_timeout is not None and now - ts >= options.label_timeout:
+            labelled.append((imp_id, feats, 0, p_base, p_served))
+        else:
+            waiting += 1
+    if len(labelled) < max(options.min_rows, 1):
+        reason = f"period {t}: {len(labelled)} labelled impressions (< {max(options.min_rows, 1)}), {waiting} awaiting labels"
+        slog.record_retrain(t, "skipped", {"reason": reason})
+        return RetrainResult("skipped", t, version, reason)
+
+    n = len(labelled)
+    n_hold = int(math.floor(n * options.holdout)) if options.holdout > 0 else 0
+    n_hold = min(n_hold, n - 1)
+    n_train = n - n_hold
+    fmap = md.feature_map()
+    codec = RowCodec(fmap, with_user=info.get("user") is not None)
+    loss_spec = build_loss(spec.loss)
+    y_last = loss_spec.y_last
+    first_row = slog.next_row_id(int(info["pretrain_rows"]))
+    new = codec.decode([r[1] for r in labelled])
+    new["label"] = torch.tensor([float(r[2]) for r in labelled], dtype=torch.float32)
+    new["row"] = torch.arange(first_row, first_row + n, dtype=torch.int64)
+    new["served"] = torch.tensor([r[3] if y_last != "compensated" else r[4] for r in labelled], dtype=torch.float32)
+    full, served = build_history(md, slog, codec, new, y_last)
+    if full.n_periods != t:
+        raise RuntimeError(f"log: rebuilt {full.n_periods} periods but the open period is {t}")
+    if first_row != full.bounds[t - 1][0]:
+        raise RuntimeError("log: row ids of the open period do not follow the closed ones")
+    train_bounds = full.bounds[:-1] + [(full.bounds[t - 1][0], full.bounds[t - 1][0] + n_train)]
+    train_stream = Stream(full.feature_map, full.rows.slice(0, train_bounds[-1][1]), train_bounds)
+    hold = full.rows.slice(train_bounds[-1][1], full.bounds[t - 1][1])
+    say(f"period {t}: {n} labelled impressions ({n_train} train, {n_hold} held out), {waiting} awaiting labels")
+
+    strategy = build_update(spec.update, seed=seed)
+    state = md.load_state(version)
+    strategy.load_state_dict(state["strategy"])
+    generator = build_generator(spec.generator)
+    generator.load_state_dict(state["generator"])
+    rng = torch.Generator()
+    rng.set_state(state["rng"])
+    base = md.load_base(version)
+    serving_now = md.load_serving(version)
+    torch.manual_seed(seed * 100003 + t)
+
+    def ctx_for(stream: Stream) -> UpdateContext:
+        return UpdateContext(history=History(stream, upto=t), t=t, loss=loss_spec.loss, train=cfg.train,
+                             generator=rng, fresh_model=lambda: build_model(cfg.model, fmap), served=served,
+                             y_last_source="previous_model" if y_last == "previous_model" else "served")
+
+    rows_ids = [(r[0], first_row + i, r[2]) for i, r in enumerate(labelled)]
+    detail: dict[str, Any] = {"n_train": n_train, "n_holdout": n_hold, "waiting": waiting, "parent": version}
+    if isinstance(strategy, NoUpdate):
+        slog.close_period(t, upto, rows_ids, "no-update", detail, None)
+        return RetrainResult("skipped", t, version, "the run's update is 'none'", n_train, n_hold)
+
+    if int(meta_now["trained_through"]) == t - 1 and t - 1 > P:
+        # A restored generator has its parameters but not the model it generates for: forming
+        # Θ*_{t−1} from Θ_{t−1} again (as when period t was served) gives it that template.
+        generator.serving_model(base)
+        generator.learn(History(full, upto=t), t, ctx_for(full))  # D_t was served by Θ*_{t−1}
+    model, optim_state = strategy.update(base, state["optim"], ctx_for(train_stream))
+    generator.observe(t, model)
+    candidate = generator.serving_model(model)
+    candidate.eval()
+
+    auc_c = auc_s = float("nan")
+    if n_hold:
+        labels = hold.data["label"].numpy()
+        auc_c = auc(labels, torch.sigmoid(predict_rows(candidate, hold, cfg.train.eval_batch_size)[0]).numpy())
+        auc_s = auc(labels, torch.sigmoid(predict_rows(serving_now, hold, cfg.train.eval_batch_size)[0]).numpy())
+    detail.update({"auc_candidate": auc_c, "auc_serving": auc_s, "max_auc_drop": options.max_auc_drop})
+    if math.isfinite(auc_c) and math.isfinite(auc_s) and auc_c < auc_s - options.max_auc_drop:
+        reason = (f"candidate AUC {auc_c:.4f} < serving AUC {auc_s:.4f} − {options.max_auc_drop} on "
+                  f"{n_hold} held-out rows of period {t}")
+        slog.close_period(t, upto, rows_ids, "rejected", {**detail, "reason": reason}, None)
+        say(f"rejected: {reason}")
+        return RetrainResult("rejected", t, version, reason, n_train, n_hold, auc_c, auc_s)
+
+    new_state = {"optim": optim_state, "strategy": strategy.state_dict(), "generator": generator.state_dict(),
+                 "rng": rng.get_state(), "run": run}
+    meta = {"created": time.time(), "trained_through": t, "update_periods": _update_periods(strategy, t),
+            "serves_period": t + 1, "parent": version, "composition": composition(cfg, run), "model": cfg.model,
+            "validation": {"auc_candidate": _finite(auc_c), "auc_serving": _finite(auc_s), "n_holdout": n_hold,
+                           "max_auc_drop": options.max_auc_drop},
+            "n_train": n_train, "n_holdout": n_hold}
+    published = md.publish(model, candidate, new_state, meta)
+    slog.close_period(t, upto, rows_ids, "published", {**detail, "version": published.number},
+                      (published.number, published.meta))
+    note = "" if n_hold and math.isfinite(auc_c) else " (validation skipped: held-out rows lack both classes)"
+    say(f"published version {published.number} (trained through period {t}){note}")
+    return RetrainResult("published", t, published.number, note.strip(" ()"), n_train, n_hold, auc_c, auc_s)
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
