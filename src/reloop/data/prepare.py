@@ -21,7 +21,7 @@ from reloop.data.periods import PeriodsConfig, period_bounds
 from reloop.data.schema import FeatureMap
 from reloop.data.tensors import PeriodTensors, Stream
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass
