@@ -337,7 +337,7 @@ def test_retrain_publishes_and_hot_swaps_under_load(world, tmp_path):
         for th in threads:
             th.join()
     assert failures == []
-    assert 1 in seen and seen[-1] == 2
+    assert seen.count(1) > 0 and seen[-1] == 2  # served v1, then swapped to v2
     first_new = min(end for _, end, v in timed if v == 2)
     assert all(v == 2 for start, _, v in timed if start > first_new)  # never back to the old model
     info = client.get("/model").json()

@@ -147,7 +147,7 @@ def test_acknowledged_writes_survive_kill_9_and_retrain_swaps_a_live_server(setu
                 for th in threads:
                     th.join()
             assert failures == []
-            assert 1 in versions and versions[-1] == 2
+            assert versions.count(1) > 0 and versions[-1] == 2  # served v1, then swapped to v2
             info = c.get("/model").json()
             assert info["model_version"] == 2 and info["memory"]["n_written"] == 0  # reset_on_update
     finally:
