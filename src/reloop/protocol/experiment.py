@@ -52,10 +52,7 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, show_progress: 
     if oracle:
         (out / "oracle.json").write_text(json.dumps(oracle, indent=1))
 
-    P = cfg.protocol.pretrain
-    served = cfg.protocol.served_periods
-    pre_rows = stream.bounds[P - 1][1]
-    train_rows_per_run = sum(stream.bounds[t - 1][1] - stream.bounds[t - 1][0] for t in range(P + 1, P + served + 1))
+    pre_rows = stream.bounds[cfg.protocol.pretrain - 1][1]
     all_rows: list[dict[str, Any]] = []
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=console, disable=not show_progress, transient=False) as bar:
@@ -77,7 +74,6 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, show_progress: 
                 all_rows.extend(rows)
                 test = [r["auc"] for r in rows if r["phase"] == "test"]
                 console.log(f"seed {seed} {name}: test AUC {sum(test) / max(len(test), 1):.4f}")
-    _ = train_rows_per_run
     return write_results(cfg, out, all_rows, {p: o["auc"] for p, o in oracle.items()})
 
 
