@@ -52,14 +52,6 @@ def make_batch(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
 BATCH = make_batch(64, seed=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many tiny ops: one intra-op thread is faster and immune to oversubscription on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def build(name: str, seed: int = 0, **options) -> nn.Module:
     torch.manual_seed(seed)

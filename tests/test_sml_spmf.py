@@ -19,14 +19,6 @@ from reloop.update.strategies import Incremental, UpdateContext
 from reloop.update.trainer import TrainConfig, predict_rows, train_rows
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def make_stream(n_periods: int = 8, rows: int = 200, n_users: int = 10, n_items: int = 12,
                 trend: float = 0.1, seed: int = 0) -> Stream:

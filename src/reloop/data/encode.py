@@ -29,6 +29,17 @@ class TableVocab:
     capacity: int
     overflow: int
     index: dict[str, int] = field(default_factory=dict)
+    # The vocabulary as polars Series, rebuilt only when it grows: encoding used to rebuild them per
+    # call and per field, a fixed cost on the service's per-request path.
+    # Keyed on the dict's identity and size: ids are only ever added, and a replaced dict is rebuilt.
+    _lookup: tuple[tuple[int, int], pl.Series, pl.Series] | None = field(default=None, repr=False, compare=False)
+
+    def lookup(self) -> tuple[pl.Series, pl.Series]:
+        key = (id(self.index), len(self.index))
+        if self._lookup is None or self._lookup[0] != key:
+            self._lookup = (key, pl.Series(list(self.index), dtype=pl.String),
+                            pl.Series(list(self.index.values()), dtype=pl.Int64))
+        return self._lookup[1], self._lookup[2]
 
     @property
     def size(self) -> int:
@@ -37,7 +48,7 @@ class TableVocab:
     def grow(self, arrivals: pl.Series) -> None:
         """Give unseen ids of ``arrivals`` (already in arrival order) the next free indices."""
         fresh = arrivals.cast(pl.String).drop_nulls().unique(maintain_order=True)
-        fresh = fresh.filter(~fresh.is_in(pl.Series(list(self.index), dtype=pl.String).implode()))
+        fresh = fresh.filter(~fresh.is_in(self.lookup()[0].implode()))
         room = self.capacity - len(self.index)
         start = N_RESERVED + len(self.index)
         for offset, v in enumerate(fresh.head(max(room, 0)).to_list()):
@@ -46,9 +57,8 @@ class TableVocab:
     def encode(self, values: pl.Series, grow: bool) -> np.ndarray:
         """Ids for ``values`` (nulls -> PAD); unknown ids -> hashed overflow (``grow``) or OOV."""
         values = values.cast(pl.String)
-        known = pl.Series(list(self.index), dtype=pl.String)
-        mapped = values.replace_strict(known, pl.Series(list(self.index.values()), dtype=pl.Int64),
-                                       default=None, return_dtype=pl.Int64)
+        known, ids = self.lookup()
+        mapped = values.replace_strict(known, ids, default=None, return_dtype=pl.Int64)
         if grow:
             # Past capacity: hashed overflow bucket (stable for a given polars version and seed).
             hashed = (values.hash(seed=HASH_SEED) % max(self.overflow, 1)).cast(pl.Int64) \
