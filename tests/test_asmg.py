@@ -466,3 +466,47 @@ def test_sparse_rows_falls_back_when_forward_hooks_miss_reads():
     with pytest.warns(UserWarning, match="full tables"):
         gen.learn(History(stream, 4), 4, ctx_for(stream, 4, torch.Generator().manual_seed(0)))
     assert gen._sparse_ok is False
+
+
+def test_runner_rows_carry_per_period_seconds(stream):
+    """The runner times each period's steps (ASMG Table 3: the generator's training time per period)."""
+    from conftest import tiny_config
+
+    from reloop.config import RunSpec
+    from reloop.protocol.runner import pretrain as pretrain_theta0, run_one
+
+    cfg = tiny_config()
+    theta0, opt0 = pretrain_theta0(cfg, stream, 0)
+    keys = ("update_s", "generate_s", "serve_s", "generator_fit_s")
+    runs = {name: run_one(cfg, stream, name, RunSpec(**spec), 0, theta0, opt0)
+            for name, spec in (("gru", {"generator": {"asmg_gru": {"k": 2}}}), ("IU", {}))}
+    for rows in runs.values():
+        first, *rest = rows
+        assert not any(k in first for k in keys)  # Θ0 serving period P+1: no step of the loop ran
+        assert len(rest) == cfg.protocol.served_periods
+        assert all(isinstance(r[k], float) and r[k] >= 0.0 for r in rest for k in keys)
+    fit = {name: sum(r["generator_fit_s"] for r in rows[1:]) for name, rows in runs.items()}
+    assert fit["gru"] > fit["IU"]  # the identity generator learns nothing
+
+
+@pytest.mark.parametrize("make", [lambda: ASMGGRU(k=2), lambda: ASMGLinear(k=2), lambda: SML()])
+def test_learning_leaves_the_run_rng_alone(make):
+    """Base models of an ASMG run must be the IU run's: the generator shuffles with its own RNG."""
+    stream = make_stream(n_periods=8, rows=120)
+    g = torch.Generator().manual_seed(0)
+    model, opt_state = pretrain(stream, 3, g, epochs=1)
+    gen = make()
+    for t in range(4, 7):
+        model, opt_state = Incremental().update(model, opt_state, ctx_for(stream, t, g))
+        gen.observe(t, model)
+        gen.serving_model(model)
+        before = g.get_state()
+        gen.learn(History(stream, t + 1), t + 1, ctx_for(stream, t + 1, g))
+        assert torch.equal(before, g.get_state()), gen.name
+
+
+def test_run_seed_offsets_the_generator_seed():
+    from reloop.update.generators.config import build_generator
+
+    a, b = build_generator({"asmg_gru": {"k": 2}}, run_seed=0), build_generator({"asmg_gru": {"k": 2}}, run_seed=3)
+    assert (a.seed, b.seed) == (0, 3)

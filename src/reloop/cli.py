@@ -82,6 +82,9 @@ def run(config: Annotated[Path, typer.Argument(help="YAML config (see configs/).
             result = rd.run_experiment_distributed(cfg, out, resume=resume, show_progress=progress, console=console)
         else:
             result = run_experiment(cfg, out, resume=resume, show_progress=progress, console=console)
+    except ConfigError as e:  # raised when the run starts, e.g. device: cuda without a GPU
+        console.print(f"[red]config error[/] {config}: {e}")
+        raise typer.Exit(2) from None
     except (DataError, FileNotFoundError) as e:
         _fail(e)
     if rd.launched_by_torchrun() and rd.env_from_torchrun()[0] != 0:
@@ -124,27 +127,38 @@ def data_inspect(config: Path, set_: SetOption = None) -> None:
 def bench_paper(data: Annotated[str, typer.Option(help="movielens100k, movielens100k-implicit or synthetic.")] = "movielens100k",
                 seeds: Annotated[int, typer.Option(help="Number of seeds (0..N-1).")] = 5,
                 out: Annotated[Path, typer.Option(help="Report directory.")] = Path("runs/paper"),
-                section: Annotated[Optional[list[str]], typer.Option(help="Only these sections (repeatable).")] = None,
+                section: Annotated[Optional[list[str]], typer.Option(
+                    help="Only these sections or groups (repeatable; 'zoo' = every zoo-* section).")] = None,
                 ml_path: Annotated[Path, typer.Option(help="MovieLens-100K directory.")] = Path("../shared/data/movielens-100k"),
+                jobs: Annotated[int, typer.Option(help="Sections run in this many worker processes "
+                                                       "(1 torch thread each unless --threads).")] = 1,
                 set_: SetOption = None, progress: bool = True) -> None:
     """ASMG, ReLoop and ReLoop2 comparisons plus their combinations, as one Markdown report."""
+    import os
+
     import yaml
 
-    from reloop.bench.paper import SECTIONS, datasets, run_paper
+    from reloop.bench.paper import datasets, run_paper, select_sections
 
     if data not in datasets(ml_path):
         console.print(f"[red]--data[/]: unknown dataset {data!r}; choose {sorted(datasets(ml_path))}")
         raise typer.Exit(2)
-    known = {s.name for s in SECTIONS}
-    if section and set(section) - known:
-        console.print(f"[red]--section[/]: unknown {sorted(set(section) - known)}; choose {sorted(known)}")
+    try:
+        select_sections(section)
+    except ValueError as e:
+        console.print(f"[red]{e}[/]")
+        raise typer.Exit(2) from None
+    if jobs < 1:
+        console.print(f"[red]--jobs[/]: must be >= 1, got {jobs}")
         raise typer.Exit(2)
     overrides = {}
     for item in set_ or []:
         key, _, text = item.partition("=")
         overrides[key] = yaml.safe_load(text)
+    threads = int(os.environ["RELOOP_THREADS"]) if os.environ.get("RELOOP_THREADS") else None
     try:
-        report = run_paper(data, out, list(range(seeds)), section, ml_path, progress, overrides, console)
+        report = run_paper(data, out, list(range(seeds)), section, ml_path, progress, overrides, console,
+                           jobs=jobs, threads=threads)
     except ConfigError as e:
         console.print(f"[red]config error[/]: {e}")
         raise typer.Exit(2) from None

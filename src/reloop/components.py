@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from reloop.update.losses import CrossEntropy, Distill, Loss, SelfCorrection
 from reloop.update.strategies import BatchWindow, FullRetrain, Incremental, NoUpdate, UpdateStrategy
 
@@ -94,7 +96,7 @@ def build_loss(value: str | dict[str, Any], where: str = "loss") -> LossSpec:
     raise ValueError(f"{where}: unknown loss {name!r}; choose ce, self_correction, distill")
 
 
-def build_generator(value: str | dict[str, Any], where: str = "generator"):
+def build_generator(value: str | dict[str, Any], where: str = "generator", seed: int = 0):
     from reloop.update.generators.base import Identity
 
     if value in ("identity", None, {"identity": None}, {"identity": {}}):
@@ -102,14 +104,15 @@ def build_generator(value: str | dict[str, Any], where: str = "generator"):
     from reloop.update.generators.config import build_generator as _build
 
     try:
-        return _build(value)
+        return _build(value, run_seed=seed)
     except ValueError as e:
         msg = str(e)
         raise ValueError(msg if msg.startswith(where) else f"{where}: {msg}") from None
 
 
-def build_memory(value: dict[str, Any] | None, dim: int, seed: int, where: str = "memory"):
-    """The serving adapter (ReLoop2): ``None`` or a ``Compensator`` around an error memory."""
+def build_memory(value: dict[str, Any] | None, dim: int, seed: int, where: str = "memory",
+                 device: str | torch.device = "cpu"):
+    """The serving adapter (ReLoop2): ``None`` or a ``Compensator`` around an error memory on ``device``."""
     if value is None:
         return None
     from pydantic import ValidationError
@@ -123,7 +126,16 @@ def build_memory(value: dict[str, Any] | None, dim: int, seed: int, where: str =
         from reloop.config import _format_errors
 
         raise ValueError(_format_errors(e, prefix=f"{where}.")) from None
-    return _build(cfg, dim=dim, seed=seed)
+    return _build(cfg, dim=dim, seed=seed, device=device)
+
+
+def memory_key(value: dict[str, Any] | None) -> str:
+    """The representation a run's memory is keyed on (``CTRModel.forward_key``); ``hidden`` without one."""
+    if not value:
+        return "hidden"
+    from reloop.memory.config import MemoryConfig
+
+    return value.get("key", MemoryConfig.model_fields["key"].default)
 
 
 def memory_resets_on_update(value: dict[str, Any] | None) -> bool:

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from reloop.data.periods import PeriodsConfig
+from reloop.device import check_device_spec
 from reloop.update.trainer import TrainConfig
 
 
@@ -65,7 +66,13 @@ class Config(_Strict):
     protocol: ProtocolConfig = Field(default_factory=ProtocolConfig)
     encoder: EncoderSettings = Field(default_factory=EncoderSettings)
     runs: dict[str, RunSpec] = Field(default_factory=lambda: {"IU": RunSpec()})
+    # auto | cpu | cuda | cuda:N (reloop.device); checked for its form here, for the GPU when a run starts
     device: str = "cpu"
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device_form(cls, v: Any) -> str:
+        return check_device_spec(v)
 
     @model_validator(mode="after")
     def _check_lengths(self) -> Config:

@@ -93,20 +93,22 @@ def init_distributed(device: str | torch.device = "cpu", backend: str | None = N
                      timeout_s: float = 1800.0) -> DistEnv:
     """Join the process group ``torchrun`` describes (``env://``), or return a world of one.
 
-    ``device``: the config's ``device`` (``cpu``, ``cuda``); with CUDA every process takes the GPU of its
-    ``LOCAL_RANK``. Calling it again returns the same environment.
+    ``device``: the config's ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``; see :mod:`reloop.device`);
+    with CUDA every process of a group takes the GPU of its ``LOCAL_RANK`` (an explicit ``cuda:N`` is
+    overridden) and the backend defaults to NCCL. CUDA asked for where there is none raises
+    :class:`reloop.config.ConfigError` naming ``device``. Calling it again returns the same environment.
     """
+    from reloop.device import resolve_device
+
     global _CURRENT
     if _CURRENT is not None:
         return _CURRENT
     found = env_from_torchrun()
-    dev = torch.device(device)
     if found is None or found[1] <= 1:
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", 0)
-        _CURRENT = DistEnv(device=dev)
+        _CURRENT = DistEnv(device=resolve_device(device, default_index=0))
         return _CURRENT
     rank, world, local = found
+    dev = resolve_device(device, default_index=local)
     if dev.type == "cuda":
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
@@ -340,7 +342,7 @@ def run_experiment_distributed(cfg, out: Path, resume: bool = False, show_progre
     from reloop.data.prepare import prepare_stream
     from reloop.protocol.experiment import run_experiment
 
-    env = init_distributed(getattr(cfg, "device", "cpu"))
+    env = init_distributed(getattr(cfg, "device", "cpu"))  # auto/cuda -> this rank's LOCAL_RANK GPU
     if not env.is_main:
         from rich.console import Console
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from reloop.protocol.experiment import run_experiment
 
 ML100K_DEFAULT = Path("../shared/data/movielens-100k")
 
-SKETCH = {"sketch": {"arrays": 64, "bits": 8}}
+SKETCH = {"sketch": {"arrays": 64, "bits": 10}}
 EXACT = {"exact": {"size": 5000, "top_k": 64}}
 
 
@@ -74,8 +74,12 @@ def reloop_runs(alphas: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)) -> dict[s
 
 
 def reloop2_runs() -> dict[str, dict[str, Any]]:
-    """ReLoop2 (Zhu et al. 2023) Table 2 shape, with IU and IncCTR as slow learners, and its sweeps."""
-    mem = lambda m, **kw: {**m, "lambda": 0.5, "temperature": 0.1, **kw}  # noqa: E731
+    """ReLoop2 (Zhu et al. 2023) Table 2 shape, with IU and IncCTR as slow learners, and its sweeps.
+
+    Defaults: memory reset at every model update (the paper's life cycle), γ = 1, key = the field
+    embeddings (ours; ``key: hidden`` is the paper's layer and is ablated below).
+    """
+    mem = lambda m, **kw: {**m, "lambda": 0.3, "temperature": 0.1, **kw}  # noqa: E731
     runs: dict[str, dict[str, Any]] = {
         "IU": {"update": "incremental"},
         "IU+exact": {"update": "incremental", "memory": mem(EXACT)},
@@ -84,22 +88,44 @@ def reloop2_runs() -> dict[str, dict[str, Any]]:
         "IncCTR+sketch": {"update": "incremental", "loss": {"distill": 0.3}, "memory": mem(SKETCH)},
         "no-update": {"update": "none"},
         "no-update+sketch": {"update": "none", "memory": mem(SKETCH)},
+        "sketch key=hidden": {"update": "incremental", "memory": mem(SKETCH, key="hidden")},
+        "exact key=hidden": {"update": "incremental", "memory": mem(EXACT, key="hidden")},
+        "sketch kept": {"update": "incremental", "memory": mem(SKETCH, reset_on_update=False)},
+        "exact kept": {"update": "incremental", "memory": mem(EXACT, reset_on_update=False)},
+        "sketch γ=0": {"update": "incremental", "memory": mem(SKETCH, gamma=0.0)},
     }
-    for lam in (0.1, 0.3, 0.7, 0.9):
+    for lam in (0.1, 0.5, 0.7, 0.9):
         runs[f"sketch λ={lam}"] = {"update": "incremental", "memory": mem(SKETCH, **{"lambda": lam})}
-    for k, bits in ((16, 6), (180, 8), (64, 12)):
+    for k, bits in ((16, 10), (180, 10), (64, 6), (64, 14)):
         runs[f"sketch K={k} L={bits}"] = {"update": "incremental",
                                            "memory": mem({"sketch": {"arrays": k, "bits": bits}})}
+    runs["sketch centroid"] = {"update": "incremental",
+                               "memory": mem({"sketch": {**SKETCH["sketch"], "similarity": "centroid"}})}
     for tau in (0.01, 1.0):
         runs[f"sketch τ={tau}"] = {"update": "incremental", "memory": mem(SKETCH, temperature=tau)}
     runs["sketch write=errors"] = {"update": "incremental", "memory": mem(SKETCH, write="errors", error_threshold=0.3)}
     return runs
 
 
+def reloop2_delay_runs() -> dict[str, dict[str, Any]]:
+    """The memory under label latency: run with ``protocol.feedback_delay`` set by the section."""
+    mem = lambda m: {**m, "lambda": 0.3, "temperature": 0.1}  # noqa: E731
+    return {"IU": {"update": "incremental"},
+            "IU+exact": {"update": "incremental", "memory": mem(EXACT)},
+            "IU+sketch": {"update": "incremental", "memory": mem(SKETCH)}}
+
+
+def zoo_runs() -> dict[str, dict[str, Any]]:
+    """ReLoop on one base model: plain retraining, +KD (IncCTR), +SC (α = 0.5)."""
+    return {"IU": {"update": "incremental"},
+            "IU+KD": {"update": "incremental", "loss": {"distill": 0.3}},
+            "IU+SC": {"update": "incremental", "loss": {"self_correction": 0.5}}}
+
+
 def combo_runs() -> dict[str, dict[str, Any]]:
     """Combinations no paper tried: slow loop (ASMG, SC loss) × fast loop (sketch memory)."""
     sc = {"self_correction": 0.5}
-    mem = {**SKETCH, "lambda": 0.5, "temperature": 0.1}
+    mem = {**SKETCH, "lambda": 0.3, "temperature": 0.1}
     return {
         "IU": {"update": "incremental"},
         "SC": {"update": "incremental", "loss": sc},
@@ -118,11 +144,22 @@ class Section:
     title: str
     model: dict[str, Any]
     runs: Callable[[], dict[str, dict[str, Any]]]
+    protocol: dict[str, Any] = field(default_factory=dict)
+    group: str = ""  # sections of one group are reported together in one table (the zoo)
 
 
 EMB_MLP = {"name": "emb_mlp", "embedding_dim": 8, "hidden_units": [40, 20, 10]}
 DEEPFM = {"name": "deepfm", "embedding_dim": 16, "hidden_units": [128, 64]}
 DCN = {"name": "dcn", "embedding_dim": 16, "hidden_units": [128, 64]}
+
+
+def _zoo_sections() -> list[Section]:
+    from reloop.models import MODELS
+
+    return [Section(f"zoo-{name}", f"ReLoop across the zoo: {name}",
+                    {"name": name, "embedding_dim": 16, "hidden_units": [128, 64]}, zoo_runs, group="zoo")
+            for name in sorted(MODELS)]
+
 
 SECTIONS = [
     Section("asmg", "ASMG comparison (Table 1 rows and ablations), Embedding&MLP", EMB_MLP, asmg_runs),
@@ -131,38 +168,167 @@ SECTIONS = [
     Section("reloop-dcn", "ReLoop self-correction vs KD, DCN", DCN, reloop_runs),
     Section("reloop2-deepfm", "ReLoop2 error memory, DeepFM", DEEPFM, reloop2_runs),
     Section("reloop2-dcn", "ReLoop2 error memory, DCN", DCN, reloop2_runs),
+    Section("reloop2-delay1", "ReLoop2 with labels one serving batch late, DeepFM", DEEPFM, reloop2_delay_runs,
+            {"feedback_delay": 1}),
+    Section("reloop2-delay3", "ReLoop2 with labels three serving batches late, DeepFM", DEEPFM, reloop2_delay_runs,
+            {"feedback_delay": 3}),
     Section("combos", "Combinations no paper tried, Embedding&MLP", EMB_MLP, combo_runs),
+    *_zoo_sections(),
 ]
+GROUPS = {"zoo": "ReLoop across the model zoo: IU vs +KD (β = 0.3) vs +SC (α = 0.5)"}
+
+
+def select_sections(names: list[str] | None) -> list[Section]:
+    """Sections by name or group name (``zoo`` = every ``zoo-*`` section); all when ``names`` is empty."""
+    if not names:
+        return list(SECTIONS)
+    known = {s.name for s in SECTIONS} | set(GROUPS)
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise ValueError(f"--section: unknown {unknown}; choose from {sorted(known)}")
+    return [s for s in SECTIONS if s.name in names or (s.group and s.group in names)]
+
+
+def section_config(section: Section, data: str, seeds: list[int], ml_path: Path = ML100K_DEFAULT,
+                   overrides: dict[str, Any] | None = None):
+    """The run config of one section: the shared protocol and training settings, then ``--set``."""
+    from reloop.config import set_dotted
+
+    raw = {"data": datasets(ml_path)[data], "model": section.model,
+           "train": {"epochs": 1, "pretrain_epochs": 5, "batch_size": 256 if data.startswith("movielens") else 1024,
+                     "lr": 1e-3},
+           "protocol": {"pretrain": 10, "warmup": 10, "valid": 3, "test": 7, "seeds": seeds, **section.protocol},
+           "runs": section.runs()}
+    for key, value in (overrides or {}).items():
+        set_dotted(raw, key, value)
+    cfg = parse_config(raw)
+    from pydantic import ValidationError
+
+    from reloop.config import ConfigError
+    from reloop.data.sources import parse_source_config
+
+    try:  # the data block is otherwise validated only when a (worker) process loads it
+        parse_source_config(cfg.data)
+    except (ValidationError, ValueError) as e:
+        raise ConfigError(f"data: {e}") from None
+    return cfg
+
+
+@dataclass
+class SectionResult:
+    name: str
+    markdown: str
+    summary: list[dict[str, Any]]
+    minutes: float
+    runs: int
+    error: str = ""
+
+
+def run_section(section: Section, data: str, out: Path, seeds: list[int], ml_path: Path = ML100K_DEFAULT,
+                overrides: dict[str, Any] | None = None, show_progress: bool = False,
+                console: Console | None = None, threads: int | None = None) -> SectionResult:
+    """Run one section (resumable) under ``out/<name>``; a model the data cannot feed is reported, not fatal."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    started = time.time()
+    cfg = section_config(section, data, seeds, ml_path, overrides)
+    try:
+        result = run_experiment(cfg, out / section.name, resume=True, show_progress=show_progress,
+                                console=console, pretrain_dir=out / f"pretrain-{section.model['name']}")
+    except ValueError as e:
+        if not str(e).startswith("model"):
+            raise
+        # A model the data cannot feed (a sequence model without a behaviour sequence) is reported.
+        return SectionResult(section.name, "", [], (time.time() - started) / 60, 0, str(e).splitlines()[0])
+    return SectionResult(section.name, result.markdown, result.summary, (time.time() - started) / 60, len(cfg.runs))
+
+
+def _group_table(title: str, members: list[tuple[Section, SectionResult]]) -> str:
+    lines = [f"## {title}\n",
+             "| model | IU AUC | +KD AUC imp% | +SC AUC imp% | IU gAUC | +KD gAUC imp% | +SC gAUC imp% | "
+             "+KD LogLoss imp% | +SC LogLoss imp% |", "|---|" + "---|" * 8]
+    skipped = []
+    for section, res in members:
+        if res.error:
+            skipped.append(f"* {section.model['name']}: skipped — {res.error}")
+            continue
+        by = {e["run"]: e for e in res.summary}
+        iu, kd, sc = by["IU"], by["IU+KD"], by["IU+SC"]
+        lines.append(f"| {section.model['name']} | {iu['auc_mean']:.4f} ± {iu['auc_std']:.4f} | "
+                     f"{kd['auc_imp_pct']:+.2f} | {sc['auc_imp_pct']:+.2f} | {iu['gauc_mean']:.4f} | "
+                     f"{kd['gauc_imp_pct']:+.2f} | {sc['gauc_imp_pct']:+.2f} | {kd['logloss_imp_pct']:+.2f} | "
+                     f"{sc['logloss_imp_pct']:+.2f} |")
+    minutes = sum(r.minutes for _, r in members)
+    return "\n".join(lines + [""] + skipped + [f"\n_{len(members)} models × 3 runs in {minutes:.1f} min._\n"])
 
 
 def run_paper(data: str, out: Path, seeds: list[int], sections: list[str] | None = None,
               ml_path: Path = ML100K_DEFAULT, show_progress: bool = True, overrides: dict[str, Any] | None = None,
-              console: Console | None = None) -> Path:
-    """Run the chosen sections on one dataset and write ``out/report.md``."""
+              console: Console | None = None, jobs: int = 1, threads: int | None = None) -> Path:
+    """Run the chosen sections on one dataset and write ``out/report.md``.
+
+    ``jobs`` > 1 runs sections in that many worker processes (each with ``threads`` torch threads,
+    default 1): on a 2-core machine ``jobs=2`` nearly halves the wall time. Every section resumes
+    from its checkpoints, so a killed report picks up where it stopped.
+    """
     console = console or Console(stderr=True)
-    data_cfg = datasets(ml_path)[data]
-    chosen = [s for s in SECTIONS if sections is None or s.name in sections]
+    chosen = select_sections(sections)
+    for section in chosen:  # fail on a bad --set before any work starts
+        section_config(section, data, seeds, ml_path, overrides)
+    started = time.time()
+    results: dict[str, SectionResult] = {}
+    if jobs <= 1:
+        for section in chosen:
+            results[section.name] = run_section(section, data, out, seeds, ml_path, overrides, show_progress,
+                                                console, threads)
+    else:
+        results = _run_parallel(chosen, data, out, seeds, ml_path, overrides, jobs, threads or 1, console)
+    total = (time.time() - started) / 60
     parts = [f"# reloop paper benchmark — {data}, seeds {seeds}\n",
              "Each table: mean ± std over seeds of the mean over the 7 test periods; imp% vs IU. "
              "Runs of one model share Θ0 per seed.\n"]
+    done_groups: set[str] = set()
     for section in chosen:
-        raw = {"data": data_cfg, "model": section.model,
-               "train": {"epochs": 1, "pretrain_epochs": 5, "batch_size": 256 if data.startswith("movielens") else 1024,
-                         "lr": 1e-3},
-               "protocol": {"pretrain": 10, "warmup": 10, "valid": 3, "test": 7, "seeds": seeds},
-               "runs": section.runs()}
-        for key, value in (overrides or {}).items():
-            from reloop.config import set_dotted
-
-            set_dotted(raw, key, value)
-        cfg = parse_config(raw)
-        started = time.time()
-        sec_out = out / section.name
-        result = run_experiment(cfg, sec_out, resume=True, show_progress=show_progress, console=console,
-                                pretrain_dir=out / f"pretrain-{section.model['name']}")
-        minutes = (time.time() - started) / 60
-        parts.append(f"## {section.title}\n\n{result.markdown}\n![]({section.name}/periods.png)\n\n"
-                     f"_{len(cfg.runs)} runs × {len(seeds)} seeds in {minutes:.1f} min._\n")
+        res = results[section.name]
+        if section.group:
+            if section.group not in done_groups:
+                done_groups.add(section.group)
+                members = [(s, results[s.name]) for s in chosen if s.group == section.group]
+                parts.append(_group_table(GROUPS[section.group], members))
+            continue
+        if res.error:
+            parts.append(f"## {section.title}\n\nskipped: {res.error}\n")
+            continue
+        parts.append(f"## {section.title}\n\n{res.markdown}\n![]({section.name}/periods.png)\n\n"
+                     f"_{res.runs} runs × {len(seeds)} seeds in {res.minutes:.1f} min._\n")
+    parts.append(f"_Whole report: {total:.1f} min wall time, jobs={jobs}._\n")
     report = out / "report.md"
     report.write_text("\n".join(parts))
     return report
+
+
+def _run_parallel(chosen: list[Section], data: str, out: Path, seeds: list[int], ml_path: Path,
+                  overrides: dict[str, Any] | None, jobs: int, threads: int,
+                  console: Console) -> dict[str, SectionResult]:
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from rich.progress import Progress
+
+    results: dict[str, SectionResult] = {}
+    # Longest sections first, so the last worker is not left alone with a long one.
+    order = sorted(chosen, key=lambda s: -len(s.runs()))
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool, \
+            Progress(console=console, transient=False) as progress:
+        task = progress.add_task(f"{len(chosen)} sections on {jobs} workers", total=len(chosen))
+        futures = {pool.submit(run_section, s, data, out, seeds, ml_path, overrides, False, None, threads): s
+                   for s in order}
+        for fut in as_completed(futures):
+            res = fut.result()
+            results[res.name] = res
+            progress.advance(task)
+            progress.console.print(f"{res.name}: {res.runs} runs in {res.minutes:.1f} min"
+                                   + (f" (skipped: {res.error})" if res.error else ""))
+    return results

@@ -32,6 +32,18 @@ class PeriodTensors:
     def __len__(self) -> int:
         return next(iter(self.data.values())).shape[0] if self.data else 0
 
+    @property
+    def device(self) -> torch.device:
+        """Where the columns live (the first column's device; the CPU when there are none)."""
+        return next(iter(self.data.values())).device if self.data else torch.device("cpu")
+
+    def to(self, device: torch.device | str) -> PeriodTensors:
+        """The rows on ``device``: ``self`` when every column is already there, else one copy per column."""
+        device = torch.device(device)
+        if all(v.device == device for v in self.data.values()):
+            return self
+        return PeriodTensors({k: v.to(device) for k, v in self.data.items()})
+
     def slice(self, start: int, end: int) -> PeriodTensors:
         return PeriodTensors({k: v[start:end] for k, v in self.data.items()})
 
@@ -49,7 +61,10 @@ class PeriodTensors:
                 generator: torch.Generator | None = None) -> Iterator[Batch]:
         n = len(self)
         if shuffle:
+            # Drawn on the CPU (same order on every device), moved once per pass, not once per batch.
             order = torch.randperm(n, generator=generator)
+            if self.data and self.device.type != "cpu":
+                order = order.to(self.device)
             for i in range(0, n, batch_size):
                 idx = order[i:i + batch_size]
                 yield {k: v[idx] for k, v in self.data.items()}
@@ -83,6 +98,20 @@ class Stream:
     @property
     def n_periods(self) -> int:
         return len(self.bounds)
+
+    @property
+    def device(self) -> torch.device:
+        return self.rows.device
+
+    def to(self, device: torch.device | str) -> Stream:
+        """The stream with its rows on ``device`` (one copy of every column; ``self`` when already there).
+
+        ``truth`` (synthetic data's click probabilities, used for the oracle metrics only) stays put.
+        """
+        rows = self.rows.to(device)
+        if rows is self.rows:
+            return self
+        return Stream(self.feature_map, rows, self.bounds, self.truth, self.meta)
 
     def period(self, i: int) -> PeriodTensors:
         if not 1 <= i <= self.n_periods:

@@ -51,6 +51,12 @@ class ErrorMemory(ABC):
         error_threshold: σ for ``write_policy="errors"``.
         decay: ρ in (0, 1]. Every ``write`` call is one tick; a sample written t ticks ago counts
             with weight ρ^t. 1.0 disables decay. See the subclasses for how each applies it.
+        center: (ours) subtract a fixed centre μ from every key before storing or querying it. μ is
+            the mean key of the first batch written after construction or ``reset``, then frozen
+            until the next reset, so stored and query keys stay comparable. Hidden layers after a
+            ReLU live in one orthant, where every pair of keys has a high cosine: SimHash planes
+            through the origin then split nothing and cosine top-k ranks poorly. Centring fixes
+            both; it costs d floats.
         device: where the state tensors live; inputs are moved there.
     """
 
@@ -58,7 +64,7 @@ class ErrorMemory(ABC):
 
     def __init__(self, dim: int, *, temperature: float = 0.1, gamma: float = 1.0,
                  write_policy: str = "all", error_threshold: float = 0.0, decay: float = 1.0,
-                 device: str | torch.device = "cpu") -> None:
+                 center: bool = False, device: str | torch.device = "cpu") -> None:
         if int(dim) < 1:
             raise ValueError(f"dim: must be >= 1, got {dim}")
         if not (temperature > 0 and math.isfinite(temperature)):
@@ -78,6 +84,9 @@ class ErrorMemory(ABC):
         self.error_threshold = float(error_threshold)
         self.decay = float(decay)
         self.device = torch.device(device)
+        self.center = bool(center)
+        self._mu = torch.zeros(self.dim, dtype=torch.float32, device=self.device)
+        self._mu_set = False
         self._n_written = 0
         self._tick = 0
         self._block_rows = 1024  # queries per estimation block; subclasses size it to their K
@@ -107,11 +116,18 @@ class ErrorMemory(ABC):
         """The state tensors by name (the live objects, not copies)."""
 
     def _scalars(self) -> dict[str, int | float]:
-        return {"n_written": self._n_written, "tick": self._tick}
+        return {"n_written": self._n_written, "tick": self._tick, "mu_set": int(self._mu_set)}
 
     def _set_scalars(self, state: dict[str, Any]) -> None:
         self._n_written = int(state["n_written"])
         self._tick = int(state["tick"])
+        self._mu_set = bool(state["mu_set"])
+
+    def _all_tensors(self) -> dict[str, Tensor]:
+        return {**self._tensors(), "mu": self._mu} if self.center else self._tensors()
+
+    def _centred(self, h: Tensor) -> Tensor:
+        return h - self._mu if self.center else h
 
     # ------------------------------------------------------------------ public API
     @property
@@ -122,14 +138,14 @@ class ErrorMemory(ABC):
     @property
     def nbytes(self) -> int:
         """Bytes of all state tensors; fixed at construction whatever is written."""
-        return sum(t.numel() * t.element_size() for t in self._tensors().values())
+        return sum(t.numel() * t.element_size() for t in self._all_tensors().values())
 
     def config(self) -> dict[str, StateValue]:
         """Every constructor setting (structure and estimator), as stored in ``state_dict``."""
         return {"kind": self.kind, "dim": self.dim, **self._config(),
                 "temperature": self.temperature, "gamma": self.gamma,
                 "write_policy": self.write_policy, "error_threshold": self.error_threshold,
-                "decay": self.decay}
+                "decay": self.decay, "center": self.center}
 
     @torch.no_grad()
     def write(self, h: Tensor, y: Tensor, y_hat: Tensor) -> None:
@@ -142,6 +158,11 @@ class ErrorMemory(ABC):
         y = self._check_prob(y, "y", h.shape[0])
         y_hat = self._check_prob(y_hat, "y_hat", h.shape[0])
         self._tick += 1
+        if self.center:
+            if not self._mu_set and h.shape[0]:
+                self._mu.copy_(h.mean(0))
+                self._mu_set = True
+            h = h - self._mu
         if self.decay < 1.0:
             self._on_tick()
         if self.write_policy == "errors":
@@ -154,7 +175,7 @@ class ErrorMemory(ABC):
     @torch.no_grad()
     def neighbours(self, h: Tensor) -> Neighbours:
         """The K neighbours of each query ``h [B, d]``: similarities, labels, base predictions."""
-        h = self._check_h(h)
+        h = self._centred(self._check_h(h))
         r = self._block_rows
         if h.shape[0] <= r:
             return Neighbours(*self._retrieve(h)[:4])
@@ -169,7 +190,7 @@ class ErrorMemory(ABC):
         where it is 0. ``ê`` has ``y_hat_q``'s dtype when that is floating point, else float32.
         Reads never write: a batch's own labels cannot leak into its estimate.
         """
-        h = self._check_h(h)
+        h = self._centred(self._check_h(h))
         out_dtype = y_hat_q.dtype if y_hat_q.is_floating_point() else torch.float32
         y_q = self._check_prob(y_hat_q, "y_hat_q", h.shape[0])
         B = h.shape[0]
@@ -208,6 +229,8 @@ class ErrorMemory(ABC):
     def reset(self) -> None:
         """Forget everything (e.g. when the base model is replaced); bytes stay allocated."""
         self._clear()
+        self._mu.zero_()
+        self._mu_set = False
         self._n_written = 0
         self._tick = 0
 
@@ -215,7 +238,7 @@ class ErrorMemory(ABC):
         """Config entries, counters and (cloned) state tensors; ``load_state_dict`` takes it back."""
         state: dict[str, StateValue] = dict(self.config())
         state.update(self._scalars())
-        state.update({k: t.detach().clone() for k, t in self._tensors().items()})
+        state.update({k: t.detach().clone() for k, t in self._all_tensors().items()})
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -224,7 +247,7 @@ class ErrorMemory(ABC):
         The state tensors are copied in place, so ``nbytes`` is unchanged.
         """
         name = type(self).__name__
-        expected = set(self.config()) | set(self._scalars()) | set(self._tensors())
+        expected = set(self.config()) | set(self._scalars()) | set(self._all_tensors())
         missing, extra = expected - set(state), set(state) - expected
         if missing or extra:
             raise ValueError(f"{name}.load_state_dict: missing keys {sorted(missing)}, "
@@ -234,7 +257,7 @@ class ErrorMemory(ABC):
         if mismatched:
             raise ValueError(f"{name}.load_state_dict: state comes from another configuration: "
                              + "; ".join(mismatched))
-        for key, t in self._tensors().items():
+        for key, t in self._all_tensors().items():
             src = state[key]
             if not isinstance(src, Tensor) or src.shape != t.shape or src.dtype != t.dtype:
                 got = (f"{tuple(src.shape)} {src.dtype}" if isinstance(src, Tensor)
@@ -242,7 +265,7 @@ class ErrorMemory(ABC):
                 raise ValueError(f"{name}.load_state_dict: {key}: expected {tuple(t.shape)} "
                                  f"{t.dtype}, got {got}")
         self._check_fixed(state)
-        for key, t in self._tensors().items():
+        for key, t in self._all_tensors().items():
             t.copy_(state[key])
         self._set_scalars(state)
 

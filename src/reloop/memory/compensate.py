@@ -40,10 +40,12 @@ class Compensator:
         eps: clip margin.
         reset_on_update: whether ``on_model_update`` empties the memory (the stored ŷ belong to the
             old model, so its errors no longer describe the new one).
+        key: which representation callers pass as ``h`` (``CTRModel.forward_key``): ``"hidden"`` or
+            ``"embeddings"``. The compensator only carries it, so protocol and service agree.
     """
 
     def __init__(self, memory: ErrorMemory, lam: float = 0.5, *, eps: float = DEFAULT_EPS,
-                 reset_on_update: bool = True) -> None:
+                 reset_on_update: bool = True, key: str = "hidden") -> None:
         if not isinstance(memory, ErrorMemory):
             raise TypeError(f"memory: expected an ErrorMemory, got {type(memory).__name__}")
         if not lam >= 0.0:
@@ -54,6 +56,7 @@ class Compensator:
         self.lam = float(lam)
         self.eps = float(eps)
         self.reset_on_update = bool(reset_on_update)
+        self.key = str(key)
 
     @torch.no_grad()
     def predict_with_support(self, h: Tensor, y_hat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -80,11 +83,11 @@ class Compensator:
 
     def state_dict(self) -> dict[str, Any]:
         return {"lambda": self.lam, "eps": self.eps, "reset_on_update": self.reset_on_update,
-                "memory": self.memory.state_dict()}
+                "key": self.key, "memory": self.memory.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the memory; λ and the other settings must match (a mismatch raises ValueError)."""
-        mine = {"lambda": self.lam, "eps": self.eps, "reset_on_update": self.reset_on_update}
+        mine = {"lambda": self.lam, "eps": self.eps, "reset_on_update": self.reset_on_update, "key": self.key}
         bad = [f"{k}: state has {state.get(k)!r}, this compensator has {v!r}"
                for k, v in mine.items() if state.get(k) != v]
         if bad:
@@ -92,4 +95,4 @@ class Compensator:
         self.memory.load_state_dict(state["memory"])
 
     def __repr__(self) -> str:
-        return f"Compensator(lam={self.lam}, memory={self.memory!r})"
+        return f"Compensator(lam={self.lam}, key={self.key!r}, memory={self.memory!r})"

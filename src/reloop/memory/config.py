@@ -68,6 +68,9 @@ class MemoryConfig(BaseModel):
     error_threshold: float = Field(default=0.0, ge=0.0, le=1.0)
     decay: float = Field(default=1.0, gt=0.0, le=1.0)
     reset_on_update: bool = True
+    center: bool = False  # ours: centre keys on the first written batch's mean (see ErrorMemory)
+    # ours: which representation is the key (CTRModel.forward_key); the paper uses a hidden layer
+    key: Literal["hidden", "embeddings"] = "embeddings"
 
     @model_validator(mode="after")
     def _one_kind(self) -> MemoryConfig:
@@ -112,10 +115,12 @@ def format_errors(e: ValidationError, prefix: str = "memory") -> str:
     return "; ".join(parts)
 
 
-def make_memory(cfg: MemoryConfig, dim: int, seed: int = 0) -> ErrorMemory:
-    """The bare ``ErrorMemory`` described by ``cfg`` for keys of width ``dim``."""
+def make_memory(cfg: MemoryConfig, dim: int, seed: int = 0,
+                device: str | torch.device = "cpu") -> ErrorMemory:
+    """The bare ``ErrorMemory`` described by ``cfg`` for keys of width ``dim``, its state on ``device``."""
     common = {"temperature": cfg.temperature, "gamma": cfg.gamma, "write_policy": cfg.write,
-              "error_threshold": cfg.error_threshold, "decay": cfg.decay}
+              "error_threshold": cfg.error_threshold, "decay": cfg.decay, "center": cfg.center,
+              "device": device}
     if cfg.sketch is not None:
         return SketchMemory(dim, arrays=cfg.sketch.arrays, bits=cfg.sketch.bits,
                             similarity=cfg.sketch.similarity, seed=seed,
@@ -124,8 +129,10 @@ def make_memory(cfg: MemoryConfig, dim: int, seed: int = 0) -> ErrorMemory:
     return ExactMemory(dim, size=cfg.exact.size, top_k=cfg.exact.top_k, seed=seed, **common)
 
 
-def build_memory(cfg: MemoryConfig | Mapping[str, Any], dim: int, seed: int) -> Compensator:
+def build_memory(cfg: MemoryConfig | Mapping[str, Any], dim: int, seed: int,
+                 device: str | torch.device = "cpu") -> Compensator:
     """Build the ``Compensator`` (memory + λ) a config describes; a mapping is parsed first."""
     if not isinstance(cfg, MemoryConfig):
         cfg = MemoryConfig.parse(cfg)
-    return Compensator(make_memory(cfg, dim, seed), cfg.lam, reset_on_update=cfg.reset_on_update)
+    return Compensator(make_memory(cfg, dim, seed, device), cfg.lam, reset_on_update=cfg.reset_on_update,
+                       key=cfg.key)

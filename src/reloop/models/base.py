@@ -15,7 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor, nn
 
 from reloop.data.schema import FeatureMap
-from reloop.models.layers import Batch
+from reloop.models.layers import Batch, FeatureEmbedding
+
+MEMORY_KEYS = ("hidden", "embeddings")
 
 
 class ModelOptions(BaseModel):
@@ -53,6 +55,40 @@ class CTRModel(nn.Module):
 
     def forward_hidden(self, batch: Batch) -> tuple[Tensor, Tensor]:
         return self(batch, with_hidden=True)
+
+    def key_embedding(self) -> nn.Module:
+        """The field-embedding layer behind the ``embeddings`` memory key: ``self.embedding`` when the
+        model has one, else its widest ``FeatureEmbedding`` (LR has only its width-1 weights)."""
+        emb = getattr(self, "embedding", None)
+        if isinstance(emb, FeatureEmbedding):
+            return emb
+        found = [m for m in self.modules() if isinstance(m, FeatureEmbedding)]
+        if not found:
+            raise ValueError(f"model {self.name}: no FeatureEmbedding layer, so memory key 'embeddings' is "
+                             "unavailable; use key: hidden")
+        return max(found, key=lambda m: m.dim)
+
+    def forward_key(self, batch: Batch, key: str = "hidden") -> tuple[Tensor, Tensor]:
+        """Logits and the error memory's key for ``batch`` (ReLoop2 §3.2: "a hidden layer").
+
+        ``hidden``: the input of the output layer, ``[B, h_dim]``. ``embeddings`` (ours): the field
+        embeddings flattened, ``[B, F·d]``. On small logs the last hidden layer can collapse to a few
+        directions (most ReLU units dead or saturated), so similar-looking keys carry different
+        users and items; the embeddings keep ids apart.
+        """
+        if key == "hidden":
+            return self.forward_hidden(batch)
+        if key == "embeddings":
+            return self(batch), self.key_embedding()(batch).flatten(1)
+        raise ValueError(f"key: must be one of {MEMORY_KEYS}, got {key!r}")
+
+    def key_dim(self, key: str = "hidden") -> int:
+        """Width of ``forward_key``'s key."""
+        if key == "hidden":
+            return self.head.in_features
+        if key == "embeddings":
+            return self.feature_map.num_fields * self.key_embedding().dim
+        raise ValueError(f"key: must be one of {MEMORY_KEYS}, got {key!r}")
 
     def forward(self, batch: Batch, with_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Logits ``[B]`` (not probabilities: losses are computed on logits); with ``h`` on request.
@@ -105,8 +141,10 @@ def build_model(config: dict[str, Any], feature_map: FeatureMap) -> CTRModel:
 
 
 def save_model(model: CTRModel, path: str | Path) -> None:
+    from reloop.device import to_cpu
+
     torch.save({"config": model.config(), "feature_map": model.feature_map.model_dump(),
-                "state_dict": model.state_dict()}, path)
+                "state_dict": to_cpu(model.state_dict())}, path)  # CPU tensors: loads on any machine
 
 
 def load_model(path: str | Path, feature_map: FeatureMap | None = None) -> CTRModel:

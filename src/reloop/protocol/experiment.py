@@ -13,6 +13,7 @@ from reloop.config import Config, dump_config
 from reloop.data.encode import EncoderConfig
 from reloop.data.prepare import prepare_stream
 from reloop.data.tensors import Stream
+from reloop.device import runtime_device
 from reloop.protocol.metrics import auc, logloss
 from reloop.protocol.report import plot_periods, read_periods, summarize, write_periods, write_summary
 from reloop.protocol.runner import pretrain, run_one
@@ -43,6 +44,7 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, show_progress: 
     """Run every run × seed of ``cfg`` into ``out``. ``pretrain_dir`` shares Θ0 between experiments
     that use the same data and model (the paper benchmark pairs all its sections on one Θ0 per seed)."""
     console = console or Console(stderr=True)
+    device = runtime_device(cfg.device)  # resolved once (a ConfigError naming `device` before any work)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
     prepared = prepare_stream(cfg.data, cfg.protocol.pretrain, EncoderConfig(**cfg.encoder.model_dump()))
@@ -51,6 +53,9 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, show_progress: 
     oracle = oracle_by_period(stream)
     if oracle:
         (out / "oracle.json").write_text(json.dumps(oracle, indent=1))
+    if device.type != "cpu":
+        console.print(f"[bold]device[/]: {device}")
+    stream = stream.to(device)  # one copy of the encoded stream; every period is then a slice of it
 
     pre_rows = stream.bounds[cfg.protocol.pretrain - 1][1]
     all_rows: list[dict[str, Any]] = []
@@ -58,7 +63,8 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, show_progress: 
     with Progress(*columns, console=console, disable=not show_progress, transient=False) as bar:
         for seed in cfg.protocol.seeds:
             task = bar.add_task(f"seed {seed}: pretrain Θ0", total=pre_rows * cfg.train.pretrain_epochs)
-            theta0, optim0 = pretrain(cfg, stream, seed, pretrain_dir or out, on_batch=lambda n, task=task: bar.advance(task, n))
+            theta0, optim0 = pretrain(cfg, stream, seed, pretrain_dir or out, device=device,
+                                      on_batch=lambda n, task=task: bar.advance(task, n))
             bar.update(task, completed=pre_rows * cfg.train.pretrain_epochs)
             for name, spec in cfg.runs.items():
                 task = bar.add_task(f"seed {seed}: {name}", total=None)
@@ -69,7 +75,7 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, show_progress: 
                     bar.update(task, completed=done["rows"])
 
                 rows = run_one(cfg, stream, name, spec, seed, theta0, optim0, out=out, resume=resume,
-                               progress=tick if show_progress else None)
+                               progress=tick if show_progress else None, device=device)
                 bar.update(task, total=max(done["rows"], 1), completed=max(done["rows"], 1))
                 all_rows.extend(rows)
                 test = [r["auc"] for r in rows if r["phase"] == "test"]

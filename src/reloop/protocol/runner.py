@@ -6,6 +6,9 @@ each run and t = P+1 .. P+warmup+valid+test:
   2. the run's generator forms the model to serve           -> Θ*_t
   3. serve D_{t+1} batch by batch (error memory in between) -> metrics of period t+1, served ŷ
   4. the generator may now learn from D_{t+1}.
+The row of served period t+1 also carries the wall seconds of these steps: ``update_s`` (1),
+``generate_s`` (2: observe + serving model), ``serve_s`` (3, without the metrics) and ``generator_fit_s``
+(4); they are not written to periods.csv (ASMG Table 3 reports the generator's training time).
 Each finished period is checkpointed (model, optimizer, strategy, generator, memory, served
 predictions, RNG states), so ``resume`` continues where a killed run stopped and gives the same
 metrics as an uninterrupted run.
@@ -15,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +26,12 @@ from typing import Any
 
 import torch
 
-from reloop.components import build_generator, build_loss, build_memory, build_update, memory_resets_on_update
+from reloop.components import (build_generator, build_loss, build_memory, build_update, memory_key,
+                               memory_resets_on_update)
 from reloop.config import Config, RunSpec
 from reloop.data.periods import phase_of
 from reloop.data.tensors import History, Stream
+from reloop.device import runtime_device, to_cpu
 from reloop.models.base import CTRModel, build_model
 from reloop.protocol.metrics import period_metrics
 from reloop.protocol.serving import serve_period
@@ -39,29 +45,42 @@ Progress = Callable[[str, int], None]
 def _atomic_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    torch.save(to_cpu(obj), tmp)  # CPU tensors: a checkpoint made on a GPU resumes anywhere
     os.replace(tmp, path)
 
 
-def fresh_model(cfg: Config, stream: Stream, seed: int) -> CTRModel:
+def fresh_model(cfg: Config, stream: Stream, seed: int, device: torch.device | str = "cpu") -> CTRModel:
+    """A new model, initialised on the CPU (the same weights for a seed on every device), on ``device``."""
     torch.manual_seed(seed)
-    return build_model(cfg.model, stream.feature_map)
+    return build_model(cfg.model, stream.feature_map).to(device)
+
+
+def _device(cfg: Config, device: torch.device | str | None) -> torch.device:
+    return runtime_device(cfg.device) if device is None else torch.device(device)
 
 
 def pretrain(cfg: Config, stream: Stream, seed: int, out: Path | None = None,
-             on_batch: Callable[[int], None] | None = None) -> tuple[CTRModel, dict]:
-    """Θ0: ``train.pretrain_epochs`` passes over periods 1..P (cached per seed under ``out``)."""
+             on_batch: Callable[[int], None] | None = None,
+             device: torch.device | str | None = None) -> tuple[CTRModel, dict]:
+    """Θ0: ``train.pretrain_epochs`` passes over periods 1..P (cached per seed under ``out``).
+
+    Trained on ``device`` (default: the config's ``device``, resolved); Θ0 is returned there.
+    """
+    device = _device(cfg, device)
     path = out / "pretrain" / f"seed{seed}.pt" if out is not None else None
     # Θ0 is reused only for the same data, model, training settings and pretraining span.
-    key = json.dumps({"data": stream.meta.get("key"), "model": cfg.model, "train": cfg.train.model_dump(),
-                      "pretrain": cfg.protocol.pretrain, "seed": seed}, sort_keys=True, default=str)
+    fields = {"data": stream.meta.get("key"), "model": cfg.model, "train": cfg.train.model_dump(),
+              "pretrain": cfg.protocol.pretrain, "seed": seed}
+    if device.type != "cpu":  # a GPU's Θ0 differs in the last bits; CPU caches keep their old key
+        fields["device"] = device.type
+    key = json.dumps(fields, sort_keys=True, default=str)
     blob = torch.load(path, map_location="cpu", weights_only=False) if path is not None and path.exists() else None
     if blob is not None and blob.get("key") == key:
         model = build_model(cfg.model, stream.feature_map)
         model.load_state_dict(blob["model"])
-        model.eval()
+        model.to(device).eval()
         return model, blob["optimizer"]
-    model = fresh_model(cfg, stream, seed)
+    model = fresh_model(cfg, stream, seed, device)
     optimizer = make_optimizer(model, cfg.train)
     gen = torch.Generator().manual_seed(seed)
     rows = stream.periods(1, cfg.protocol.pretrain)
@@ -88,18 +107,24 @@ def _checkpoint_path(out: Path, run: str, seed: int) -> Path:
 
 def run_one(cfg: Config, stream: Stream, name: str, spec: RunSpec, seed: int, theta0: CTRModel,
             optim0: dict, out: Path | None = None, resume: bool = False,
-            progress: Progress | None = None, stop_after: int | None = None) -> list[dict[str, Any]]:
+            progress: Progress | None = None, stop_after: int | None = None,
+            device: torch.device | str | None = None) -> list[dict[str, Any]]:
     """One run under one seed; returns its per-period metric rows.
 
-    ``stop_after`` ends the run after training on that period (used to test resuming).
+    ``stop_after`` ends the run after training on that period (used to test resuming). Everything runs
+    on ``device`` (default: the config's ``device``, resolved): the stream is moved there once (a no-op
+    when the caller already did), models and the error memory live there, and only each period's
+    served predictions come back to the CPU (metrics, ``y_last``).
     """
+    device = _device(cfg, device)
+    stream = stream.to(device)
     P = cfg.protocol.pretrain
     last_t = P + cfg.protocol.served_periods
     strategy = build_update(spec.update, seed=seed)
     loss_spec = build_loss(spec.loss)
-    generator = build_generator(spec.generator)
-    h_dim = theta0.head.in_features
-    compensator = build_memory(spec.memory, dim=h_dim, seed=seed)
+    generator = build_generator(spec.generator, seed=seed)
+    h_dim = theta0.key_dim(memory_key(spec.memory))
+    compensator = build_memory(spec.memory, dim=h_dim, seed=seed, device=device)
     rng = torch.Generator().manual_seed(seed)
     n_rows = len(stream.rows)
     ckpt = _checkpoint_path(out, name, seed) if out is not None else None
@@ -108,7 +133,7 @@ def run_one(cfg: Config, stream: Stream, name: str, spec: RunSpec, seed: int, th
         blob = torch.load(ckpt, map_location="cpu", weights_only=False)
         model = build_model(cfg.model, stream.feature_map)
         model.load_state_dict(blob["model"])
-        model.eval()
+        model.to(device).eval()
         state = RunState(blob["t"], model, blob["optim"], blob["served_base"], blob["served_final"], blob["rows"])
         strategy.load_state_dict(blob["strategy"])
         generator.load_state_dict(blob["generator"])
@@ -116,9 +141,11 @@ def run_one(cfg: Config, stream: Stream, name: str, spec: RunSpec, seed: int, th
             compensator.memory.load_state_dict(blob["memory"])
         rng.set_state(blob["rng"])
         torch.set_rng_state(blob["torch_rng"])
+        if device.type == "cuda" and blob.get("cuda_rng") is not None:  # absent when saved on a CPU
+            torch.cuda.set_rng_state(blob["cuda_rng"], device)
     else:
-        nan = torch.full((n_rows,), float("nan"))
-        state = RunState(P, copy.deepcopy(theta0), copy.deepcopy(optim0), nan, nan.clone(), [])
+        nan = torch.full((n_rows,), float("nan"))  # served predictions per global row: on the CPU
+        state = RunState(P, copy.deepcopy(theta0).to(device), copy.deepcopy(optim0), nan, nan.clone(), [])
         # Θ0 serves period P+1 so that its served predictions exist when training on it.
         served = serve_period(state.model, stream.period(P + 1), compensator,
                               cfg.protocol.serve_batch_size, cfg.protocol.feedback_delay)
@@ -126,7 +153,7 @@ def run_one(cfg: Config, stream: Stream, name: str, spec: RunSpec, seed: int, th
         torch.manual_seed(seed)
 
     def fresh() -> CTRModel:
-        return build_model(cfg.model, stream.feature_map)
+        return build_model(cfg.model, stream.feature_map).to(device)
 
     while state.t < last_t:
         t = state.t + 1
@@ -135,24 +162,33 @@ def run_one(cfg: Config, stream: Stream, name: str, spec: RunSpec, seed: int, th
                             served=state.served_final if loss_spec.y_last == "compensated" else state.served_base,
                             y_last_source="previous_model" if loss_spec.y_last == "previous_model" else "served",
                             on_batch=(lambda n: progress(name, n)) if progress else None)
+        t_update = time.perf_counter()
         model, optim_state = strategy.update(state.model, state.optim_state, ctx)
+        t_generate = time.perf_counter()
         generator.observe(t, model)
         serving = generator.serving_model(model)
+        t_serve = time.perf_counter()
         if compensator is not None and model is not state.model and memory_resets_on_update(spec.memory):
             compensator.memory.reset()
         served = serve_period(serving, stream.period(t + 1), compensator, cfg.protocol.serve_batch_size,
                               cfg.protocol.feedback_delay)
+        t_served = time.perf_counter()
         state.model, state.optim_state, state.t = model, optim_state, t
         _record(state, stream, t + 1, served, cfg, name, seed)
         ctx.history = History(stream, upto=t + 1)
+        t_learn = time.perf_counter()
         generator.learn(ctx.history, t + 1, ctx)
+        state.rows[-1].update(update_s=t_generate - t_update, generate_s=t_serve - t_generate,
+                              serve_s=t_served - t_serve, generator_fit_s=time.perf_counter() - t_learn)
         if ckpt is not None:
             _atomic_save({"t": t, "model": state.model.state_dict(), "optim": state.optim_state,
                           "served_base": state.served_base, "served_final": state.served_final,
                           "rows": state.rows, "strategy": strategy.state_dict(),
                           "generator": generator.state_dict(),
                           "memory": compensator.memory.state_dict() if compensator is not None else None,
-                          "rng": rng.get_state(), "torch_rng": torch.get_rng_state()}, ckpt)
+                          "rng": rng.get_state(), "torch_rng": torch.get_rng_state(),
+                          "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+                         ckpt)
         if stop_after is not None and t >= stop_after:
             break
     return state.rows
@@ -162,9 +198,9 @@ def _record(state: RunState, stream: Stream, period: int, served, cfg: Config, n
     start, end = stream.bounds[period - 1]
     state.served_base[start:end] = served.base
     state.served_final[start:end] = served.final
-    rows = stream.period(period)
-    users = rows.data["user"].numpy() if "user" in rows.data else None
-    metrics = period_metrics(rows.data["label"].numpy(), served.final.numpy(), users)
+    rows = stream.period(period)  # labels and users come to the CPU once per period (metrics run there)
+    users = rows.data["user"].cpu().numpy() if "user" in rows.data else None
+    metrics = period_metrics(rows.data["label"].cpu().numpy(), served.final.cpu().numpy(), users)
     p = cfg.protocol
     state.rows.append({"run": name, "seed": seed, "period": period,
                        "phase": phase_of(period, p.pretrain, p.warmup, p.valid), **metrics})

@@ -14,23 +14,32 @@ from torch import Tensor
 
 from reloop.data.tensors import PeriodTensors
 from reloop.models.base import CTRModel
+from reloop.update.trainer import _device_of, _to, rows_on
 
 
 @dataclass
 class Served:
-    base: Tensor  # the base model's probability per row
-    final: Tensor  # what was served (compensated when a memory is configured)
+    base: Tensor  # the base model's probability per row (on the CPU)
+    final: Tensor  # what was served (compensated when a memory is configured; on the CPU)
 
 
 @torch.no_grad()
 def serve_period(model: CTRModel, rows: PeriodTensors, compensator=None, batch_size: int = 1024,
                  feedback_delay: int = 0) -> Served:
-    """Predict every row of ``rows`` in order; feed labels back to ``compensator`` after the fact."""
+    """Predict every row of ``rows`` in order; feed labels back to ``compensator`` after the fact.
+
+    Runs on the model's device (the rows are moved there once when they are elsewhere; the
+    compensator's memory should live there too); the served probabilities come back to the CPU once,
+    at the end of the period.
+    """
     model.eval()
+    device = _device_of(model)
+    rows = rows_on(rows, device)
     base_out, final_out = [], []
     pending: deque[tuple[Tensor, Tensor, Tensor]] = deque()
     for batch in rows.batches(batch_size):
-        logits, h = model.forward_hidden(batch)
+        batch = _to(batch, device)
+        logits, h = model.forward_key(batch, compensator.key if compensator is not None else "hidden")
         p = torch.sigmoid(logits.float())
         served = compensator.predict(h.float(), p) if compensator is not None else p
         base_out.append(p)
@@ -42,4 +51,4 @@ def serve_period(model: CTRModel, rows: PeriodTensors, compensator=None, batch_s
     # Labels of the last batches arrive after the period closes: they still reach the memory.
     while pending and compensator is not None:
         compensator.feedback(*pending.popleft())
-    return Served(torch.cat(base_out), torch.cat(final_out))
+    return Served(torch.cat(base_out).cpu(), torch.cat(final_out).cpu())

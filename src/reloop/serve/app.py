@@ -18,7 +18,7 @@ ignored). They are validated (a missing feature, a mistyped value → 422 naming
 the records go to the ``quarantine`` table with the reason), encoded with the persisted encoder
 (``grow=True`` under a lock: unseen ids get new indices, past capacity hashed overflow buckets; the
 new vocabulary entries are logged with the impressions), scored by the serving model
-(``forward_hidden``), compensated by the error memory when the run has one, and logged — id, encoded
+(``forward_key``: the memory's key), compensated by the error memory when the run has one, and logged — id, encoded
 features, ``h``, base and served prediction, model version — in one durable commit *before* the
 response. Feedback is all-or-nothing (an unknown id → 404 naming it), idempotent (a second label for
 an impression is reported in ``duplicates`` and ignored) and writes ``(h, y, ŷ_base)`` to the memory.
@@ -49,8 +49,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from reloop.components import build_memory, memory_resets_on_update
+from reloop.components import build_memory, memory_key, memory_resets_on_update
 from reloop.data.schema import PAD, FeatureSchema
+from reloop.device import resolve_device
 from reloop.models.base import CTRModel
 from reloop.serve.log import USERS_TABLE, RowCodec, ServeLog, UnknownImpressions
 from reloop.serve.metrics import CONTENT_TYPE, ServiceMetrics
@@ -197,6 +198,9 @@ class Service:
         self.md = ModelDir(model_dir)
         self.md.check()
         self.cfg = self.md.config()
+        # The model and the error memory live on the config's device (ConfigError naming `device`
+        # when it asks for a missing GPU); requests are encoded on the CPU and moved there once.
+        self.device = resolve_device(self.cfg.device)
         self.info = self.md.info()
         self.run = self.info["run"]
         self.spec = self.cfg.runs[self.run]
@@ -223,12 +227,13 @@ class Service:
         self._pending_vocab: dict[tuple[str, str], int] = {}
 
         version = self.md.current_version()
-        self.state = Serving(version, self.md.load_serving(version), self.md.meta(version))
+        self.state = Serving(version, self._load_serving(version), self.md.meta(version))
         self._stamp = self.md.current_stamp()
         self._next_poll = time.monotonic() + poll_interval
         self._loading = False
-        self.compensator = build_memory(self.spec.memory, dim=self.state.model.head.in_features,
-                                        seed=int(self.info.get("seed", 0)))
+        self._key = memory_key(self.spec.memory)
+        self.compensator = build_memory(self.spec.memory, dim=self.state.model.key_dim(self._key),
+                                        seed=int(self.info.get("seed", 0)), device=self.device)
         self.reset_on_update = memory_resets_on_update(self.spec.memory)
         self._rebuild_memory()
         recent = self.log.recent_feedback(metrics_window)
@@ -241,6 +246,9 @@ class Service:
         self.started = time.time()
 
     # -- startup -------------------------------------------------------------------------------
+    def _load_serving(self, version: int) -> CTRModel:
+        return self.md.load_serving(version).to(self.device).eval()
+
     def _restore_vocab(self) -> None:
         """Snapshot + every id assigned since (the log's ``vocab`` table), in arrival order."""
         for tbl, ident, idx in self.log.vocab():
@@ -260,7 +268,7 @@ class Service:
         if self.compensator is None:
             return
         rows = self.log.feedback_for_version(self.state.version if self.reset_on_update else None, limit=1_000_000)
-        d = self.state.model.head.in_features
+        d = self.state.model.key_dim(self._key)
         for i in range(0, len(rows), 4096):
             chunk = rows[i:i + 4096]
             h = torch.from_numpy(np.frombuffer(b"".join(r[0] for r in chunk), dtype=np.float32).reshape(-1, d).copy())
@@ -300,7 +308,7 @@ class Service:
             if version == self.state.version:
                 self._stamp = stamp
                 return False, version
-            model = self.md.load_serving(version)
+            model = self._load_serving(version)
             meta = self.md.meta(version)
             fresh = Serving(version, model, meta)
             with self._mem_lock:
@@ -390,7 +398,8 @@ class Service:
             return {"predictions": [], "model_version": state.version}
         cols = self.encode(data, len(records))
         with torch.no_grad():
-            logits, h = state.model.forward_hidden(cols)
+            batch = cols if self.device.type == "cpu" else {k: v.to(self.device) for k, v in cols.items()}
+            logits, h = state.model.forward_key(batch, self._key)
             p_base = torch.sigmoid(logits.float())
             h = h.float()
             if self.compensator is not None:
@@ -398,6 +407,7 @@ class Service:
                     p_served = self.compensator.predict(h, p_base)
             else:
                 p_served = p_base
+            h, p_base, p_served = h.cpu(), p_base.cpu(), p_served.cpu()  # one copy back per request
         n = len(records)
         ids = [uuid.uuid4().hex for _ in range(n)]
         features = self.codec.encode(cols)
@@ -440,7 +450,7 @@ class Service:
                     current = self.state.version
                     rows = [(r, y) for r, y in accepted if not self.reset_on_update or r.model_version == current]
                     if rows:
-                        d = self.state.model.head.in_features
+                        d = self.state.model.key_dim(self._key)
                         h = torch.from_numpy(np.frombuffer(b"".join(r.h for r, _ in rows),
                                                            dtype=np.float32).reshape(-1, d).copy())
                         y = torch.tensor([float(yy) for _, yy in rows])
@@ -501,6 +511,7 @@ class Service:
                 "validation": meta.get("validation"),
                 "composition": composition(self.cfg, self.run),
                 "model": self.cfg.model,
+                "device": str(self.device),
                 "memory": None if self.compensator is None else {
                     "n_written": self.compensator.memory.n_written, "nbytes": self.compensator.memory.nbytes,
                     "reset_on_update": self.reset_on_update},

@@ -84,6 +84,7 @@ def serve(
         return
     if model_dir is None:
         _err("--model-dir is required (or --demo)")
+    from reloop.config import ConfigError
     from reloop.serve.registry import ModelDir, RegistryError, bootstrap, pick_run
 
     md = ModelDir(model_dir)
@@ -111,12 +112,17 @@ def serve(
             _err(f"{model_dir} serves run {md.info()['run']!r}; --run {run!r} needs a new --model-dir")
     except RegistryError as e:
         _err(str(e))
+    except ConfigError as e:  # e.g. device: cuda on a machine without a GPU
+        _err(f"config error: {e}")
     import uvicorn
 
     from reloop.serve.app import create_app
 
-    application = create_app(md.path, max_batch=max_batch, retrain_every=retrain_every, retrain_options=options,
-                             poll_interval=poll_interval)
+    try:
+        application = create_app(md.path, max_batch=max_batch, retrain_every=retrain_every,
+                                 retrain_options=options, poll_interval=poll_interval)
+    except ConfigError as e:
+        _err(f"config error {md.path / 'config.yaml'}: {e} (pass --config with --set device=cpu to change it)")
     svc = application.state.service
     typer.echo(f"reloop serve: {md.path} version {svc.state.version} (run {svc.run}) on http://{host}:{port}",
                err=True)
@@ -137,10 +143,14 @@ def retrain(
 
     options = RetrainOptions(max_auc_drop=max_auc_drop, holdout=holdout, label_timeout=_label_timeout(label_timeout),
                              min_rows=min_rows)
+    from reloop.config import ConfigError
+
     try:
         result = run_retrain(model_dir, options, log=lambda m: typer.echo(m, err=True))
     except RegistryError as e:
         _err(str(e))
+    except ConfigError as e:
+        _err(f"config error {Path(model_dir) / 'config.yaml'}: {e}")
     out: dict[str, Any] = result.to_dict()
     typer.echo(json.dumps(out))
     if result.outcome == "busy":

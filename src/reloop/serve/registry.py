@@ -78,7 +78,9 @@ def write_atomic(path: Path, data: bytes | str) -> None:
 
 
 def _torch_save_synced(obj: Any, path: Path) -> None:
-    torch.save(obj, path)
+    from reloop.device import to_cpu
+
+    torch.save(to_cpu(obj), path)  # CPU tensors: a version made on a GPU loads anywhere
     _fsync_file(path)
 
 

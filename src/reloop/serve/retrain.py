@@ -40,6 +40,7 @@ import torch
 
 from reloop.components import build_generator, build_loss, build_update
 from reloop.data.tensors import History, PeriodTensors, Stream
+from reloop.device import resolve_device
 from reloop.models.base import build_model
 from reloop.protocol.metrics import auc
 from reloop.serve.log import RowCodec, ServeLog
@@ -219,6 +220,8 @@ def _retrain_locked(md: ModelDir, slog: ServeLog, options: RetrainOptions, now: 
     new["row"] = torch.arange(first_row, first_row + n, dtype=torch.int64)
     new["served"] = torch.tensor([r[3] if y_last != "compensated" else r[4] for r in labelled], dtype=torch.float32)
     full, served = build_history(md, slog, codec, new, y_last)
+    device = resolve_device(cfg.device)
+    full = full.to(device)  # one copy of the rebuilt log; ``served`` (y_last per row) stays on the CPU
     if full.n_periods != t:
         raise RuntimeError(f"log: rebuilt {full.n_periods} periods but the open period is {t}")
     if first_row != full.bounds[t - 1][0]:
@@ -235,13 +238,14 @@ def _retrain_locked(md: ModelDir, slog: ServeLog, options: RetrainOptions, now: 
     generator.load_state_dict(state["generator"])
     rng = torch.Generator()
     rng.set_state(state["rng"])
-    base = md.load_base(version)
-    serving_now = md.load_serving(version)
+    base = md.load_base(version).to(device)
+    serving_now = md.load_serving(version).to(device)
     torch.manual_seed(seed * 100003 + t)
 
     def ctx_for(stream: Stream) -> UpdateContext:
         return UpdateContext(history=History(stream, upto=t), t=t, loss=loss_spec.loss, train=cfg.train,
-                             generator=rng, fresh_model=lambda: build_model(cfg.model, fmap), served=served,
+                             generator=rng, fresh_model=lambda: build_model(cfg.model, fmap).to(device),
+                             served=served,
                              y_last_source="previous_model" if y_last == "previous_model" else "served")
 
     rows_ids = [(r[0], first_row + i, r[2]) for i, r in enumerate(labelled)]
@@ -262,7 +266,7 @@ def _retrain_locked(md: ModelDir, slog: ServeLog, options: RetrainOptions, now: 
 
     auc_c = auc_s = float("nan")
     if n_hold:
-        labels = hold.data["label"].numpy()
+        labels = hold.data["label"].cpu().numpy()
         auc_c = auc(labels, torch.sigmoid(predict_rows(candidate, hold, cfg.train.eval_batch_size)[0]).numpy())
         auc_s = auc(labels, torch.sigmoid(predict_rows(serving_now, hold, cfg.train.eval_batch_size)[0]).numpy())
     detail.update({"auc_candidate": auc_c, "auc_serving": auc_s, "max_auc_drop": options.max_auc_drop})

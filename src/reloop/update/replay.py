@@ -34,12 +34,14 @@ from reloop.update.trainer import make_optimizer, predict_rows, train_rows
 
 def fetch_rows(history: History, t: int, row_ids: Tensor) -> PeriodTensors:
     """Rows with the given global ids, all from periods ≤ t (the stream's rows are contiguous)."""
+    current = history.period(t)
+    row_ids = row_ids.long().to(current.device)  # the reservoirs live on the CPU, the rows may not
     if row_ids.numel() == 0:
-        return history.period(t).take(row_ids.long())
+        return current.take(row_ids)
     upto = history.periods(1, t)
     first = int(upto.data["row"][0])
-    out = upto.take(row_ids.long() - first)
-    if not torch.equal(out.data["row"], row_ids.long()):
+    out = upto.take(row_ids - first)
+    if not torch.equal(out.data["row"], row_ids):
         raise RuntimeError("replay: the 'row' column is not the contiguous global row index")
     return out
 
@@ -104,7 +106,8 @@ class Replay(UpdateStrategy):
             self.neg = torch.empty(0, dtype=torch.long)
             return
         past = ctx.history.periods(1, ctx.t - 1)
-        labels, rows = past.data["label"], past.data["row"].long()
+        # Reservoir bookkeeping stays on the CPU (same draws on every device; device-neutral state).
+        labels, rows = past.data["label"].cpu(), past.data["row"].long().cpu()
         res = []
         for mask in (labels > 0.5, labels <= 0.5):
             ids = rows[mask]
@@ -126,7 +129,7 @@ class Replay(UpdateStrategy):
         picked = []
         if m_pos > 0:
             logits, _ = predict_rows(model, fetch_rows(ctx.history, ctx.t - 1, self.pos),
-                                     ctx.train.eval_batch_size)
+                                     ctx.train.eval_batch_size, hidden=False)  # logits on the CPU
             probs = rank_weights(logits)
             picked.append(self.pos[torch.multinomial(probs, m_pos, replacement=False, generator=g)])
         if m_neg > 0:
@@ -169,7 +172,7 @@ class Replay(UpdateStrategy):
         """The reservoirs absorb D_t."""
         g = self._gen(ctx)
         current = ctx.history.period(ctx.t)
-        labels, rows = current.data["label"], current.data["row"].long()
+        labels, rows = current.data["label"].cpu(), current.data["row"].long().cpu()
         is_pos = labels > 0.5
         self.pos = reservoir_absorb(self.pos, rows[is_pos], self.seen_pos, g)
         self.neg = reservoir_absorb(self.neg, rows[~is_pos], self.seen_neg, g)

@@ -48,17 +48,21 @@ def attach_loss_columns(rows: PeriodTensors, previous: CTRModel, ctx: UpdateCont
         return rows
     cols: dict[str, Tensor] = {}
     prev_logits = None
+    here = rows.device  # the columns are made where the rows live (the run's device)
     if "teacher" in needs or ctx.y_last_source == "previous_model" or ctx.served is None:
-        prev_logits, _ = predict_rows(previous, rows, ctx.train.eval_batch_size)
+        prev_logits, _ = predict_rows(previous, rows, ctx.train.eval_batch_size, hidden=False, out_device=here)
     if "teacher" in needs:
         cols["teacher"] = prev_logits
     if "y_last" in needs:
         if ctx.y_last_source == "served" and ctx.served is not None:
-            y_last = ctx.served[rows.data["row"]]
+            # ``served`` (one entry per global row) stays on the CPU: one gather, one copy per update
+            row = rows.data["row"]
+            y_last = ctx.served[row.to(ctx.served.device)].to(here)
             missing = torch.isnan(y_last)
             if bool(missing.any()):
                 if prev_logits is None:
-                    prev_logits, _ = predict_rows(previous, rows, ctx.train.eval_batch_size)
+                    prev_logits, _ = predict_rows(previous, rows, ctx.train.eval_batch_size, hidden=False,
+                                                  out_device=here)
                 y_last = torch.where(missing, torch.sigmoid(prev_logits), y_last)
         else:
             y_last = torch.sigmoid(prev_logits)

@@ -59,9 +59,16 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 
 
 def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    if device.type == "cpu":
+    """A batch on ``device`` (a no-op for batches already there: the rows were moved beforehand)."""
+    if device.type == "cpu" and all(v.device.type == "cpu" for v in batch.values()):
         return batch
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def rows_on(rows, device: torch.device):
+    """In-memory rows (``PeriodTensors``) moved to ``device`` once, so that batches need no copy;
+    streaming rows (``ShardedPeriod``) are left as they are (each batch is moved when it is read)."""
+    return rows.to(device) if isinstance(rows, PeriodTensors) else rows
 
 
 def train_rows(model: CTRModel, optimizer: torch.optim.Optimizer, rows: PeriodTensors, loss: Loss,
@@ -71,7 +78,9 @@ def train_rows(model: CTRModel, optimizer: torch.optim.Optimizer, rows: PeriodTe
     """Train ``model`` in place for ``epochs`` passes over ``rows``; returns the mean training loss.
 
     ``rows`` may be anything with ``batches(batch_size, shuffle, generator)`` and ``len`` (e.g. a
-    streaming :class:`reloop.data.shards.ShardedPeriod`). Batches are moved to the model's device.
+    streaming :class:`reloop.data.shards.ShardedPeriod`). In-memory rows are moved to the model's device
+    once per call (nothing is copied when they already live there, as in the protocol); streamed
+    batches are moved as they are read.
 
     Inside a ``torch.distributed`` process group of several processes (``torchrun``; see
     :mod:`reloop.distributed`), ``model`` is wrapped in DDP (unless it already is) and ``data_parallel``
@@ -96,6 +105,7 @@ def train_rows(model: CTRModel, optimizer: torch.optim.Optimizer, rows: PeriodTe
         return _train_rows_ddp(model, optimizer, rows, loss, cfg, generator, epochs, shuffle, on_batch, mode)
     inner = rd.unwrap(model)
     device = _device_of(inner)
+    rows = rows_on(rows, device)
     inner.train()
     total, count = 0.0, 0
     for _ in range(epochs or cfg.epochs):
@@ -126,6 +136,7 @@ def _train_rows_ddp(model, optimizer, rows, loss, cfg, generator, epochs, shuffl
     inner = rd.unwrap(model)
     ddp = rd.wrap_ddp(model) if model is inner else model
     device = _device_of(inner)
+    rows = rows_on(rows, device)
     inner.train()
     total, count = 0.0, 0
 
@@ -150,6 +161,8 @@ def _train_rows_ddp(model, optimizer, rows, loss, cfg, generator, epochs, shuffl
         if mode == "split":
             n_rows = len(rows)
             order = torch.randperm(n_rows, generator=generator) if shuffle else torch.arange(n_rows)
+            if isinstance(rows, PeriodTensors) and rows.device.type != "cpu":
+                order = order.to(rows.device)  # once per pass: the batches' indices need no copy
             for start in range(0, n_rows, cfg.batch_size):
                 global_idx = order[start:start + cfg.batch_size]
                 share = global_idx[rank::world]
@@ -171,9 +184,12 @@ def _train_rows_ddp(model, optimizer, rows, loss, cfg, generator, epochs, shuffl
 
 @torch.no_grad()
 def predict_rows(model: CTRModel, rows: PeriodTensors, batch_size: int = 8192,
-                 precision: str = "fp32", hidden: bool = True) -> tuple[Tensor, Tensor | None]:
-    """Logits ``[N]`` and hidden ``h`` ``[N, d]`` of ``model`` on ``rows`` (eval mode, no grad; on CPU).
+                 precision: str = "fp32", hidden: bool = True,
+                 out_device: torch.device | str | None = "cpu") -> tuple[Tensor, Tensor | None]:
+    """Logits ``[N]`` and hidden ``h`` ``[N, d]`` of ``model`` on ``rows`` (eval mode, no grad).
 
+    Computed on the model's device (in-memory rows are moved there once); the outputs are collected
+    there and moved to ``out_device`` once at the end (default: the CPU; ``None``: the model's device).
     Outputs are written into preallocated tensors (no per-batch list, no second copy from ``cat``);
     ``hidden=False`` skips ``h`` (returned as None): ``N x d`` floats can outweigh the model.
     """
@@ -182,8 +198,9 @@ def predict_rows(model: CTRModel, rows: PeriodTensors, batch_size: int = 8192,
     model = unwrap(model)
     model.eval()
     device = _device_of(model)
+    rows = rows_on(rows, device)
     n = len(rows)
-    logits = torch.empty(n, dtype=torch.float32)
+    logits = torch.empty(n, dtype=torch.float32, device=device)
     out_h: Tensor | None = None
     start = 0
     for batch in rows.batches(batch_size):
@@ -197,9 +214,13 @@ def predict_rows(model: CTRModel, rows: PeriodTensors, batch_size: int = 8192,
         logits[start:end] = lo.float()
         if h is not None:
             if out_h is None:
-                out_h = torch.empty((n, h.shape[-1]), dtype=torch.float32)
+                out_h = torch.empty((n, h.shape[-1]), dtype=torch.float32, device=device)
             out_h[start:end] = h.float()
         start = end
     if hidden and out_h is None:  # no rows: keep the old shapes ([0], [0, 0]-like)
-        out_h = torch.empty((0, 0), dtype=torch.float32)
-    return logits[:start], out_h
+        out_h = torch.empty((0, 0), dtype=torch.float32, device=device)
+    logits = logits[:start]
+    if out_device is not None:
+        logits = logits.to(out_device)
+        out_h = out_h.to(out_device) if out_h is not None else None
+    return logits, out_h

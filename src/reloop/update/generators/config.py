@@ -102,8 +102,15 @@ def parse_generator(cfg: Any) -> tuple[str, _Strict]:
     return name, parsed
 
 
-def build_generator(cfg: Any) -> ModelGenerator:
-    """Build the generator described by a ``generator:`` config value."""
+def build_generator(cfg: Any, run_seed: int = 0) -> ModelGenerator:
+    """Build the generator described by a ``generator:`` config value.
+
+    ``run_seed`` (the protocol's seed) is added to the configured ``seed``, so each protocol seed
+    draws its own meta initialisation and shuffling, as it does for the base models.
+    """
     name, options = parse_generator(cfg)
     _, cls = GENERATORS[name]
-    return cls(**options.model_dump())
+    kwargs = options.model_dump()
+    if "seed" in kwargs:
+        kwargs["seed"] += int(run_seed)
+    return cls(**kwargs)
