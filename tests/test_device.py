@@ -192,6 +192,18 @@ def test_predict_rows_output_device(stream):
     assert torch.equal(a, b) and torch.equal(ha, hb) and torch.equal(a, c)
 
 
+def test_bf16_autocast_follows_the_device_type():
+    import warnings
+
+    from reloop.update.trainer import _autocast
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "CUDA is not available, disabling" on a CPU-only machine
+        on_gpu = _autocast("bf16", torch.device("cuda", 0))
+    assert on_gpu.device == "cuda" and on_gpu.fast_dtype == torch.bfloat16
+    assert _autocast("bf16", SENTINEL).device == "cpu"
+
+
 # --------------------------------------------------------------------------------------------------
 # end to end on the CPU
 
