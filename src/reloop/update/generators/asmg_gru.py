@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from reloop.data.tensors import History
 from reloop.update.generators.coordinate_gru import CoordinateGRU
-from reloop.update.generators.learned import INITS, _LearnedGenerator
+from reloop.update.generators.learned import INITS, _LearnedGenerator, _params_to
 from reloop.update.generators.param_layout import Params, as_rows, module_key, n_coords, zero_padding
 
 VARIANTS = ("multi", "single", "unif", "zero", "full")
@@ -154,6 +154,9 @@ class ASMGGRU(_LearnedGenerator):
 
     def _extra_state(self) -> dict[str, Any]:
         return {"h": self._h}
+
+    def _extra_to(self, device: torch.device) -> None:
+        self._h = _params_to(self._h, device)
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self._h = state["h"]

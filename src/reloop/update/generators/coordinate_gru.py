@@ -57,7 +57,7 @@ class CoordinateGRU(nn.Module):
         self.b_out = nn.Parameter(b_out)    # [P]
 
     def init_state(self, n_rows: int) -> Tensor:
-        return torch.zeros(n_rows, self.n_coords, self.hidden)
+        return torch.zeros(n_rows, self.n_coords, self.hidden, device=self.u.device)
 
     def step(self, x: Tensor, h: Tensor) -> Tensor:
         """One GRU step: x ``[N, P]``, h ``[N, P, d]`` -> h' ``[N, P, d]``."""

@@ -30,6 +30,10 @@ def _uniform(shape: Sequence[int], limit: float, generator: torch.Generator) -> 
     return (torch.rand(*shape, generator=generator) * 2.0 - 1.0) * limit
 
 
+def _params_to(params: Params | None, device: torch.device) -> Params | None:
+    return None if params is None else {name: v.to(device) for name, v in params.items()}
+
+
 class _LearnedGenerator(ModelGenerator):
     """Shared machinery: model sequence, meta parameters + Adam, warm-up, timing and state.
 
@@ -105,12 +109,29 @@ class _LearnedGenerator(ModelGenerator):
             self._rng = torch.Generator().manual_seed(self.seed + 7919)
         return self._rng
 
+    def _place(self, model: CTRModel) -> None:
+        """Meta parameters, their Adam state and the stored tensors on ``model``'s device (a no-op when
+        they are there already): the generator follows the models it sees, also after ``load_state_dict``
+        (whose tensors come from a checkpoint read on the CPU)."""
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        if self.meta is None or next(self.meta.parameters()).device == device:
+            return
+        self.meta.to(device)
+        if self._optimizer is not None:  # Adam's moments follow their parameters
+            self._optimizer.load_state_dict(self._optimizer.state_dict())
+        self._models = [(t, _params_to(params, device)) for t, params in self._models]
+        self._extra_to(device)
+
+    def _extra_to(self, device: torch.device) -> None:
+        """Hook: move subclass state (ASMG-GRU's carried ``_h``, SML's ``_prev``) to ``device``."""
+
     def observe(self, t: int, model: CTRModel) -> None:
         specs = param_specs(model)
         if self._specs is None:
             self._init_specs(specs)
         elif specs != self._specs:
             raise ValueError(f"{self.name}: observed a model whose parameters differ from the first one")
+        self._place(model)
         if self._models and t <= self._models[-1][0]:
             raise ValueError(f"{self.name}: observe(t={t}) after period {self._models[-1][0]}")
         self._template = model
@@ -124,6 +145,7 @@ class _LearnedGenerator(ModelGenerator):
             self._template = model
         if not self.ready:
             return model
+        self._place(model)
         with torch.no_grad():
             params = self._serving_params()
         return materialize(model, params)
@@ -140,6 +162,7 @@ class _LearnedGenerator(ModelGenerator):
                 raise ValueError(f"{self.name}: learn(t_next={t_next}) but the latest model is Θ_{last}")
             if self._template is None:
                 raise RuntimeError(f"{self.name}: no model template; call observe() first")
+            self._place(self._template)
             self._fit(history, t_next, ctx)
             self.n_trained += 1
         finally:
@@ -177,7 +200,8 @@ class _LearnedGenerator(ModelGenerator):
                 h.remove()
         out = {}
         for name, ids in seen.items():
-            rows = torch.unique(torch.cat(ids)) if ids else torch.empty(0, dtype=torch.long)
+            rows = torch.unique(torch.cat(ids)) if ids else torch.empty(0, dtype=torch.long,
+                                                                          device=tables[name].weight.device)
             if rows.numel() * 2 <= tables[name].num_embeddings:  # else the full table is as cheap
                 out[name] = rows
         return out
@@ -198,7 +222,8 @@ class _LearnedGenerator(ModelGenerator):
         for good if they differ (a model that reads table weights outside ``forward``).
         """
         active = [j for j in range(len(targets)) if float(weights[j]) > 0.0]
-        data = {j: history.period(targets[j]) for j in active}
+        device = next((p.device for p in self._template.parameters()), torch.device("cpu"))
+        data = {j: history.period(targets[j]).to(device) for j in active}  # no-op in the protocol
         last = data[active[-1]]
         n_batches = max(1, math.ceil(len(last) / ctx.train.batch_size))
         optimizer = self._optim()
@@ -206,8 +231,9 @@ class _LearnedGenerator(ModelGenerator):
         on_batch = getattr(ctx, "on_batch", None)
         tables = self._embedding_modules() if self.sparse_rows and self._sparse_ok is not False else {}
         for _ in range(self.epochs):
-            splits = {j: torch.randperm(len(data[j]), generator=self._shuffle_rng()).tensor_split(n_batches)
-                      for j in active}
+            # drawn on the CPU (the same batches on every device), moved once per epoch
+            splits = {j: torch.randperm(len(data[j]), generator=self._shuffle_rng()).to(device)
+                      .tensor_split(n_batches) for j in active}
             for b in range(n_batches):
                 batches = {j: {key: col[splits[j][b]] for key, col in data[j].data.items()}
                            for j in active if splits[j][b].numel() > 0}

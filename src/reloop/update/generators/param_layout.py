@@ -47,7 +47,7 @@ def zero_padding(spec: dict[str, Any], value: Tensor) -> Tensor:
     pad = spec["padding_idx"]
     if spec["kind"] != "embedding" or pad is None:
         return value
-    return value.index_fill(0, torch.tensor([pad]), 0.0)
+    return value.index_fill(0, torch.tensor([pad], device=value.device), 0.0)
 
 
 def as_rows(spec: dict[str, Any], value: Tensor) -> Tensor:

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from reloop.data.tensors import History
 from reloop.update.generators.asmg import (INITS, Params, _LearnedGenerator, _uniform, as_rows, module_key,
                                            zero_padding)
+from reloop.update.generators.learned import _params_to
 
 
 def _glorot(fan_in: int, fan_out: int, shape: tuple[int, ...], g: torch.Generator) -> Tensor:
@@ -144,6 +145,9 @@ class SML(_LearnedGenerator):
 
     def _extra_state(self) -> dict[str, Any]:
         return {"prev": self._prev}
+
+    def _extra_to(self, device: torch.device) -> None:
+        self._prev = _params_to(self._prev, device)
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self._prev = state["prev"]
