@@ -2,6 +2,7 @@
 import numpy as np
 import polars as pl
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -101,3 +102,64 @@ def test_phases_follow_asmg_split():
     phases = [phase_of(p, 10, 10, 3) for p in range(1, 32)]
     assert phases[:11] == ["pretrain"] * 11
     assert phases[11:21] == ["warmup"] * 10 and phases[21:24] == ["valid"] * 3 and phases[24:] == ["test"] * 7
+
+
+FAST_SCHEMA = FeatureSchema(
+    features=[FeatureSpec(name="item"), FeatureSpec(name="hist", kind="sequence", vocab="item", max_len=3),
+              FeatureSpec(name="price", kind="numeric"), FeatureSpec(name="age", kind="numeric", numeric="bucketize",
+                                                                     buckets=4)],
+    user="user")
+
+
+def _slow_transform(enc, frame, grow):
+    import reloop.data.encode as E
+
+    saved, E.SMALL_BATCH = E.SMALL_BATCH, 0
+    try:
+        return enc.transform(frame, grow=grow)
+    finally:
+        E.SMALL_BATCH = saved
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 59), min_size=1, max_size=30), st.booleans(), st.integers(0, 9))
+def test_fast_path_equals_the_polars_path(rows, grow, seed):
+    """Small batches of known ids take dict look-ups; the result must be transform's, bit for bit."""
+    rng = np.random.default_rng(seed)
+    n = 60
+    items = [None if rng.random() < 0.1 else f"i{rng.integers(0, 25)}" for _ in range(n)]
+    frame = pl.DataFrame({
+        "item": items, "hist": [None if rng.random() < 0.1 else [f"i{j}" for j in rng.integers(0, 25, rng.integers(0, 5))]
+                                for _ in range(n)],
+        "price": [None if rng.random() < 0.1 else float(rng.normal(3, 2)) for _ in range(n)],
+        "age": [None if rng.random() < 0.1 else int(rng.integers(0, 90)) for _ in range(n)],
+        "user": [f"u{rng.integers(0, 8)}" for _ in range(n)], "label": rng.integers(0, 2, n).tolist()},
+        schema={"item": pl.String, "hist": pl.List(pl.String), "price": pl.Float64, "age": pl.Int64,
+                "user": pl.String, "label": pl.Int8})
+    enc = FeatureEncoder(FAST_SCHEMA)
+    enc.fit_capacities(frame)
+    _slow_transform(enc, frame, True)  # every id now known
+    batch = frame[rows]
+    sizes = {t: len(v.index) for t, v in enc.vocabs.items()}
+    fast = enc.encode_known(batch.to_dict(as_series=False), len(batch))
+    assert fast is not None
+    slow = _slow_transform(enc, batch, grow)
+    assert set(fast) == set(slow)
+    for k in slow:
+        assert fast[k].dtype == slow[k].dtype and torch.equal(fast[k], slow[k]), k
+    assert {t: len(v.index) for t, v in enc.vocabs.items()} == sizes  # nothing grew
+    assert torch.equal(enc.transform(batch, grow=grow)["item"], slow["item"])  # transform uses it
+
+
+def test_fast_path_declines_unseen_ids_and_odd_values():
+    frame = pl.DataFrame({"item": ["a", "b"], "hist": [["a"], []], "label": [1, 0]})
+    enc = FeatureEncoder(SCHEMA)
+    enc.fit_capacities(frame)
+    enc.transform(frame)
+    assert enc.encode_known({"item": ["a", "zzz"], "hist": [[], []]}, 2) is None
+    assert enc.encode_known({"item": ["a"], "hist": [["a", None]]}, 1) is None  # null inside a sequence
+    assert enc.encode_known({"item": [True], "hist": [[]]}, 1) is None  # polars casts bools differently
+    got = enc.encode_known({"item": ["b", None], "hist": [["a", "b", "a", "b"], None]}, 2)
+    assert got["item"].tolist() == [enc.vocabs["item"].index["b"], PAD]
+    assert got["hist"].shape == (2, 4) and (got["hist"][1] == PAD).all()
+    assert got["label"].tolist() == [0.0, 0.0]

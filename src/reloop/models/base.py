@@ -79,7 +79,16 @@ class CTRModel(nn.Module):
         if key == "hidden":
             return self.forward_hidden(batch)
         if key == "embeddings":
-            return self(batch), self.key_embedding()(batch).flatten(1)
+            # Catch the embeddings the forward pass computes anyway instead of looking them up twice.
+            caught: list[Tensor] = []
+            layer = self.key_embedding()
+            handle = layer.register_forward_hook(lambda _m, _i, out: caught.append(out))
+            try:
+                logits = self(batch)
+            finally:
+                handle.remove()
+            emb = caught[0] if caught else layer(batch)  # a model may skip the layer (e.g. no fields)
+            return logits, emb.flatten(1)
         raise ValueError(f"key: must be one of {MEMORY_KEYS}, got {key!r}")
 
     def key_dim(self, key: str = "hidden") -> int:
@@ -123,20 +132,30 @@ def register_model(cls: type[CTRModel]) -> type[CTRModel]:
     return cls
 
 
-def build_model(config: dict[str, Any], feature_map: FeatureMap) -> CTRModel:
-    """Build a registered model from ``{name: ..., **options}``; unknown options name the key."""
+#: The model of a config whose ``model`` section, or its ``name``, is left out.
+DEFAULT_MODEL = "deepfm"
+
+
+def model_options(config: dict[str, Any]) -> tuple[type[CTRModel], ModelOptions]:
+    """Check ``{name: ..., **options}`` without building the model (no feature map needed): the
+    registered class and its validated options. Problems name the key (``model.hidden_units: ...``)."""
     from reloop import models as _zoo  # noqa: F401  (registers the zoo)
+    from reloop.config import _format_errors
 
     cfg = dict(config)
-    name = cfg.pop("name", None)
-    if name not in MODELS:
+    name = cfg.pop("name", DEFAULT_MODEL)
+    if not isinstance(name, str) or name not in MODELS:
         raise ValueError(f"model.name: unknown model {name!r}; choose one of {sorted(MODELS)}")
     cls = MODELS[name]
     try:
-        options = cls.Options(**cfg)
+        return cls, cls.Options(**cfg)
     except ValidationError as e:
-        problems = "; ".join(f"model.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        raise ValueError(problems) from None
+        raise ValueError(_format_errors(e, prefix="model.")) from None
+
+
+def build_model(config: dict[str, Any], feature_map: FeatureMap) -> CTRModel:
+    """Build a registered model from ``{name: ..., **options}``; unknown options name the key."""
+    cls, options = model_options(config)
     return cls(feature_map, options)
 
 

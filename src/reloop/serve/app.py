@@ -338,9 +338,9 @@ class Service:
         """Encoded tensors of validated columns: ``FeatureEncoder.transform(grow=True)``, under the lock.
 
         Fast path: when every id of the batch is already in the vocabularies (the common case once
-        warm), the indices are read from the encoder's own tables with dict look-ups — the same
-        result as ``transform`` (tested), without its fixed per-call cost. Any unseen id, any
-        sequence or bucketised feature, takes ``transform`` itself (new ids, overflow buckets).
+        warm), ``FeatureEncoder.encode_known`` reads the indices with dict look-ups — the same result
+        as ``transform`` (tested), without its fixed per-call cost; the offline path uses the same
+        function for small batches. Any unseen id takes ``transform`` itself (new ids, overflow).
         """
         with self._enc_lock:
             cols = self._encode_known(data, n)
@@ -353,32 +353,7 @@ class Service:
             return cols
 
     def _encode_known(self, data: dict[str, list], n: int) -> dict[str, torch.Tensor] | None:
-        enc = self.encoder
-        out: dict[str, torch.Tensor] = {}
-        for spec in self.schema.features:
-            col = data[spec.name]
-            if spec.kind == "categorical":
-                index = enc.vocabs[spec.vocab or spec.name].index
-                try:
-                    ids = [PAD if v is None else index[v] for v in col]
-                except KeyError:
-                    return None
-                out[spec.name] = torch.tensor(ids, dtype=torch.int64)
-            elif spec.kind == "numeric" and spec.numeric == "normalize":
-                mean, std = enc.numeric_stats[spec.name]
-                out[spec.name] = torch.tensor([0.0 if v is None else (v - mean) / std for v in col],
-                                              dtype=torch.float32)
-            else:
-                return None
-        out["label"] = torch.zeros(n, dtype=torch.float32)
-        if self.schema.user:
-            users = enc.users
-            try:
-                out["user"] = torch.tensor([-1 if v is None else users[v] for v in data[self.schema.user]],
-                                           dtype=torch.int64)
-            except KeyError:
-                return None
-        return out
+        return self.encoder.encode_known(data, n)
 
     def predict(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         if len(records) > self.max_batch:
