@@ -115,6 +115,16 @@ def reloop2_delay_runs() -> dict[str, dict[str, Any]]:
             "IU+sketch": {"update": "incremental", "memory": mem(SKETCH)}}
 
 
+def reloop2_table2_runs() -> dict[str, dict[str, Any]]:
+    """ReLoop2's Table 2 rows for one more base model: IU and IncCTR, each with and without memory."""
+    mem = lambda m: {**m, "lambda": 0.3, "temperature": 0.1}  # noqa: E731
+    return {"IU": {"update": "incremental"},
+            "IU+exact": {"update": "incremental", "memory": mem(EXACT)},
+            "IU+sketch": {"update": "incremental", "memory": mem(SKETCH)},
+            "IncCTR": {"update": "incremental", "loss": {"distill": 0.3}},
+            "IncCTR+sketch": {"update": "incremental", "loss": {"distill": 0.3}, "memory": mem(SKETCH)}}
+
+
 def zoo_runs() -> dict[str, dict[str, Any]]:
     """ReLoop on one base model: plain retraining, +KD (IncCTR), +SC (α = 0.5)."""
     return {"IU": {"update": "incremental"},
@@ -168,6 +178,9 @@ SECTIONS = [
     Section("reloop-dcn", "ReLoop self-correction vs KD, DCN", DCN, reloop_runs),
     Section("reloop2-deepfm", "ReLoop2 error memory, DeepFM", DEEPFM, reloop2_runs),
     Section("reloop2-dcn", "ReLoop2 error memory, DCN", DCN, reloop2_runs),
+    *[Section(f"reloop2-{m}", f"ReLoop2 error memory, {m.upper()} (behaviour-sequence model)",
+              {"name": m, "embedding_dim": 16, "hidden_units": [128, 64]}, reloop2_table2_runs)
+      for m in ("din", "dien", "bst")],
     Section("reloop2-delay1", "ReLoop2 with labels one serving batch late, DeepFM", DEEPFM, reloop2_delay_runs,
             {"feedback_delay": 1}),
     Section("reloop2-delay3", "ReLoop2 with labels three serving batches late, DeepFM", DEEPFM, reloop2_delay_runs,
