@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markdown import Markdown
 from rich.table import Table
 
-from reloop.config import ConfigError, load_config
+from reloop.config import ConfigError, load_config, parse_override
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Keep CTR models accurate under drift: compare and run model-updating strategies.")
@@ -110,9 +110,13 @@ def data_inspect(config: Path, set_: SetOption = None) -> None:
     from reloop.data.encode import EncoderConfig
     from reloop.data.inspect import inspect_stream
     from reloop.data.prepare import prepare_stream
+    from reloop.data.validate import DataError
 
     cfg = _load(config, set_)
-    prepared = prepare_stream(cfg.data, cfg.protocol.pretrain, EncoderConfig(**cfg.encoder.model_dump()))
+    try:
+        prepared = prepare_stream(cfg.data, cfg.protocol.pretrain, EncoderConfig(**cfg.encoder.model_dump()))
+    except (DataError, FileNotFoundError) as e:
+        _fail(e)
     console.print(prepared.report)
     table = Table(title=f"{config} — {len(prepared.stream.rows):,} rows")
     rows = inspect_stream(prepared.stream, cfg.protocol)
@@ -136,8 +140,6 @@ def bench_paper(data: Annotated[str, typer.Option(help="movielens100k, movielens
     """ASMG, ReLoop and ReLoop2 comparisons plus their combinations, as one Markdown report."""
     import os
 
-    import yaml
-
     from reloop.bench.paper import datasets, run_paper, select_sections
 
     if data not in datasets(ml_path):
@@ -151,10 +153,11 @@ def bench_paper(data: Annotated[str, typer.Option(help="movielens100k, movielens
     if jobs < 1:
         console.print(f"[red]--jobs[/]: must be >= 1, got {jobs}")
         raise typer.Exit(2)
-    overrides = {}
-    for item in set_ or []:
-        key, _, text = item.partition("=")
-        overrides[key] = yaml.safe_load(text)
+    try:
+        overrides = dict(parse_override(item) for item in set_ or [])
+    except ConfigError as e:
+        console.print(f"[red]config error[/]: {e}")
+        raise typer.Exit(2) from None
     threads = int(os.environ["RELOOP_THREADS"]) if os.environ.get("RELOOP_THREADS") else None
     try:
         report = run_paper(data, out, list(range(seeds)), section, ml_path, progress, overrides, console,

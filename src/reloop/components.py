@@ -5,6 +5,8 @@ through here, so a config means the same thing offline and online.
 """
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,34 +28,54 @@ def _one_key(value: str | dict[str, Any], where: str) -> tuple[str, Any]:
     raise ValueError(f"{where}: expected a name or a one-key mapping, got {value!r}")
 
 
+def _number(value: Any, where: str, what: str = "a number in [0, 1]",
+            ok: Callable[[float], bool] = lambda x: 0.0 <= x <= 1.0) -> float:
+    """A config number (booleans are not numbers here), or an error naming ``where``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+        raise ValueError(f"{where}: expected {what}, got {value!r}")
+    return float(value)
+
+
+def _options(arg: Any, where: str, known: tuple[str, ...]) -> dict[str, Any]:
+    """The option mapping of a one-key choice (null: no options); unknown keys name themselves."""
+    if arg is None:
+        return {}
+    if not isinstance(arg, dict):
+        raise ValueError(f"{where}: expected a mapping of options ({', '.join(known)}), got {arg!r}")
+    unknown = sorted(set(arg) - set(known))
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: unknown key (known: {sorted(known)})")
+    return dict(arg)
+
+
 def build_update(value: str | dict[str, Any], where: str = "update", seed: int = 0) -> UpdateStrategy:
     """``none | incremental | full | {batch: w} | {full: {start: scratch}} | {replay: {...}}``."""
     name, mapping = _one_key(value, where)
     arg = mapping[name] if mapping else None
     if mapping and len(mapping) > 1:
         raise ValueError(f"{where}: one strategy per run, got {sorted(mapping)}")
-    if name == "none":
-        return NoUpdate()
-    if name == "incremental":
-        return Incremental()
+    if name in ("none", "incremental"):
+        if arg not in (None, {}):
+            raise ValueError(f"{where}.{name}: takes no options, got {arg!r}")
+        return NoUpdate() if name == "none" else Incremental()
     if name == "batch":
-        if not isinstance(arg, int):
-            raise ValueError(f"{where}.batch: expected the window size (an integer), got {arg!r}")
+        if isinstance(arg, bool) or not isinstance(arg, int) or arg < 1:
+            raise ValueError(f"{where}.batch: expected the window size (an integer ≥ 1), got {arg!r}")
         return BatchWindow(arg)
     if name == "full":
-        opts = arg or {}
-        unknown = set(opts) - {"start"}
-        if unknown:
-            raise ValueError(f"{where}.full.{sorted(unknown)[0]}: unknown key (known: start)")
+        opts = _options(arg, f"{where}.full", ("start",))
+        if opts.get("start", "previous") not in ("previous", "scratch"):
+            raise ValueError(f"{where}.full.start: expected 'previous' or 'scratch', got {opts['start']!r}")
         return FullRetrain(**opts)
     if name == "replay":
         from reloop.update.replay import Replay
 
-        opts = arg or {}
-        known = {"reservoir", "ratio"}
-        unknown = set(opts) - known
-        if unknown:
-            raise ValueError(f"{where}.replay.{sorted(unknown)[0]}: unknown key (known: {sorted(known)})")
+        opts = _options(arg, f"{where}.replay", ("reservoir", "ratio"))
+        if "reservoir" in opts:
+            opts["reservoir"] = _number(opts["reservoir"], f"{where}.replay.reservoir", "a number in (0, 1]",
+                                        lambda x: 0.0 < x <= 1.0)
+        if "ratio" in opts:
+            opts["ratio"] = _number(opts["ratio"], f"{where}.replay.ratio", "a number ≥ 0", lambda x: x >= 0.0)
         return Replay(**opts, seed=seed)
     raise ValueError(f"{where}: unknown update {name!r}; choose none, incremental, full, batch, replay")
 
@@ -64,36 +86,40 @@ class LossSpec:
     y_last: str = "served"
 
 
+#: The weight a loss named without a value takes (``loss: self_correction`` is ``{self_correction: 0.5}``):
+#: the settings of the configs, the README and the paper benchmark.
+DEFAULT_LOSS_WEIGHTS = {"self_correction": 0.5, "distill": 0.3}
+
+
 def build_loss(value: str | dict[str, Any], where: str = "loss") -> LossSpec:
-    """``ce | {self_correction: α, scale: plain|normalized, y_last: served|previous_model|compensated} |
-    {distill: β, temperature: T}``."""
+    """``ce | self_correction | distill | {self_correction: α, scale: plain|normalized,
+    y_last: served|previous_model|compensated} | {distill: β, temperature: T}``; a bare name (or a null
+    weight) takes ``DEFAULT_LOSS_WEIGHTS``."""
     name, mapping = _one_key(value, where)
     opts = dict(mapping or {})
     if name == "ce":
         if len(opts) > 1 or (opts and opts.get("ce") not in (None, {})):
             raise ValueError(f"{where}.ce: takes no options")
         return LossSpec(CrossEntropy())
+    if name not in DEFAULT_LOSS_WEIGHTS:
+        raise ValueError(f"{where}: unknown loss {name!r}; choose ce, self_correction, distill")
+    weight = opts.pop(name, None)
+    weight = DEFAULT_LOSS_WEIGHTS[name] if weight is None else _number(weight, f"{where}.{name}")
     if name == "self_correction":
-        alpha = opts.pop("self_correction")
         scale = opts.pop("scale", "plain")
         y_last = opts.pop("y_last", "served")
         if opts:
             raise ValueError(f"{where}.{sorted(opts)[0]}: unknown key (known: self_correction, scale, y_last)")
+        if scale not in ("plain", "normalized"):
+            raise ValueError(f"{where}.scale: expected 'plain' or 'normalized', got {scale!r}")
         if y_last not in ("served", "previous_model", "compensated"):
             raise ValueError(f"{where}.y_last: expected 'served', 'previous_model' or 'compensated', "
                              f"got {y_last!r}")
-        if not isinstance(alpha, (int, float)):
-            raise ValueError(f"{where}.self_correction: expected α in [0, 1], got {alpha!r}")
-        return LossSpec(SelfCorrection(float(alpha), scale), y_last)
-    if name == "distill":
-        beta = opts.pop("distill")
-        temperature = opts.pop("temperature", 1.0)
-        if opts:
-            raise ValueError(f"{where}.{sorted(opts)[0]}: unknown key (known: distill, temperature)")
-        if not isinstance(beta, (int, float)):
-            raise ValueError(f"{where}.distill: expected β in [0, 1], got {beta!r}")
-        return LossSpec(Distill(float(beta), float(temperature)))
-    raise ValueError(f"{where}: unknown loss {name!r}; choose ce, self_correction, distill")
+        return LossSpec(SelfCorrection(weight, scale), y_last)
+    temperature = _number(opts.pop("temperature", 1.0), f"{where}.temperature", "a number > 0", lambda x: x > 0.0)
+    if opts:
+        raise ValueError(f"{where}.{sorted(opts)[0]}: unknown key (known: distill, temperature)")
+    return LossSpec(Distill(weight, temperature))
 
 
 def build_generator(value: str | dict[str, Any], where: str = "generator", seed: int = 0):
@@ -105,8 +131,8 @@ def build_generator(value: str | dict[str, Any], where: str = "generator", seed:
 
     try:
         return _build(value, run_seed=seed)
-    except ValueError as e:
-        msg = str(e)
+    except ValueError as e:  # the generator module names keys `generator.<...>`: re-root them at `where`
+        msg = re.sub(r"(^|; )generator(?=[.:])", lambda m: m.group(1) + where, str(e))
         raise ValueError(msg if msg.startswith(where) else f"{where}: {msg}") from None
 
 
@@ -142,15 +168,29 @@ def memory_resets_on_update(value: dict[str, Any] | None) -> bool:
     return bool(value) and bool(value.get("reset_on_update", True))
 
 
+_PARTS = ("update", "loss", "generator", "memory")
+
+
+def _qualify(message: str, where: str) -> str:
+    """``message`` as one dotted path under ``where``: ``loss.scale: ...`` -> ``runs.IU.loss.scale: ...``
+    (also for each ``; ``-joined problem); anything else becomes ``runs.IU: ...``."""
+    if message.startswith(where):
+        return message
+    parts = "|".join(_PARTS)
+    if not re.match(rf"({parts})[.:]", message):
+        return f"{where}: {message}"
+    return re.sub(rf"(^|; )(?=({parts})[.:])", lambda m: f"{m.group(1)}{where}.", message)
+
+
 def validate_run(name: str, run: RunSpec, cfg: Config) -> None:
     """Build every choice of a run once so that config errors surface before any training."""
     from reloop.config import ConfigError
 
     where = f"runs.{name}"
     try:
-        build_update(run.update, f"{where}.update")
-        build_loss(run.loss, f"{where}.loss")
-        build_generator(run.generator, f"{where}.generator")
-        build_memory(run.memory, dim=4, seed=0, where=f"{where}.memory")
+        build_update(run.update)
+        build_loss(run.loss)
+        build_generator(run.generator)
+        build_memory(run.memory, dim=4, seed=0)
     except (ValueError, TypeError) as e:
-        raise ConfigError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+        raise ConfigError(_qualify(str(e), where)) from None

@@ -2,7 +2,8 @@
 
 Unknown keys are errors that name their dotted path (``runs.IU.updat: extra inputs are not
 permitted``); nothing is ``eval``-ed. The choices of a run (update, loss, generator, memory) are
-parsed by their own modules so that each method owns its options.
+parsed by their own modules so that each method owns its options; ``data`` is checked against its
+source's schema and ``model`` against the model registry, all before any data is read.
 """
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from reloop.data.periods import PeriodsConfig
 from reloop.device import check_device_spec
+from reloop.models.base import DEFAULT_MODEL, model_options
 from reloop.update.trainer import TrainConfig
 
 
@@ -58,6 +61,15 @@ class RunSpec(_Strict):
     generator: str | dict[str, Any] = "identity"
     memory: dict[str, Any] | None = None
 
+    @field_validator("update", "loss", "generator", mode="before")
+    @classmethod
+    def _name_or_mapping(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is None and info.field_name == "generator":
+            return "identity"  # `generator: null` serves the updated model, as leaving the key out does
+        if not isinstance(v, (str, dict)):
+            raise ValueError(f"expected a name or a one-key mapping, got {v!r}")
+        return v
+
 
 class Config(_Strict):
     data: dict[str, Any]
@@ -74,11 +86,19 @@ class Config(_Strict):
     def _device_form(cls, v: Any) -> str:
         return check_device_spec(v)
 
+    @field_validator("model", mode="after")
+    @classmethod
+    def _default_name(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return v if "name" in v else {"name": DEFAULT_MODEL, **v}
+
     @model_validator(mode="after")
     def _check_lengths(self) -> Config:
-        periods = PeriodsConfig(**self.data.get("periods", {}))
+        try:
+            periods = PeriodsConfig(**self.data.get("periods", {}))
+        except (ValidationError, TypeError):
+            periods = None  # reported with its key by parse_config's check of `data`
         need = self.protocol.pretrain + 1 + self.protocol.served_periods
-        if need > periods.count:
+        if periods is not None and need > periods.count:
             raise ValueError(f"protocol: pretrain + 1 + warmup + valid + test = {need} periods, "
                              f"but data.periods.count is {periods.count}")
         if not self.runs:
@@ -110,22 +130,55 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def parse_override(item: str) -> tuple[str, Any]:
+    """``--set a.b.c=<YAML value>`` -> (``a.b.c``, the parsed value); every command parses it so."""
+    key, eq, text = item.partition("=")
+    if not eq or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected key=value")
+    try:
+        return key.strip(), yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        problem = str(e).replace("\n", " ")
+        raise ConfigError(f"--set {key.strip()}: the value is not valid YAML ({problem})") from None
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     out = copy.deepcopy(raw)
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value")
-        key, text = item.split("=", 1)
-        set_dotted(out, key.strip(), yaml.safe_load(text))
+        set_dotted(out, *parse_override(item))
     return out
 
 
+def _check_data(data: dict[str, Any]) -> None:
+    """The `data` source's keys and `data.periods`, with dotted paths (the data is not read)."""
+    from reloop.data.sources.config import SOURCE_NAMES, parse_source_config
+
+    source = data.get("source")
+    if not isinstance(source, str) or source not in SOURCE_NAMES:
+        problem = "required" if source is None else f"unknown source {source!r}"
+        raise ConfigError(f"data.source: {problem}; choose one of {list(SOURCE_NAMES)}")
+    try:
+        parse_source_config(data)  # checks that `periods` is a mapping
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, prefix="data.")) from None
+    try:
+        PeriodsConfig(**data.get("periods", {}))
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, prefix="data.periods.")) from None
+
+
 def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> Config:
-    """Validate a config mapping; every run's choices are built once so errors surface now."""
+    """Validate a config mapping: every section, the data source's keys, the model's name and options
+    (without building it), and every run's choices (built once), so errors surface now."""
     try:
         cfg = Config(**raw)
     except ValidationError as e:
         raise ConfigError(_format_errors(e)) from None
+    _check_data(cfg.data)
+    try:
+        model_options(cfg.model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if base_dir is not None and isinstance(cfg.data.get("path"), str):
         path = Path(cfg.data["path"]).expanduser()
         if not path.is_absolute() and not path.exists() and (base_dir / path).exists():

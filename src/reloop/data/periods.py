@@ -6,6 +6,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from reloop.data.validate import DataError
+
 
 class PeriodsConfig(BaseModel):
     """``data.periods``: ``count`` periods, of equal row counts (``by: rows``, the ASMG split of
@@ -20,11 +22,12 @@ def period_bounds(times: np.ndarray, config: PeriodsConfig) -> list[tuple[int, i
     """Row ranges ``[start, end)`` of periods 1..count over rows sorted by time.
 
     Every row belongs to exactly one period (equal-count splits spread the remainder instead of
-    dropping it). ``by: time`` can give empty periods when the log has gaps; that is an error.
+    dropping it). ``by: time`` can give empty periods when the log has gaps; that is an error. Both
+    problems of the data (too few rows, empty windows) raise :class:`DataError`.
     """
     n = len(times)
     if n < config.count:
-        raise ValueError(f"data.periods.count: {config.count} periods need at least as many rows, got {n}")
+        raise DataError(f"data.periods.count: {config.count} periods need at least as many rows, got {n}")
     if np.any(np.diff(times) < 0):
         raise ValueError("rows are not sorted by time")
     if config.by == "rows":
@@ -37,7 +40,7 @@ def period_bounds(times: np.ndarray, config: PeriodsConfig) -> list[tuple[int, i
         sizes = np.diff(edges)
         if np.any(sizes == 0):
             empty = (np.flatnonzero(sizes == 0) + 1).tolist()
-            raise ValueError(f"data.periods: time windows {empty} hold no rows; use fewer periods or by: rows")
+            raise DataError(f"data.periods: time windows {empty} hold no rows; use fewer periods or by: rows")
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 

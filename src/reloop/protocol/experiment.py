@@ -16,7 +16,7 @@ from reloop.data.tensors import Stream
 from reloop.device import runtime_device
 from reloop.protocol.metrics import auc, logloss
 from reloop.protocol.report import plot_periods, read_periods, summarize, write_periods, write_summary
-from reloop.protocol.runner import pretrain, run_one
+from reloop.protocol.runner import check_resume, pretrain, run_one
 
 
 @dataclass
@@ -45,10 +45,12 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, show_progress: 
     that use the same data and model (the paper benchmark pairs all its sections on one Θ0 per seed)."""
     console = console or Console(stderr=True)
     device = runtime_device(cfg.device)  # resolved once (a ConfigError naming `device` before any work)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
     prepared = prepare_stream(cfg.data, cfg.protocol.pretrain, EncoderConfig(**cfg.encoder.model_dump()))
     stream = prepared.stream
+    if resume:  # a checkpoint made with other settings stops the run before OUT is touched
+        check_resume(cfg, stream, out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_config(cfg))
     console.print(f"[bold]data[/]: {len(stream.rows):,} rows in {stream.n_periods} periods; {prepared.report}")
     oracle = oracle_by_period(stream)
     if oracle:

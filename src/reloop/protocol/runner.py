@@ -19,7 +19,9 @@ import copy
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ import torch
 
 from reloop.components import (build_generator, build_loss, build_memory, build_update, memory_key,
                                memory_resets_on_update)
-from reloop.config import Config, RunSpec
+from reloop.config import Config, ConfigError, RunSpec
 from reloop.data.periods import phase_of
 from reloop.data.tensors import History, Stream
 from reloop.device import runtime_device, to_cpu
@@ -44,15 +46,23 @@ Progress = Callable[[str, int], None]
 
 def _atomic_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    # One temporary name per process: two processes sharing one would write into each other's file.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     torch.save(to_cpu(obj), tmp)  # CPU tensors: a checkpoint made on a GPU resumes anywhere
     os.replace(tmp, path)
 
 
 def fresh_model(cfg: Config, stream: Stream, seed: int, device: torch.device | str = "cpu") -> CTRModel:
-    """A new model, initialised on the CPU (the same weights for a seed on every device), on ``device``."""
+    """A new model, initialised on the CPU (the same weights for a seed on every device), on ``device``.
+
+    A model the data cannot feed (``din`` without a behaviour sequence) raises a ``ConfigError``.
+    """
     torch.manual_seed(seed)
-    return build_model(cfg.model, stream.feature_map).to(device)
+    try:
+        model = build_model(cfg.model, stream.feature_map)
+    except ValueError as e:  # the options were checked with the config; this is the model against the data
+        raise ConfigError(str(e)) from None
+    return model.to(device)
 
 
 def _device(cfg: Config, device: torch.device | str | None) -> torch.device:
@@ -74,12 +84,39 @@ def pretrain(cfg: Config, stream: Stream, seed: int, out: Path | None = None,
     if device.type != "cpu":  # a GPU's Θ0 differs in the last bits; CPU caches keep their old key
         fields["device"] = device.type
     key = json.dumps(fields, sort_keys=True, default=str)
-    blob = torch.load(path, map_location="cpu", weights_only=False) if path is not None and path.exists() else None
-    if blob is not None and blob.get("key") == key:
-        model = build_model(cfg.model, stream.feature_map)
-        model.load_state_dict(blob["model"])
-        model.to(device).eval()
-        return model, blob["optimizer"]
+    # Parallel report workers share Θ0: the first trains it, the others wait and load it.
+    with _exclusive(path):
+        blob = torch.load(path, map_location="cpu", weights_only=False) if path is not None and path.exists() else None
+        if blob is not None and blob.get("key") == key:
+            model = build_model(cfg.model, stream.feature_map)
+            model.load_state_dict(blob["model"])
+            model.to(device).eval()
+            return model, blob["optimizer"]
+        return _pretrain_fresh(cfg, stream, seed, path, key, on_batch, device)
+
+
+@contextmanager
+def _exclusive(path: Path | None):
+    """An advisory lock on ``path``'s ``.lock`` sibling (POSIX ``flock``; a no-op elsewhere or without a path)."""
+    if path is None:
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no cross-process lock, the per-process temp names still keep files whole
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _pretrain_fresh(cfg: Config, stream: Stream, seed: int, path: Path | None, key: str,
+                    on_batch: Callable[[int], None] | None, device: torch.device) -> tuple[CTRModel, dict]:
     model = fresh_model(cfg, stream, seed, device)
     optimizer = make_optimizer(model, cfg.train)
     gen = torch.Generator().manual_seed(seed)
@@ -103,6 +140,63 @@ class RunState:
 
 def _checkpoint_path(out: Path, run: str, seed: int) -> Path:
     return out / "checkpoints" / run / f"seed{seed}.pt"
+
+
+def run_fingerprint(cfg: Config, stream: Stream, name: str, spec: RunSpec) -> dict[str, Any]:
+    """The settings that determine a run's results, stored in each checkpoint and compared on resume.
+
+    ``data`` is the encoded stream's key (loaded rows, schema, ``data.periods``, ``encoder``,
+    ``protocol.pretrain``). Left out: ``protocol.seeds`` (one checkpoint per seed) and ``device``
+    (checkpoints resume on any device).
+    """
+    fields = {"data": stream.meta.get("key"), "model": cfg.model, "train": cfg.train.model_dump(mode="json"),
+              "protocol": cfg.protocol.model_dump(mode="json", exclude={"seeds"}),
+              f"runs.{name}": spec.model_dump(mode="json")}
+    return json.loads(json.dumps(fields, default=str))  # plain JSON values: compared as written
+
+
+_UNSET = object()
+
+
+def _show(value: Any) -> str:
+    return "<unset>" if value is _UNSET else json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
+def _changes(old: Any, new: Any, path: str) -> list[str]:
+    """``path.key=<old>, config has <new>`` for every leaf where two fingerprints differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [c for k in sorted(old.keys() | new.keys())
+                for c in _changes(old.get(k, _UNSET), new.get(k, _UNSET), f"{path}.{k}" if path else k)]
+    return [] if old == new else [f"{path}={_show(old)}, config has {_show(new)}"]
+
+
+def check_checkpoint(stored: dict[str, Any] | None, expected: dict[str, Any], name: str, path: Path) -> None:
+    """Refuse to resume a checkpoint made with other settings, naming what changed.
+
+    A checkpoint without a fingerprint (written before reloop stored one) resumes with a warning.
+    """
+    if stored is None:
+        warnings.warn(f"resume: runs.{name}: {path} has no record of its settings (written by an older "
+                      "reloop); resuming without comparing it with the config")
+        return
+    if stored.get("data") != expected.get("data"):
+        changed = ["other data (the loaded rows, data.periods, encoder or protocol.pretrain differ)"]
+    else:
+        changed = _changes(stored, expected, "")
+    if changed:
+        raise ConfigError(f"resume: runs.{name}: checkpoint was made with {'; '.join(changed)}; "
+                          "use a new --out or drop --resume")
+
+
+def check_resume(cfg: Config, stream: Stream, out: Path) -> None:
+    """Before any work: every checkpoint under ``out`` that ``resume`` would continue matches ``cfg``."""
+    for name, spec in cfg.runs.items():
+        expected = run_fingerprint(cfg, stream, name, spec)
+        for seed in cfg.protocol.seeds:
+            path = _checkpoint_path(out, name, seed)
+            if path.exists():
+                blob = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+                check_checkpoint(blob.get("fingerprint"), expected, name, path)
 
 
 def run_one(cfg: Config, stream: Stream, name: str, spec: RunSpec, seed: int, theta0: CTRModel,
@@ -129,8 +223,10 @@ def run_one(cfg: Config, stream: Stream, name: str, spec: RunSpec, seed: int, th
     n_rows = len(stream.rows)
     ckpt = _checkpoint_path(out, name, seed) if out is not None else None
 
+    fingerprint = run_fingerprint(cfg, stream, name, spec)
     if resume and ckpt is not None and ckpt.exists():
         blob = torch.load(ckpt, map_location="cpu", weights_only=False)
+        check_checkpoint(blob.get("fingerprint"), fingerprint, name, ckpt)
         model = build_model(cfg.model, stream.feature_map)
         model.load_state_dict(blob["model"])
         model.to(device).eval()
@@ -181,7 +277,8 @@ def run_one(cfg: Config, stream: Stream, name: str, spec: RunSpec, seed: int, th
         state.rows[-1].update(update_s=t_generate - t_update, generate_s=t_serve - t_generate,
                               serve_s=t_served - t_serve, generator_fit_s=time.perf_counter() - t_learn)
         if ckpt is not None:
-            _atomic_save({"t": t, "model": state.model.state_dict(), "optim": state.optim_state,
+            _atomic_save({"fingerprint": fingerprint, "t": t, "model": state.model.state_dict(),
+                          "optim": state.optim_state,
                           "served_base": state.served_base, "served_final": state.served_final,
                           "rows": state.rows, "strategy": strategy.state_dict(),
                           "generator": generator.state_dict(),

@@ -260,6 +260,8 @@ _BY_SOURCE: dict[str, type[BaseModel]] = {
     "movielens": MovieLensSourceConfig,
     "synthetic": SyntheticSourceConfig,
 }
+#: The values of ``data.source``.
+SOURCE_NAMES: tuple[str, ...] = tuple(_BY_SOURCE)
 
 
 AnySourceConfig = Union[CsvSourceConfig, ParquetSourceConfig, MovieLensSourceConfig, SyntheticSourceConfig]
