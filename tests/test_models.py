@@ -90,6 +90,20 @@ def test_shapes_and_hidden(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_memory_keys(name):
+    """Every model gives both error-memory keys; the embeddings key is caught from the forward pass."""
+    model = built(name)
+    with torch.no_grad():
+        plain = model(BATCH)
+        for key in ("hidden", "embeddings"):
+            logits, k = model.forward_key(BATCH, key)
+            assert k.shape == (64, model.key_dim(key)) and torch.isfinite(k).all(), key
+            torch.testing.assert_close(logits, plain, rtol=0, atol=0)
+        _, k = model.forward_key(BATCH, "embeddings")
+        torch.testing.assert_close(k, model.key_embedding()(BATCH).flatten(1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_gradients_reach_every_parameter(name):
     model = build(name).train()
     loss = F.binary_cross_entropy_with_logits(model(BATCH), BATCH["label"])
