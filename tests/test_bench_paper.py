@@ -26,6 +26,7 @@ def test_every_section_config_is_valid():
     for section in SECTIONS:
         cfg = section_config(section, "synthetic", [0])
         assert "IU" in cfg.runs, section.name  # every table is read against IU
+        assert (cfg.data["synthetic"].get("history") == 30) == section.history, section.name
 
 
 def test_bad_set_fails_before_any_work(tmp_path):
@@ -46,7 +47,7 @@ def test_report_with_two_workers(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "## ReLoop2 with labels one serving batch late" in report
     assert "| IU+sketch |" in report
-    # The zoo group is one table; a sequence model on data without a behaviour sequence is skipped.
-    assert "| lr | " in report and "din: skipped — model: din needs a behaviour sequence" in report
+    # The zoo group is one table; sequence models get the data's history feature.
+    assert "| lr | " in report and "| din | " in report and "skipped" not in report
     assert (tmp_path / "reloop2-delay1" / "periods.png").exists()
     assert (tmp_path / "zoo-lr" / "summary.csv").exists()

@@ -156,18 +156,22 @@ class Section:
     runs: Callable[[], dict[str, dict[str, Any]]]
     protocol: dict[str, Any] = field(default_factory=dict)
     group: str = ""  # sections of one group are reported together in one table (the zoo)
+    history: bool = False  # add the users' last-30-positives feature (the sequence models need it)
 
 
 EMB_MLP = {"name": "emb_mlp", "embedding_dim": 8, "hidden_units": [40, 20, 10]}
 DEEPFM = {"name": "deepfm", "embedding_dim": 16, "hidden_units": [128, 64]}
 DCN = {"name": "dcn", "embedding_dim": 16, "hidden_units": [128, 64]}
+SEQUENCE_MODELS = ("din", "dien", "bst")
+HISTORY = 30
 
 
 def _zoo_sections() -> list[Section]:
     from reloop.models import MODELS
 
     return [Section(f"zoo-{name}", f"ReLoop across the zoo: {name}",
-                    {"name": name, "embedding_dim": 16, "hidden_units": [128, 64]}, zoo_runs, group="zoo")
+                    {"name": name, "embedding_dim": 16, "hidden_units": [128, 64]}, zoo_runs, group="zoo",
+                    history=name in SEQUENCE_MODELS)
             for name in sorted(MODELS)]
 
 
@@ -178,9 +182,9 @@ SECTIONS = [
     Section("reloop-dcn", "ReLoop self-correction vs KD, DCN", DCN, reloop_runs),
     Section("reloop2-deepfm", "ReLoop2 error memory, DeepFM", DEEPFM, reloop2_runs),
     Section("reloop2-dcn", "ReLoop2 error memory, DCN", DCN, reloop2_runs),
-    *[Section(f"reloop2-{m}", f"ReLoop2 error memory, {m.upper()} (behaviour-sequence model)",
-              {"name": m, "embedding_dim": 16, "hidden_units": [128, 64]}, reloop2_table2_runs)
-      for m in ("din", "dien", "bst")],
+    *[Section(f"reloop2-{m}", f"ReLoop2 error memory, {m.upper()} (behaviour-sequence model, last-30 history)",
+              {"name": m, "embedding_dim": 16, "hidden_units": [128, 64]}, reloop2_table2_runs, history=True)
+      for m in SEQUENCE_MODELS],
     Section("reloop2-delay1", "ReLoop2 with labels one serving batch late, DeepFM", DEEPFM, reloop2_delay_runs,
             {"feedback_delay": 1}),
     Section("reloop2-delay3", "ReLoop2 with labels three serving batches late, DeepFM", DEEPFM, reloop2_delay_runs,
@@ -207,7 +211,13 @@ def section_config(section: Section, data: str, seeds: list[int], ml_path: Path 
     """The run config of one section: the shared protocol and training settings, then ``--set``."""
     from reloop.config import set_dotted
 
-    raw = {"data": datasets(ml_path)[data], "model": section.model,
+    data_cfg = datasets(ml_path)[data]
+    if section.history:  # the data sets' own feature (MovieLens: last positives; synthetic: the same)
+        if data_cfg["source"] == "synthetic":
+            data_cfg["synthetic"] = {**data_cfg.get("synthetic", {}), "history": HISTORY}
+        else:
+            data_cfg["history"] = HISTORY
+    raw = {"data": data_cfg, "model": section.model,
            "train": {"epochs": 1, "pretrain_epochs": 5, "batch_size": 256 if data.startswith("movielens") else 1024,
                      "lr": 1e-3},
            "protocol": {"pretrain": 10, "warmup": 10, "valid": 3, "test": 7, "seeds": seeds, **section.protocol},
