@@ -155,7 +155,12 @@ class MLP(nn.Module):
         layers: list[nn.Module] = []
         d = in_dim
         for h in hidden_units:
-            layers.append(nn.Linear(d, h))
+            linear = nn.Linear(d, h)
+            # Biases start at zero: with small embedding inits every row's input is nearly the same, so
+            # random biases would switch each ReLU on or off for all rows alike, and a narrow layer
+            # can start (and stay) all off — emb_mlp [40, 20, 10] seed 3 on MovieLens-100K did.
+            nn.init.zeros_(linear.bias)
+            layers.append(linear)
             if batch_norm:
                 layers.append(nn.BatchNorm1d(h))
             layers.append(activation())

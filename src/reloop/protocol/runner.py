@@ -123,9 +123,22 @@ def _pretrain_fresh(cfg: Config, stream: Stream, seed: int, path: Path | None, k
     rows = stream.periods(1, cfg.protocol.pretrain)
     train_rows(model, optimizer, rows, CrossEntropy(), cfg.train, gen, epochs=cfg.train.pretrain_epochs,
                on_batch=on_batch)
+    _warn_if_constant(model, rows, seed)
     if path is not None:
         _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "key": key}, path)
     return model, optimizer.state_dict()
+
+
+def _warn_if_constant(model: CTRModel, rows, seed: int, sample: int = 4096) -> None:
+    """A Θ0 that gives every row the same score (dead ReLUs, a diverged step) makes every run of this
+    seed meaningless (AUC 0.5): say so instead of letting it pass as a result."""
+    from reloop.update.trainer import predict_rows
+
+    logits, _ = predict_rows(model, rows.slice(0, min(len(rows), sample)), hidden=False)
+    if len(logits) > 1 and (not bool(torch.isfinite(logits).all()) or float(logits.std()) < 1e-6):
+        warnings.warn(f"seed {seed}: the pretrained model gives every row the same score (or a non-finite "
+                      "one); results of this seed are not meaningful — check train.lr, model.init_std, "
+                      "model.hidden_units", RuntimeWarning, stacklevel=2)
 
 
 @dataclass
