@@ -26,6 +26,8 @@ MEMORIES = {
     "sketch K=16 L=10": {"sketch": {"arrays": 16, "bits": 10}},
     "sketch K=64 L=10": {"sketch": {"arrays": 64, "bits": 10}},
     "sketch K=64 L=10 bf16": {"sketch": {"arrays": 64, "bits": 10, "hash_dtype": "bfloat16"}},
+    "sketch K=16 L=10 project=32": {"sketch": {"arrays": 16, "bits": 10, "project": 32}},
+    "sketch K=64 L=10 project=32": {"sketch": {"arrays": 64, "bits": 10, "project": 32}},
     "exact M=10000 k=64": {"exact": {"size": 10000, "top_k": 64}},
 }
 

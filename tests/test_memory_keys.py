@@ -118,3 +118,26 @@ def test_run_with_embedding_keyed_memory(tmp_path):
     result = run_experiment(cfg, tmp_path, show_progress=False)
     runs = {r["run"] for r in result.summary}
     assert runs == {"IU", "emb", "hid"}
+
+
+def test_projected_sketch_hashes_through_one_fixed_matrix():
+    """project=m: SimHash of R·h, i.e. planes W·Rᵀ on the original key; bytes fixed; state round-trips."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(50, 40, generator=g)
+    mem = SketchMemory(40, arrays=6, bits=5, project=8, seed=1)
+    assert mem.planes.shape == (6, 5, 8) and mem.proj.shape == (40, 8)
+    bits = ((h @ mem.proj) @ mem.planes.view(30, 8).T > 0).view(50, 6, 5).float()
+    manual = (bits * 2.0 ** torch.arange(5)).sum(-1).long()
+    assert torch.equal(mem.buckets(h), manual)
+    nbytes = mem.nbytes
+    mem.write(h, torch.ones(50), torch.full((50,), 0.5))
+    assert mem.nbytes == nbytes
+    other = SketchMemory(40, arrays=6, bits=5, project=8, seed=1)
+    other.load_state_dict(mem.state_dict())
+    q = torch.randn(5, 40, generator=g)
+    assert torch.equal(other.estimate(q, torch.full((5,), 0.2))[0], mem.estimate(q, torch.full((5,), 0.2))[0])
+    with pytest.raises(ValueError, match="configuration"):
+        SketchMemory(40, arrays=6, bits=5, project=16, seed=1).load_state_dict(mem.state_dict())
+    # No projection when the key is not wider: the plain sketch, same planes.
+    assert SketchMemory(8, arrays=6, bits=5, project=8, seed=1).proj is None
+    assert build_memory({"sketch": {"project": 8}}, dim=40, seed=0).memory.project == 8

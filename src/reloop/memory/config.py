@@ -37,6 +37,7 @@ class SketchConfig(BaseModel):
     bits: int = Field(default=8, ge=0, le=MAX_BITS)
     similarity: Literal["density", "centroid"] = "density"
     hash_dtype: Literal["float32", "bfloat16"] = "float32"  # ours: bfloat16 hashes ~2x faster
+    project: int | None = Field(default=None, ge=1)  # ours: hash a fixed random projection to this width
 
 
 class ExactConfig(BaseModel):
@@ -124,7 +125,8 @@ def make_memory(cfg: MemoryConfig, dim: int, seed: int = 0,
     if cfg.sketch is not None:
         return SketchMemory(dim, arrays=cfg.sketch.arrays, bits=cfg.sketch.bits,
                             similarity=cfg.sketch.similarity, seed=seed,
-                            hash_dtype=getattr(torch, cfg.sketch.hash_dtype), **common)
+                            hash_dtype=getattr(torch, cfg.sketch.hash_dtype), project=cfg.sketch.project,
+                            **common)
     assert cfg.exact is not None
     return ExactMemory(dim, size=cfg.exact.size, top_k=cfg.exact.top_k, seed=seed, **common)
 

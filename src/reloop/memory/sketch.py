@@ -55,7 +55,7 @@ class SketchMemory(ErrorMemory):
 
     def __init__(self, dim: int, arrays: int = 64, bits: int = 8, similarity: str = "density",
                  seed: int = 0, *, accum_dtype: torch.dtype = torch.float64,
-                 hash_dtype: torch.dtype = torch.float32, **kwargs) -> None:
+                 hash_dtype: torch.dtype = torch.float32, project: int | None = None, **kwargs) -> None:
         super().__init__(dim, **kwargs)
         if int(arrays) < 1:
             raise ValueError(f"arrays: must be >= 1, got {arrays}")
@@ -67,13 +67,21 @@ class SketchMemory(ErrorMemory):
             raise ValueError(f"accum_dtype: must be torch.float32 or torch.float64, got {accum_dtype}")
         if hash_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"hash_dtype: must be torch.float32 or torch.bfloat16, got {hash_dtype}")
+        if project is not None and int(project) < 1:
+            raise ValueError(f"project: must be >= 1, got {project}")
         self.arrays, self.bits = int(arrays), int(bits)
         self.similarity, self.seed = similarity, int(seed)
         self.accum_dtype, self.hash_dtype = accum_dtype, hash_dtype
-        K, L, d, nb = self.arrays, self.bits, self.dim, 1 << self.bits
+        # Keys wider than `project` are first mapped by one fixed Gaussian matrix R [dim, m]
+        # (Johnson-Lindenstrauss: angles are kept approximately), so hashing costs dim·m + K·L·m
+        # multiply-adds per row instead of K·L·dim.
+        self.project = int(project) if project is not None and int(project) < self.dim else None
+        K, L, nb = self.arrays, self.bits, 1 << self.bits
+        d = self.project or self.dim
         gen = torch.Generator().manual_seed(self.seed)
         # Drawn on CPU so a seed gives the same planes on every device.
         self.planes = torch.randn((K, L, d), generator=gen).to(self.device)
+        self.proj = (torch.randn((self.dim, d), generator=gen) / d ** 0.5).to(self.device) if self.project else None
         # A view in float32 (tests may set planes in place); a bfloat16 copy otherwise.
         self._planes_flat = self.planes.view(K * L, d).to(hash_dtype)
         pow2 = 2.0 ** torch.arange(L, dtype=torch.float32, device=self.device)
@@ -109,9 +117,12 @@ class SketchMemory(ErrorMemory):
         packed = torch.bmm(self._pow2, proj.view(self.arrays, self.bits, n)).view(self.arrays, n)
         return packed.long() + self._offsets
 
+    def _projected(self, h: Tensor) -> Tensor:
+        return h @ self.proj if self.proj is not None else h
+
     def buckets(self, h: Tensor) -> Tensor:
         """Bucket id ``[B, K]`` in ``[0, 2^L)`` of each key in each array (for inspection/tests)."""
-        h = self._check_h(h)
+        h = self._projected(self._centred(self._check_h(h)))
         return (self.flat_buckets(h) - self._offsets).T.contiguous()
 
     def _row_chunks(self, n: int):
@@ -126,6 +137,7 @@ class SketchMemory(ErrorMemory):
         self._mass *= self.decay
 
     def _store(self, h: Tensor, y: Tensor, y_hat: Tensor) -> None:
+        h = self._projected(h)
         vals = torch.stack([torch.ones_like(y), y, y_hat]).to(self.accum_dtype)  # rows n, Σy, Σŷ
         for a in range(0, h.shape[0], self._write_rows):
             self._store_block(h[a:a + self._write_rows], vals[:, a:a + self._write_rows])
@@ -143,9 +155,10 @@ class SketchMemory(ErrorMemory):
             ii = idx[k0:k0 + g].view(-1)
             self.acc.index_add_(1, ii, vals.unsqueeze(1).expand(3, g, n).reshape(3, -1))
             if self.hsum is not None:
-                self.hsum.index_add_(0, ii, h.unsqueeze(0).expand(g, n, self.dim).reshape(-1, self.dim))
+                self.hsum.index_add_(0, ii, h.unsqueeze(0).expand(g, n, h.shape[1]).reshape(-1, h.shape[1]))
 
     def _retrieve(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, None]:
+        h = self._projected(h)
         B, K = h.shape[0], self.arrays
         got = torch.empty((3, B, K), dtype=self.accum_dtype, device=self.device)
         s = torch.empty((B, K), dtype=self.accum_dtype, device=self.device)
@@ -155,7 +168,7 @@ class SketchMemory(ErrorMemory):
             for j in range(3):  # three 1-D gathers are ~3x faster than one strided 2-D gather
                 torch.index_select(self.acc[j], 0, idx, out=got[j, a:b].view(-1))
             if self.hsum is not None:
-                cen = self.hsum.index_select(0, idx).view(b - a, K, self.dim)
+                cen = self.hsum.index_select(0, idx).view(b - a, K, h.shape[1])
                 s[a:b] = torch.nn.functional.cosine_similarity(
                     cen, h[a:b].unsqueeze(1), dim=-1, eps=1e-12)
         cnt = got[0]
@@ -175,10 +188,12 @@ class SketchMemory(ErrorMemory):
     def _config(self) -> dict[str, StateValue]:
         return {"arrays": self.arrays, "bits": self.bits, "similarity": self.similarity,
                 "seed": self.seed, "accum_dtype": str(self.accum_dtype),
-                "hash_dtype": str(self.hash_dtype)}
+                "hash_dtype": str(self.hash_dtype), "project": self.project or 0}
 
     def _tensors(self) -> dict[str, Tensor]:
         out = {"planes": self.planes, "acc": self.acc}
+        if self.proj is not None:
+            out["proj"] = self.proj
         if self.hsum is not None:
             out["hsum"] = self.hsum
         return out
