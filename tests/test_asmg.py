@@ -354,18 +354,24 @@ def test_gru_generator_beats_serving_the_last_model_under_drift():
     assert gen.last_learn_seconds > 0
 
 
+def run_periods(stream: Stream, gen: ModelGenerator, around_learn=None):
+    """Pretrain on periods 1..3, then IU, observe, serve and learn for t = 4..6 (Algorithm 1's loop)."""
+    g = torch.Generator().manual_seed(0)
+    model, opt_state = pretrain(stream, 3, g, epochs=1)
+    for t in range(4, 7):
+        model, opt_state = Incremental().update(model, opt_state, ctx_for(stream, t, g))
+        gen.observe(t, model)
+        gen.serving_model(model)
+        learn = lambda t=t: gen.learn(History(stream, t + 1), t + 1, ctx_for(stream, t + 1, g))  # noqa: E731
+        around_learn(g, learn) if around_learn else learn()
+    return gen, model, opt_state, g
+
+
 def test_state_dict_round_trip():
     stream = make_stream(n_periods=9, rows=150)
     for make in (lambda: ASMGGRU(k=2, variant="multi"), lambda: ASMGGRU(k=2, variant="full"),
                  lambda: ASMGLinear(k=2), lambda: SML()):
-        g = torch.Generator().manual_seed(0)
-        model, opt_state = pretrain(stream, 3, g, epochs=1)
-        gen = make()
-        for t in range(4, 7):
-            model, opt_state = Incremental().update(model, opt_state, ctx_for(stream, t, g))
-            gen.observe(t, model)
-            gen.serving_model(model)
-            gen.learn(History(stream, t + 1), t + 1, ctx_for(stream, t + 1, g))
+        gen, model, opt_state, _ = run_periods(stream, make())
         copied = copy.deepcopy(gen)
         buf = io.BytesIO()
         torch.save(gen.state_dict(), buf)
@@ -492,17 +498,12 @@ def test_runner_rows_carry_per_period_seconds(stream):
 @pytest.mark.parametrize("make", [lambda: ASMGGRU(k=2), lambda: ASMGLinear(k=2), lambda: SML()])
 def test_learning_leaves_the_run_rng_alone(make):
     """Base models of an ASMG run must be the IU run's: the generator shuffles with its own RNG."""
-    stream = make_stream(n_periods=8, rows=120)
-    g = torch.Generator().manual_seed(0)
-    model, opt_state = pretrain(stream, 3, g, epochs=1)
-    gen = make()
-    for t in range(4, 7):
-        model, opt_state = Incremental().update(model, opt_state, ctx_for(stream, t, g))
-        gen.observe(t, model)
-        gen.serving_model(model)
+    def unchanged(g, learn):
         before = g.get_state()
-        gen.learn(History(stream, t + 1), t + 1, ctx_for(stream, t + 1, g))
-        assert torch.equal(before, g.get_state()), gen.name
+        learn()
+        assert torch.equal(before, g.get_state())
+
+    run_periods(make_stream(n_periods=8, rows=120), make(), around_learn=unchanged)
 
 
 def test_run_seed_offsets_the_generator_seed():
