@@ -1,6 +1,8 @@
 """`reloop bench paper`: section selection, config validation and the report, on a tiny synthetic stream."""
 from __future__ import annotations
 
+import os
+
 import pytest
 from typer.testing import CliRunner
 
@@ -51,3 +53,50 @@ def test_report_with_two_workers(tmp_path):
     assert "| lr | " in report and "| din | " in report and "skipped" not in report
     assert (tmp_path / "reloop2-delay1" / "periods.png").exists()
     assert (tmp_path / "zoo-lr" / "summary.csv").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the worker processes through /proc (Linux)")
+def test_sigterm_takes_the_workers_down(tmp_path):
+    """A report killed with SIGTERM leaves no worker processes behind (they would keep writing)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "reloop.cli", "--threads", "1", "bench", "paper", "--data",
+                             "synthetic", "--seeds", "3", "--section", "asmg", "--section", "combos", "--jobs", "2",
+                             "--no-progress", "--out", str(tmp_path), *TINY],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def children() -> list[int]:
+        kids = []
+        for entry in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):  # the process ended meanwhile
+                continue
+            if int(fields[1]) == proc.pid:  # fields[1] is the parent pid
+                kids.append(int(entry))
+        return kids
+
+    deadline = time.time() + 60
+    while len(children()) < 2 and time.time() < deadline:  # the two workers (and a resource tracker)
+        time.sleep(0.2)
+    kids = children()
+    assert len(kids) >= 2, "workers never started"
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    time.sleep(1.0)
+    alive = []
+    for pid in kids:
+        try:
+            os.kill(pid, 0)
+            with open(f"/proc/{pid}/status") as fh:
+                if "zombie" not in fh.read():
+                    alive.append(pid)
+        except (ProcessLookupError, FileNotFoundError):
+            pass
+    assert not alive, f"workers still running after SIGTERM: {alive}"

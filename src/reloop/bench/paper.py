@@ -332,26 +332,39 @@ def run_paper(data: str, out: Path, seeds: list[int], sections: list[str] | None
     return report
 
 
+def _run_section_args(args: tuple) -> SectionResult:
+    return run_section(*args)
+
+
 def _run_parallel(chosen: list[Section], data: str, out: Path, seeds: list[int], ml_path: Path,
                   overrides: dict[str, Any] | None, jobs: int, threads: int,
                   console: Console) -> dict[str, SectionResult]:
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    import signal
 
     from rich.progress import Progress
 
     results: dict[str, SectionResult] = {}
     # Longest sections first, so the last worker is not left alone with a long one.
     order = sorted(chosen, key=lambda s: -len(s.runs()))
-    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool, \
-            Progress(console=console, transient=False) as progress:
-        task = progress.add_task(f"{len(chosen)} sections on {jobs} workers", total=len(chosen))
-        futures = {pool.submit(run_section, s, data, out, seeds, ml_path, overrides, False, None, threads): s
-                   for s in order}
-        for fut in as_completed(futures):
-            res = fut.result()
-            results[res.name] = res
-            progress.advance(task)
-            progress.console.print(f"{res.name}: {res.runs} runs in {res.minutes:.1f} min"
-                                   + (f" (skipped: {res.error})" if res.error else ""))
+    args = [(s, data, out, seeds, ml_path, overrides, False, None, threads) for s in order]
+    pool = mp.get_context("spawn").Pool(jobs, maxtasksperchild=None)
+
+    def stop(signum, _frame):  # a killed report takes its workers with it (they resume next time)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with Progress(console=console, transient=False) as progress:
+            task = progress.add_task(f"{len(chosen)} sections on {jobs} workers", total=len(chosen))
+            for res in pool.imap_unordered(_run_section_args, args):
+                results[res.name] = res
+                progress.advance(task)
+                progress.console.print(f"{res.name}: {res.runs} runs in {res.minutes:.1f} min"
+                                       + (f" (skipped: {res.error})" if res.error else ""))
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+        signal.signal(signal.SIGTERM, previous)
     return results
