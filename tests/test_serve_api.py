@@ -200,7 +200,7 @@ def test_numeric_feature_rejects_non_numbers(tmp_path):
     assert client.post("/predict", json={"records": [good, {**good, "price": 11}]}).status_code == 200
     svc = client.app.state.service
     data, _ = svc.parser.parse([good, {**good, "price": 11.25}, {**good, "price": None}])
-    fast = svc._encode_known(data, 3)
+    fast = svc.encoder.encode_known(data, 3)
     slow = svc.encoder.transform(svc.parser.frame(data), grow=False)
     assert fast is not None and all(torch.equal(fast[k], slow[k]) for k in slow)
     r = client.post("/predict", json={"records": [good, {**good, "price": "cheap"}]})
@@ -252,14 +252,14 @@ def test_known_id_fast_path_matches_the_encoder(world, tmp_path):
     recs[5]["item_cat"] = None  # a missing value -> padding
     data, errors = svc.parser.parse(recs)
     assert not errors
-    fast = svc._encode_known(data, len(recs))
+    fast = svc.encoder.encode_known(data, len(recs))
     assert fast is not None
     slow = svc.encoder.transform(svc.parser.frame(data), grow=False)
     assert set(fast) == set(slow)
     for k in slow:
         assert fast[k].dtype == slow[k].dtype and torch.equal(fast[k], slow[k]), k
     data["item_id"][0] = "never-seen"
-    assert svc._encode_known(data, len(recs)) is None  # unseen ids take the encoder's own path
+    assert svc.encoder.encode_known(data, len(recs)) is None  # unseen ids take the encoder's own path
 
 
 def test_model_and_metrics_endpoints(world, tmp_path):

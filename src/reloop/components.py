@@ -157,15 +157,18 @@ def build_memory(value: dict[str, Any] | None, dim: int, seed: int, where: str =
 
 def memory_key(value: dict[str, Any] | None) -> str:
     """The representation a run's memory is keyed on (``CTRModel.forward_key``); ``hidden`` without one."""
-    if not value:
-        return "hidden"
-    from reloop.memory.config import MemoryConfig
-
-    return value.get("key", MemoryConfig.model_fields["key"].default)
+    return _memory_config(value).key if value else "hidden"
 
 
 def memory_resets_on_update(value: dict[str, Any] | None) -> bool:
-    return bool(value) and bool(value.get("reset_on_update", True))
+    return bool(value) and _memory_config(value).reset_on_update
+
+
+def _memory_config(value: dict[str, Any]):
+    """The parsed ``memory:`` block: its defaults live in ``MemoryConfig`` only."""
+    from reloop.memory.config import MemoryConfig
+
+    return MemoryConfig.parse(value)
 
 
 _PARTS = ("update", "loss", "generator", "memory")

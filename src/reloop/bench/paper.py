@@ -224,17 +224,7 @@ def section_config(section: Section, data: str, seeds: list[int], ml_path: Path 
            "runs": section.runs()}
     for key, value in (overrides or {}).items():
         set_dotted(raw, key, value)
-    cfg = parse_config(raw)
-    from pydantic import ValidationError
-
-    from reloop.config import ConfigError
-    from reloop.data.sources import parse_source_config
-
-    try:  # the data block is otherwise validated only when a (worker) process loads it
-        parse_source_config(cfg.data)
-    except (ValidationError, ValueError) as e:
-        raise ConfigError(f"data: {e}") from None
-    return cfg
+    return parse_config(raw)  # checks the data block too, before a worker process loads it
 
 
 @dataclass

@@ -343,7 +343,7 @@ class Service:
         function for small batches. Any unseen id takes ``transform`` itself (new ids, overflow).
         """
         with self._enc_lock:
-            cols = self._encode_known(data, n)
+            cols = self.encoder.encode_known(data, n)
             if cols is not None:
                 return cols
             before = {t: len(v.index) for t, v in self.encoder.vocabs.items()}
@@ -351,9 +351,6 @@ class Service:
             cols = self.encoder.transform(self.parser.frame(data), grow=True)
             self._new_vocab(before, users_before)
             return cols
-
-    def _encode_known(self, data: dict[str, list], n: int) -> dict[str, torch.Tensor] | None:
-        return self.encoder.encode_known(data, n)
 
     def predict(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         if len(records) > self.max_batch:
