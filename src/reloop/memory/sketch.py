@@ -29,7 +29,8 @@ from reloop.memory.base import ErrorMemory, StateValue
 
 SIMILARITIES = ("density", "centroid")
 MAX_BITS = 24  # bucket ids are packed in float32, exact below 2^24; also a sanity bound on size
-_CHUNK_ELEMS = 1 << 18  # bound on per-chunk temporaries (K·L or K·d floats per row): cache-sized
+_CHUNK_ELEMS = 1 << 20  # bound on per-chunk temporaries (K·L or K·d floats per row); 2^18 to 2^20 measured
+# in benchmarks/memory.py: reads 0.91M/s -> 1.26M/s at K=64 L=8 (fewer per-op dispatches per batch)
 _GROUP_BYTES = 1 << 19  # accumulator bytes of the arrays scattered together (about L2-sized)
 
 
@@ -87,6 +88,8 @@ class SketchMemory(ErrorMemory):
         pow2 = 2.0 ** torch.arange(L, dtype=torch.float32, device=self.device)
         self._pow2 = pow2.expand(K, 1, L).contiguous()
         self._offsets = (torch.arange(K, device=self.device) << L).view(K, 1)
+        exact = K * nb <= 1 << MAX_BITS
+        self._fused_offsets = self._offsets.view(K, 1, 1).float() if exact else None
         # Rows n, Σy, Σŷ over the flattened (array, bucket) axis: one index_add_ covers all three.
         self.acc = torch.zeros((3, K * nb), dtype=accum_dtype, device=self.device)
         self.hsum = (torch.zeros((K * nb, d), dtype=torch.float32, device=self.device)
@@ -104,7 +107,12 @@ class SketchMemory(ErrorMemory):
 
     # ------------------------------------------------------------------ hashing
     def flat_buckets(self, h: Tensor) -> Tensor:
-        """Indices ``[K, n]`` into the flattened ``[K·2^L]`` bucket axis for float32 keys ``[n, d]``."""
+        """Indices ``[K, n]`` into the flattened ``[K·2^L]`` bucket axis for float32 keys ``[n, d]``.
+
+        int32 while every index is exact in float32 (``K·2^L <= 2^24``, every practical sketch):
+        the array offsets are then added inside the bit-packing matmul and the ids converted once;
+        int64 otherwise.
+        """
         n = h.shape[0]
         if self.bits == 0:
             return self._offsets.expand(self.arrays, n).clone()
@@ -113,8 +121,11 @@ class SketchMemory(ErrorMemory):
         proj.gt_(0)  # in place: the bits as 0/1 floats, no bool temporary
         if proj.dtype != torch.float32:
             proj = proj.float()  # bfloat16 cannot hold bucket ids above 256 exactly
-        # [K, 1, L] @ [K, L, n]: pack the bits; exact in float32 since ids < 2^24.
-        packed = torch.bmm(self._pow2, proj.view(self.arrays, self.bits, n)).view(self.arrays, n)
+        bits = proj.view(self.arrays, self.bits, n)
+        if self._fused_offsets is not None:
+            # offset_k + Σ_l 2^l·bit_l in one batched matmul: [K, 1, 1] + [K, 1, L] @ [K, L, n]
+            return torch.baddbmm(self._fused_offsets, self._pow2, bits).view(self.arrays, n).to(torch.int32)
+        packed = torch.bmm(self._pow2, bits).view(self.arrays, n)
         return packed.long() + self._offsets
 
     def _projected(self, h: Tensor) -> Tensor:
@@ -123,7 +134,7 @@ class SketchMemory(ErrorMemory):
     def buckets(self, h: Tensor) -> Tensor:
         """Bucket id ``[B, K]`` in ``[0, 2^L)`` of each key in each array (for inspection/tests)."""
         h = self._projected(self._centred(self._check_h(h)))
-        return (self.flat_buckets(h) - self._offsets).T.contiguous()
+        return (self.flat_buckets(h).long() - self._offsets).T.contiguous()
 
     def _row_chunks(self, n: int):
         for start in range(0, n, self._chunk):
@@ -145,6 +156,7 @@ class SketchMemory(ErrorMemory):
 
     def _store_block(self, h: Tensor, vals: Tensor) -> None:
         n = h.shape[0]
+        # int64: index_add_ takes a slow path (~25x) with int32 indices on CPU
         idx = torch.empty((self.arrays, n), dtype=torch.int64, device=self.device)
         for a, b in self._row_chunks(n):
             idx[:, a:b] = self.flat_buckets(h[a:b])
@@ -178,6 +190,39 @@ class SketchMemory(ErrorMemory):
         if self.hsum is None:
             torch.mul(cnt, 1.0 / self._mass if self._mass > 0 else 0.0, out=s)
         return s, means[0], means[1], valid, None
+
+    def _estimate_block(self, h: Tensor, y_q: Tensor) -> tuple[Tensor, Tensor]:
+        """``ErrorMemory.estimate`` for one row block, fused for the density similarity.
+
+        The attention over the valid neighbours, ``a_k ∝ exp(s_k / τ)`` with ``s_k = n_k / N``, is
+        computed as ``w_k = exp((n_k - max_j n_j) / (N·τ))`` over all K arrays in ``[K, rows]``
+        layout (no transposes); an empty bucket has ``n_k = 0``, hence ``Σy_k = 0`` and the same
+        weight ``exp(-max_j n_j / (N·τ))``, so it drops out of the numerator by itself and is
+        subtracted from the denominator in closed form (the maximum is a valid bucket's, so the
+        denominator stays >= 1). Equal to the generic masked softmax up to float64 rounding
+        (tested); about 40% fewer passes over the ``[K, rows]`` temporaries.
+        """
+        if self.hsum is not None or self._mass <= 0:
+            return super()._estimate_block(h, y_q)
+        h = self._projected(h)
+        K, n = self.arrays, h.shape[0]
+        idx = self.flat_buckets(h).view(-1)
+        cnt = self.acc[0].index_select(0, idx).view(K, n)
+        y_sum = self.acc[1].index_select(0, idx).view(K, n)
+        c = 1.0 / (self._mass * self.temperature)
+        top = cnt.amax(0)
+        w = torch.sub(cnt, top).mul_(c).exp_()
+        support = torch.count_nonzero(cnt, dim=0)
+        den = w.sum(0).sub_((K - support) * torch.exp(top * -c))
+        cnt.add_(torch.finfo(cnt.dtype).tiny)  # 0 / tiny = 0 for empty buckets; others unchanged
+        y_bar = torch.mul(w, y_sum.div_(cnt)).sum(0).div_(den)
+        if self.gamma == 1.0:
+            e_hat = y_bar - y_q
+        else:
+            y_base = self.acc[2].index_select(0, idx).view(K, n).div_(cnt)
+            y_bar_base = torch.mul(w, y_base).sum(0).div_(den)
+            e_hat = self.gamma * (y_bar - y_q) + (1.0 - self.gamma) * (y_bar - y_bar_base)
+        return e_hat.masked_fill_(support == 0, 0.0), support
 
     def _clear(self) -> None:
         self.acc.zero_()
