@@ -1,6 +1,6 @@
 """Where a training step's time goes (torch.profiler, self CPU time): one JSON object.
 
-    python benchmarks/profile_step.py [--model deepfm] [--precision bf16] [--threads 2] [--steps 10]
+    python benchmarks/profile_step.py [--model deepfm] [--precision bf16] [--threads 2] [--steps 10] [--top 25]
 
 Trains ``--model`` (embedding 16, MLP [400, 400, 400]) on the Criteo-like table for a few warm-up steps,
 then profiles ``--steps`` shuffled batches of 4,096 and groups the operators' self CPU time into
@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--seed", type=int, default=2024)
+    p.add_argument("--top", type=int, default=0, help="also print the N operators with most self CPU time "
+                   "(to stderr)")
     args = p.parse_args(argv)
 
     import torch
@@ -63,8 +65,10 @@ def main(argv: list[str] | None = None) -> None:
     perm = torch.randperm(blob["sizes"]["train"], generator=gen)
     train_rows(model, opt, rows.take(perm[:3 * 4096]), CrossEntropy(), cfg, gen)  # warm-up
     timed = rows.take(perm[3 * 4096:(3 + args.steps) * 4096])
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=args.top > 0) as prof:
         train_rows(model, opt, timed, CrossEntropy(), cfg, gen)
+    if args.top:
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top), file=sys.stderr)
     per_group: dict[str, float] = {}
     for evt in prof.key_averages():
         per_group[group_of(evt.key)] = per_group.get(group_of(evt.key), 0.0) + evt.self_cpu_time_total

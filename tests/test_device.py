@@ -402,3 +402,15 @@ def test_cpu_checkpoint_resumes_on_cuda(stream, tmp_path):
     rows = run_one(cfg, stream, "sketch", spec, 0, theta0, opt0, out=tmp_path, resume=True,
                    device=resolve_device("cuda"))
     assert len(rows) == 1 + cfg.protocol.served_periods
+
+
+def test_clock_waits_for_cuda_work_only_on_cuda(monkeypatch):
+    """Stage timings (update_s, generator_fit_s, ...) must not charge queued GPU kernels to a later stage."""
+    from reloop.device import clock
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    before = clock("cpu")
+    assert calls == []
+    after = clock("cuda:0")
+    assert calls == [torch.device("cuda", 0)] and after >= before

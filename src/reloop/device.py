@@ -16,6 +16,7 @@ GPU resumes on a CPU-only machine and vice versa.
 from __future__ import annotations
 
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -86,6 +87,15 @@ def runtime_device(spec: str | torch.device = "cpu") -> torch.device:
     if rd.is_active():
         return rd.current().device
     return resolve_device(spec)
+
+
+def clock(device: torch.device | str = "cpu") -> float:
+    """``time.perf_counter()`` once the work queued on ``device`` has finished: CUDA kernels run
+    asynchronously, so a stage timed without waiting would be charged to whichever stage syncs next."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def to_cpu(obj: Any) -> Any:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import time
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -33,7 +32,7 @@ from reloop.components import (build_generator, build_loss, build_memory, build_
 from reloop.config import Config, ConfigError, RunSpec
 from reloop.data.periods import phase_of
 from reloop.data.tensors import History, Stream
-from reloop.device import runtime_device, to_cpu
+from reloop.device import clock, runtime_device, to_cpu
 from reloop.models.base import CTRModel, build_model
 from reloop.protocol.metrics import period_metrics
 from reloop.protocol.serving import serve_period
@@ -271,24 +270,24 @@ def run_one(cfg: Config, stream: Stream, name: str, spec: RunSpec, seed: int, th
                             served=state.served_final if loss_spec.y_last == "compensated" else state.served_base,
                             y_last_source="previous_model" if loss_spec.y_last == "previous_model" else "served",
                             on_batch=(lambda n: progress(name, n)) if progress else None)
-        t_update = time.perf_counter()
+        t_update = clock(device)
         model, optim_state = strategy.update(state.model, state.optim_state, ctx)
-        t_generate = time.perf_counter()
+        t_generate = clock(device)
         generator.observe(t, model)
         serving = generator.serving_model(model)
-        t_serve = time.perf_counter()
+        t_serve = clock(device)
         if compensator is not None and model is not state.model and memory_resets_on_update(spec.memory):
             compensator.memory.reset()
         served = serve_period(serving, stream.period(t + 1), compensator, cfg.protocol.serve_batch_size,
                               cfg.protocol.feedback_delay)
-        t_served = time.perf_counter()
+        t_served = clock(device)
         state.model, state.optim_state, state.t = model, optim_state, t
         _record(state, stream, t + 1, served, cfg, name, seed)
         ctx.history = History(stream, upto=t + 1)
-        t_learn = time.perf_counter()
+        t_learn = clock(device)
         generator.learn(ctx.history, t + 1, ctx)
         state.rows[-1].update(update_s=t_generate - t_update, generate_s=t_serve - t_generate,
-                              serve_s=t_served - t_serve, generator_fit_s=time.perf_counter() - t_learn)
+                              serve_s=t_served - t_serve, generator_fit_s=clock(device) - t_learn)
         if ckpt is not None:
             _atomic_save({"fingerprint": fingerprint, "t": t, "model": state.model.state_dict(),
                           "optim": state.optim_state,
