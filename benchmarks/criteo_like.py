@@ -25,6 +25,14 @@ Usage::
     python benchmarks/criteo_like.py                       # deepfm, dcn x fp32, bf16, all cores
     python benchmarks/criteo_like.py --threads 1 --models deepfm --precisions bf16
     python benchmarks/criteo_like.py --rows 200000         # a quick run on a smaller table
+    python benchmarks/criteo_like.py --fuxictr-python /tmp/fx/bin/python   # FuxiCTR in the same run
+
+Machines of the same kind differ by tens of percent from day to day, so the ratios to FuxiCTR's
+published figures (``vs_fuxictr_speed``) only hold on a host like theirs. ``--fuxictr-python`` (a venv
+with FuxiCTR 2.3.10, see ``benchmarks/fuxictr_reference.py``) also trains FuxiCTR's DeepFM/DCN on the
+same CSVs in this run, just before reloop's runs of the same model, and adds ``fuxictr`` (its figures)
+and ``vs_fuxictr_same_run_speed`` / ``vs_fuxictr_same_run_e2e`` (reloop's samples/s over FuxiCTR's;
+FuxiCTR's end-to-end time over reloop's) to each line.
 """
 from __future__ import annotations
 
@@ -239,6 +247,26 @@ def run_one(args: argparse.Namespace) -> dict:
     return result
 
 
+def fuxictr_reference(python: Path, model: str, data_dir: Path, threads: int) -> dict:
+    """FuxiCTR's run of ``model`` on the same CSVs (``benchmarks/fuxictr_reference.py`` under ``python``)."""
+    script = Path(__file__).resolve().parent / "fuxictr_reference.py"
+    cmd = [str(python), str(script), "--models", model, "--data-dir", str(data_dir), "--threads", str(threads)]
+    print(f"FuxiCTR reference run: {model} ...", file=sys.stderr)
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"FuxiCTR reference run of {model} failed (exit {done.returncode}): {' '.join(cmd)}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def same_run_ratios(result: dict, reference: dict) -> dict:
+    """FuxiCTR's key figures and reloop's ratios to them (> 1: reloop is faster)."""
+    keep = ("train_samples_per_s", "end_to_end_s", "preprocess_s", "test_auc", "test_logloss",
+            "peak_rss_mb", "peak_tree_pss_mb", "load_avg")
+    return {"fuxictr": {k: reference[k] for k in keep if k in reference},
+            "vs_fuxictr_same_run_speed": round(result["train_samples_per_s"] / reference["train_samples_per_s"], 2),
+            "vs_fuxictr_same_run_e2e": round(reference["end_to_end_s"] / result["end_to_end_s"], 2)}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
@@ -257,6 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--generator", type=Path, default=None, help="path of shared/bench/criteo_like.py")
     ap.add_argument("--out", type=Path, default=None, help="also append the JSON lines to this file")
     ap.add_argument("--in-process", action="store_true", help="run the configurations in this process")
+    ap.add_argument("--fuxictr-python", type=Path, default=None,
+                    help="python of a venv with fuxictr 2.3.10: run FuxiCTR on the same data in this run")
     # internal: one configuration in a child process
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", default="deepfm", help=argparse.SUPPRESS)
@@ -269,11 +299,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     data_dir = ensure_data(args.rows, args.seed, args.cache, args.generator)
     for model in args.models.split(","):
+        reference = fuxictr_reference(args.fuxictr_python, model, data_dir, args.threads) \
+            if args.fuxictr_python else None
         for precision in args.precisions.split(","):
             if args.in_process:
                 one = argparse.Namespace(**{**vars(args), "model": model, "precision": precision,
                                             "data_dir": str(data_dir)})
-                line = json.dumps(run_one(one))
+                result = run_one(one)
             else:
                 cmd = [sys.executable, __file__, "--one", "--model", model, "--precision", precision,
                        "--data-dir", str(data_dir), "--rows", str(args.rows), "--seed", str(args.seed),
@@ -281,7 +313,10 @@ def main(argv: list[str] | None = None) -> None:
                        "--eval-batch-size", str(args.eval_batch_size), "--lr", str(args.lr),
                        "--epochs", str(args.epochs), "--headroom", str(args.headroom)]
                 done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
-                line = done.stdout.strip().splitlines()[-1]
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+            if reference is not None:
+                result.update(same_run_ratios(result, reference))
+            line = json.dumps(result)
             print(line, flush=True)
             if args.out is not None:
                 with args.out.open("a") as fh:
