@@ -6,6 +6,7 @@ import time
 import numpy as np
 import polars as pl
 import pytest
+import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import OneHotEncoder
@@ -181,3 +182,27 @@ def test_label_noise_flips_the_requested_share_and_keeps_the_oracle():
     share = (clean["label"] != noisy["label"]).mean()
     assert 0.085 < share < 0.115
     assert (clean["p_true"] == noisy["p_true"]).all()
+
+
+def test_stream_cache_survives_a_concurrent_writer(tmp_path, monkeypatch):
+    """Two workers preparing the same stream on a cold cache (``bench paper --jobs 2`` on a new
+    machine): a writer that finishes between the other's save and replace must not make it fail."""
+    import reloop.data.prepare as prep
+
+    data = {"source": "synthetic", "synthetic": {"users": 50, "items": 40, "periods": 6, "rows_per_period": 200}}
+    real_save = torch.save
+    nested: list = []
+    raced = []
+
+    def save_then_race(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)
+        if not raced:  # the other worker writes and replaces the same cache file meanwhile
+            raced.append(True)
+            nested.append(prep.prepare_stream(data, 3, cache_dir=tmp_path))
+
+    monkeypatch.setattr(prep.torch, "save", save_then_race)
+    first = prep.prepare_stream(data, 3, cache_dir=tmp_path)
+    assert nested and len(first.stream.rows) == len(nested[0].stream.rows)
+    assert [p.name for p in tmp_path.iterdir()] == [f"stream-{first.stream.meta['key']}.pt"]  # no temp left
+    cached = prep.prepare_stream(data, 3, cache_dir=tmp_path)
+    assert torch.equal(cached.stream.rows.data["row"], first.stream.rows.data["row"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,11 +72,19 @@ def prepare_stream(data: dict[str, Any], pretrain: int, encoder: EncoderConfig |
                     meta={"key": key, "source": data.get("source")})
     if use_cache:
         cache_root.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        torch.save({"columns": columns, "bounds": bounds, "truth": truth,
-                    "feature_map": stream.feature_map.model_dump(), "encoder": enc.state_dict(),
-                    "meta": stream.meta}, tmp)
-        os.replace(tmp, cache_file)  # atomic: a killed run never leaves half a cache file
+        # A temporary name of this writer's own: parallel workers (`bench paper --jobs N`) on a cold
+        # cache all write the same stream, and with one shared name a writer could find its file
+        # already moved away by another's replace.
+        fd, tmp_name = tempfile.mkstemp(dir=cache_root, prefix=f"{cache_file.name}.", suffix=".tmp")
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            torch.save({"columns": columns, "bounds": bounds, "truth": truth,
+                        "feature_map": stream.feature_map.model_dump(), "encoder": enc.state_dict(),
+                        "meta": stream.meta}, tmp)
+            os.replace(tmp, cache_file)  # atomic: a killed run never leaves half a cache file
+        finally:
+            tmp.unlink(missing_ok=True)
     return Prepared(stream, enc, report)
 
 
