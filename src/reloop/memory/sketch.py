@@ -199,8 +199,9 @@ class SketchMemory(ErrorMemory):
         layout (no transposes); an empty bucket has ``n_k = 0``, hence ``Σy_k = 0`` and the same
         weight ``exp(-max_j n_j / (N·τ))``, so it drops out of the numerator by itself and is
         subtracted from the denominator in closed form (the maximum is a valid bucket's, so the
-        denominator stays >= 1). Equal to the generic masked softmax up to float64 rounding
-        (tested); about 40% fewer passes over the ``[K, rows]`` temporaries.
+        denominator stays >= 1). Equal to the generic masked softmax up to float rounding (tested).
+        With the larger row chunks: 0.69M -> 1.32M reads/s at K=64 L=8 d=64 on 2 cores
+        (``benchmarks/memory.py``, docs/performance.md).
         """
         if self.hsum is not None or self._mass <= 0:
             return super()._estimate_block(h, y_q)
