@@ -190,6 +190,10 @@ def test_bf16_autocast(name):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         logits, h = model(BATCH, with_hidden=True)
     assert logits.shape == (64,) and torch.isfinite(logits.float()).all()
+    # The one-unit output layer runs in float32 under autocast (no bf16 cast of h and its gradient).
+    assert logits.dtype == torch.float32
+    expected = torch.nn.functional.linear(h.float(), model.head.weight, model.head.bias).squeeze(-1)
+    assert torch.equal(logits, expected)
 
 
 # ------------------------------------------------------------------------------------------- learning
