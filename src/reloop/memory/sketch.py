@@ -29,8 +29,9 @@ from reloop.memory.base import ErrorMemory, StateValue
 
 SIMILARITIES = ("density", "centroid")
 MAX_BITS = 24  # bucket ids are packed in float32, exact below 2^24; also a sanity bound on size
-_CHUNK_ELEMS = 1 << 20  # bound on per-chunk temporaries (K·L or K·d floats per row); 2^18 to 2^20 measured
-# in benchmarks/memory.py: reads 0.91M/s -> 1.26M/s at K=64 L=8 (fewer per-op dispatches per batch)
+# Bound on per-chunk temporaries (K·L or K·d floats per row). A read is ~15 small ops per chunk: at
+# 2^18 (512 rows for K=64 L=8) their dispatch cost was about a fifth of the read (benchmarks/memory.py).
+_CHUNK_ELEMS = 1 << 20
 _GROUP_BYTES = 1 << 19  # accumulator bytes of the arrays scattered together (about L2-sized)
 
 
