@@ -112,7 +112,7 @@ class SketchMemory(ErrorMemory):
 
         int32 while every index is exact in float32 (``K·2^L <= 2^24``, every practical sketch):
         the array offsets are then added inside the bit-packing matmul and the ids converted once;
-        int64 otherwise.
+        int64 otherwise, and for ``bits = 0`` (the offsets themselves).
         """
         n = h.shape[0]
         if self.bits == 0:
