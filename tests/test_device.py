@@ -327,7 +327,7 @@ def test_checkpoint_from_another_device_resumes_with_map_location(stream, tmp_pa
         monkeypatch.setattr(torch, "load", real_load)
         assert _metrics(resumed) == _metrics(straight), name
     assert loads and all(m == "cpu" for m in loads)
-    assert len(saved) == 2 * cfg.protocol.served_periods and all("model" in b and "memory" in b for b in saved)
+    assert len(saved) == 2 * cfg.protocol.served_periods and all("model" in b and "memory" in b["engine"] for b in saved)
 
 
 def test_saved_models_load_with_map_location(stream, tmp_path):

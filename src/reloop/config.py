@@ -39,6 +39,9 @@ class ProtocolConfig(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0])
     serve_batch_size: int = Field(default=1024, ge=1)
     feedback_delay: int = Field(default=0, ge=0)
+    # The step engine's guard (reloop.engine.RunEngine.guard): a generated model whose log loss on the
+    # latest labelled period exceeds (1 + guard_margin) × the updated model's is not served.
+    guard_margin: float = Field(default=0.1, ge=0.0)
 
     @property
     def served_periods(self) -> int:

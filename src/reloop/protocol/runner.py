@@ -27,17 +27,16 @@ from typing import Any
 
 import torch
 
-from reloop.components import (build_generator, build_loss, build_memory, build_update, memory_key,
-                               memory_resets_on_update)
+from reloop.components import memory_key
 from reloop.config import Config, ConfigError, RunSpec
 from reloop.data.periods import phase_of
-from reloop.data.tensors import History, Stream
+from reloop.data.tensors import Stream
 from reloop.device import clock, runtime_device, to_cpu
+from reloop.engine import RunEngine
 from reloop.models.base import CTRModel, build_model
 from reloop.protocol.metrics import period_metrics
 from reloop.protocol.serving import serve_period
 from reloop.update.losses import CrossEntropy
-from reloop.update.strategies import UpdateContext
 from reloop.update.trainer import make_optimizer, train_rows
 
 Progress = Callable[[str, int], None]
@@ -85,7 +84,7 @@ def pretrain(cfg: Config, stream: Stream, seed: int, out: Path | None = None,
     key = json.dumps(fields, sort_keys=True, default=str)
     # Parallel report workers share Θ0: the first trains it, the others wait and load it.
     with _exclusive(path):
-        blob = torch.load(path, map_location="cpu", weights_only=False) if path is not None and path.exists() else None
+        blob = torch.load(path, map_location="cpu", weights_only=True) if path is not None and path.exists() else None
         if blob is not None and blob.get("key") == key:
             model = build_model(cfg.model, stream.feature_map)
             model.load_state_dict(blob["model"])
@@ -207,7 +206,7 @@ def check_resume(cfg: Config, stream: Stream, out: Path) -> None:
         for seed in cfg.protocol.seeds:
             path = _checkpoint_path(out, name, seed)
             if path.exists():
-                blob = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+                blob = load_checkpoint(path, mmap=True)
                 check_checkpoint(blob.get("fingerprint"), expected, name, path)
 
 
@@ -217,37 +216,32 @@ def run_one(cfg: Config, stream: Stream, name: str, spec: RunSpec, seed: int, th
             device: torch.device | str | None = None) -> list[dict[str, Any]]:
     """One run under one seed; returns its per-period metric rows.
 
-    ``stop_after`` ends the run after training on that period (used to test resuming). Everything runs
-    on ``device`` (default: the config's ``device``, resolved): the stream is moved there once (a no-op
-    when the caller already did), models and the error memory live there, and only each period's
-    served predictions come back to the CPU (metrics, ``y_last``).
+    The period step itself (update, generator, guard, memory reset) is :class:`reloop.engine.RunEngine`'s,
+    shared with the service's ``retrain``; this function feeds it the stream, serves each period and
+    persists what it returns. ``stop_after`` ends the run after training on that period (used to test
+    resuming). Everything runs on ``device`` (default: the config's ``device``, resolved): the stream is
+    moved there once (a no-op when the caller already did), models and the error memory live there, and
+    only each period's served predictions come back to the CPU (metrics, ``y_last``).
     """
     device = _device(cfg, device)
     stream = stream.to(device)
     P = cfg.protocol.pretrain
     last_t = P + cfg.protocol.served_periods
-    strategy = build_update(spec.update, seed=seed)
-    loss_spec = build_loss(spec.loss)
-    generator = build_generator(spec.generator, seed=seed)
-    h_dim = theta0.key_dim(memory_key(spec.memory))
-    compensator = build_memory(spec.memory, dim=h_dim, seed=seed, device=device)
-    rng = torch.Generator().manual_seed(seed)
+    engine = RunEngine(cfg, spec, seed, stream.feature_map,
+                       key_dim=theta0.key_dim(memory_key(spec.memory)) if spec.memory else None, device=device)
+    compensator = engine.compensator
     n_rows = len(stream.rows)
     ckpt = _checkpoint_path(out, name, seed) if out is not None else None
 
     fingerprint = run_fingerprint(cfg, stream, name, spec)
     if resume and ckpt is not None and ckpt.exists():
-        blob = torch.load(ckpt, map_location="cpu", weights_only=False)
+        blob = load_checkpoint(ckpt)
         check_checkpoint(blob.get("fingerprint"), fingerprint, name, ckpt)
         model = build_model(cfg.model, stream.feature_map)
         model.load_state_dict(blob["model"])
         model.to(device).eval()
         state = RunState(blob["t"], model, blob["optim"], blob["served_base"], blob["served_final"], blob["rows"])
-        strategy.load_state_dict(blob["strategy"])
-        generator.load_state_dict(blob["generator"])
-        if compensator is not None:
-            compensator.memory.load_state_dict(blob["memory"])
-        rng.set_state(blob["rng"])
+        engine.load_state_dict(blob["engine"])
         torch.set_rng_state(blob["torch_rng"])
         if device.type == "cuda" and blob.get("cuda_rng") is not None:  # absent when saved on a CPU
             torch.cuda.set_rng_state(blob["cuda_rng"], device)
@@ -260,47 +254,40 @@ def run_one(cfg: Config, stream: Stream, name: str, spec: RunSpec, seed: int, th
         _record(state, stream, P + 1, served, cfg, name, seed)
         torch.manual_seed(seed)
 
-    def fresh() -> CTRModel:
-        return build_model(cfg.model, stream.feature_map).to(device)
-
+    on_batch = (lambda n: progress(name, n)) if progress else None
     while state.t < last_t:
         t = state.t + 1
-        ctx = UpdateContext(history=History(stream, upto=t), t=t, loss=loss_spec.loss, train=cfg.train,
-                            generator=rng, fresh_model=fresh,
-                            served=state.served_final if loss_spec.y_last == "compensated" else state.served_base,
-                            y_last_source="previous_model" if loss_spec.y_last == "previous_model" else "served",
-                            on_batch=(lambda n: progress(name, n)) if progress else None)
-        t_update = clock(device)
-        model, optim_state = strategy.update(state.model, state.optim_state, ctx)
-        t_generate = clock(device)
-        generator.observe(t, model)
-        serving = generator.serving_model(model)
+        y_last = state.served_final if engine.loss_spec.y_last == "compensated" else state.served_base
+        step = engine.step(state.model, state.optim_state, stream, t, y_last, on_batch)
         t_serve = clock(device)
-        if compensator is not None and model is not state.model and memory_resets_on_update(spec.memory):
-            compensator.memory.reset()
-        served = serve_period(serving, stream.period(t + 1), compensator, cfg.protocol.serve_batch_size,
+        served = serve_period(step.serving, stream.period(t + 1), compensator, cfg.protocol.serve_batch_size,
                               cfg.protocol.feedback_delay)
         t_served = clock(device)
-        state.model, state.optim_state, state.t = model, optim_state, t
+        state.model, state.optim_state, state.t = step.model, step.optim_state, t
         _record(state, stream, t + 1, served, cfg, name, seed)
-        ctx.history = History(stream, upto=t + 1)
-        t_learn = clock(device)
-        generator.learn(ctx.history, t + 1, ctx)
-        state.rows[-1].update(update_s=t_generate - t_update, generate_s=t_serve - t_generate,
-                              serve_s=t_served - t_serve, generator_fit_s=clock(device) - t_learn)
+        y_last = state.served_final if engine.loss_spec.y_last == "compensated" else state.served_base
+        fit_s = engine.learn(stream, t + 1, y_last, state.model, on_batch)
+        state.rows[-1].update(update_s=step.seconds["update_s"],
+                              generate_s=step.seconds["generate_s"] + step.seconds["guard_s"],
+                              serve_s=t_served - t_serve, generator_fit_s=fit_s,
+                              fallback=step.guard.reason)
         if ckpt is not None:
             _atomic_save({"fingerprint": fingerprint, "t": t, "model": state.model.state_dict(),
                           "optim": state.optim_state,
                           "served_base": state.served_base, "served_final": state.served_final,
-                          "rows": state.rows, "strategy": strategy.state_dict(),
-                          "generator": generator.state_dict(),
-                          "memory": compensator.memory.state_dict() if compensator is not None else None,
-                          "rng": rng.get_state(), "torch_rng": torch.get_rng_state(),
+                          "rows": state.rows, "engine": engine.state_dict(),
+                          "torch_rng": torch.get_rng_state(),
                           "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
                          ckpt)
         if stop_after is not None and t >= stop_after:
             break
     return state.rows
+
+
+def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """A checkpoint written by ``run_one``: plain tensors and containers only (``weights_only=True``:
+    loading a file never runs code from it)."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def _record(state: RunState, stream: Stream, period: int, served, cfg: Config, name: str, seed: int) -> None:

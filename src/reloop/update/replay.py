@@ -28,8 +28,8 @@ from torch import Tensor
 
 from reloop.data.tensors import History, PeriodTensors
 from reloop.models.base import CTRModel
-from reloop.update.strategies import UpdateContext, UpdateStrategy, attach_loss_columns
-from reloop.update.trainer import make_optimizer, predict_rows, train_rows
+from reloop.update.strategies import UpdateContext, UpdateStrategy
+from reloop.update.trainer import predict_rows
 
 
 def fetch_rows(history: History, t: int, row_ids: Tensor) -> PeriodTensors:
@@ -93,7 +93,6 @@ class Replay(UpdateStrategy):
         self.neg: Tensor | None = None
         self.seen_pos = 0
         self.seen_neg = 0
-        self._model: CTRModel | None = None
         self.last_sampled: Tensor | None = None  # global row ids replayed at the latest update
 
     def _gen(self, ctx: UpdateContext) -> torch.Generator:
@@ -139,9 +138,9 @@ class Replay(UpdateStrategy):
         return torch.cat(picked).sort().values
 
     def training_rows(self, ctx: UpdateContext) -> PeriodTensors:
-        if self._model is None:
-            raise RuntimeError("replay: training_rows needs the current model; call update() or rows_for()")
-        return self.rows_for(self._model, ctx)
+        if ctx.model is None:
+            raise RuntimeError("replay: training_rows needs the current model (UpdateContext.model)")
+        return self.rows_for(ctx.model, ctx)
 
     def rows_for(self, model: CTRModel, ctx: UpdateContext) -> PeriodTensors:
         """The rows period t trains on: the replayed rows (time order) followed by D_t."""
@@ -152,21 +151,8 @@ class Replay(UpdateStrategy):
         replayed = fetch_rows(ctx.history, ctx.t - 1, self.last_sampled)
         return PeriodTensors.concat([replayed, current])
 
-    def update(self, model: CTRModel, optim_state: dict | None,
-               ctx: UpdateContext) -> tuple[CTRModel, dict | None]:
-        self._model = model
-        try:
-            rows = attach_loss_columns(self.training_rows(ctx), model, ctx)
-        finally:
-            self._model = None
-        new = self.start_model(model, ctx)
-        optimizer = make_optimizer(new, ctx.train)
-        if optim_state is not None:
-            optimizer.load_state_dict(copy.deepcopy(optim_state))
-        train_rows(new, optimizer, rows, ctx.loss, ctx.train, ctx.generator, epochs=self.epochs(ctx),
-                   shuffle=self.shuffle, on_batch=ctx.on_batch)
-        self.after_update(ctx)
-        return new, optimizer.state_dict()
+    def shuffles(self, ctx: UpdateContext) -> bool:
+        return self.shuffle
 
     def after_update(self, ctx: UpdateContext) -> None:
         """The reservoirs absorb D_t."""

@@ -7,6 +7,7 @@ they return a trained copy.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ class UpdateContext:
     train: TrainConfig
     generator: torch.Generator
     fresh_model: Callable[[], CTRModel]
+    model: CTRModel | None = None  # Θ_{t−1}, the model the update starts from
     served: Tensor | None = None  # served probability per global row (NaN where never served)
     y_last_source: str = "served"  # or "previous_model"
     on_batch: Callable[[int], None] | None = None
@@ -77,7 +79,12 @@ class UpdateStrategy:
     trains: ClassVar[bool] = True
 
     def training_rows(self, ctx: UpdateContext) -> PeriodTensors:
+        """The rows period t trains on (``ctx.model`` is Θ_{t−1}, for strategies that score rows)."""
         raise NotImplementedError
+
+    def shuffles(self, ctx: UpdateContext) -> bool:
+        """Whether the training rows are shuffled (SPMF replays in time order)."""
+        return True
 
     def start_model(self, previous: CTRModel, ctx: UpdateContext) -> CTRModel:
         return copy.deepcopy(previous)
@@ -90,13 +97,15 @@ class UpdateStrategy:
         """Return (Θ_t, optimizer state) from Θ_{t−1}; ``model`` is left untouched."""
         if not self.trains:
             return model, optim_state
+        if ctx.model is not model:
+            ctx = dataclasses.replace(ctx, model=model)
         rows = attach_loss_columns(self.training_rows(ctx), model, ctx)
         new = self.start_model(model, ctx)
         optimizer = make_optimizer(new, ctx.train)
         if optim_state is not None and new is not model and self.keeps_optimizer:
             optimizer.load_state_dict(copy.deepcopy(optim_state))
         train_rows(new, optimizer, rows, ctx.loss, ctx.train, ctx.generator,
-                   epochs=self.epochs(ctx), on_batch=ctx.on_batch)
+                   epochs=self.epochs(ctx), shuffle=self.shuffles(ctx), on_batch=ctx.on_batch)
         self.after_update(ctx)
         return new, optimizer.state_dict()
 

@@ -1,0 +1,201 @@
+"""The step engine: one period of one run, shared by ``reloop run`` (offline) and ``reloop retrain`` (online).
+
+A run is three independent choices (DESIGN.md): a base update with its loss, a model generator and an
+error memory. :class:`RunEngine` owns their objects and the run's random generator for one seed and
+drives one period (ASMG Algorithm 1, METHODS.md "The protocol"):
+
+1. ``step(t)``: the base update turns Θ_{t−1} into Θ_t using D_1..D_t only (``History(upto=t)``);
+   the generator observes Θ_t and forms Θ*_t; the **guard** checks Θ*_t against Θ_t on D_t (the
+   latest labelled period) and serves Θ_t instead when Θ*_t is non-finite or worse by more than the
+   stated margin; the error memory is emptied when the base model changed and ``reset_on_update``.
+2. The caller serves D_{t+1} with ``StepResult.serving`` (offline: :func:`reloop.protocol.serving.serve_period`;
+   online: the service, batch by batch from live traffic).
+3. ``learn(t + 1)``: once D_{t+1}'s labels are known, the generator may learn from it.
+
+Callers only feed data in and persist what comes out (:meth:`RunEngine.state_dict`): the offline
+protocol and the service can therefore never disagree on what a config means (the generator's seed,
+the memory's reset policy, the guard).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from reloop.components import (LossSpec, build_generator, build_loss, build_memory, build_update, memory_key,
+                               memory_resets_on_update)
+from reloop.config import Config, RunSpec
+from reloop.data.schema import FeatureMap
+from reloop.data.tensors import History, PeriodTensors, Stream
+from reloop.device import clock
+from reloop.memory.compensate import Compensator
+from reloop.models.base import CTRModel, build_model
+from reloop.update.generators.base import ModelGenerator
+from reloop.update.strategies import UpdateContext, UpdateStrategy
+from reloop.update.trainer import predict_rows
+
+#: Rows of D_t the guard scores (the last ones: the most recent behaviour); bounds its cost.
+GUARD_ROWS = 8192
+
+
+@dataclass
+class GuardDecision:
+    """What the guard found for Θ*_t (``served`` says which model serves D_{t+1})."""
+
+    served: str  # "generated" | "base" | "" (no generator: nothing to check)
+    reason: str = ""
+    loss_generated: float | None = None
+    loss_base: float | None = None
+
+
+@dataclass
+class StepResult:
+    """The outcome of :meth:`RunEngine.step` for period ``t``."""
+
+    t: int
+    model: CTRModel  # Θ_t: the base model the next update starts from
+    optim_state: dict[str, Any] | None
+    serving: CTRModel  # what serves D_{t+1}
+    guard: GuardDecision
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def logloss(logits: Tensor, labels: Tensor) -> float:
+    """Mean binary cross-entropy of ``logits`` (``nan`` when any logit is non-finite)."""
+    logits, labels = logits.float().cpu(), labels.float().cpu()
+    if logits.numel() == 0:
+        return float("nan")
+    if not bool(torch.isfinite(logits).all()):
+        return float("nan")
+    return float(torch.nn.functional.binary_cross_entropy_with_logits(logits, labels))
+
+
+class RunEngine:
+    """One run (``spec``) under one seed: the update strategy, loss, generator, error memory, RNG and guard.
+
+    Args:
+        cfg: the experiment config (model, training settings, protocol).
+        spec: the run's choices.
+        seed: the run's seed; the update strategy, generator and memory are all seeded from it, online
+            and offline alike.
+        feature_map: the encoded data's feature map (for fresh models and the memory's key width).
+        key_dim: the width of the memory key (``CTRModel.key_dim(memory_key)``); ``None`` builds no memory.
+        device: where models, rows and the memory live.
+    """
+
+    def __init__(self, cfg: Config, spec: RunSpec, seed: int, feature_map: FeatureMap,
+                 key_dim: int | None = None, device: torch.device | str = "cpu") -> None:
+        self.cfg = cfg
+        self.spec = spec
+        self.seed = int(seed)
+        self.feature_map = feature_map
+        self.device = torch.device(device)
+        self.strategy: UpdateStrategy = build_update(spec.update, seed=seed)
+        self.loss_spec: LossSpec = build_loss(spec.loss)
+        self.generator: ModelGenerator = build_generator(spec.generator, seed=seed)
+        self.memory_key: str = memory_key(spec.memory)
+        self.resets_memory: bool = memory_resets_on_update(spec.memory)
+        self.compensator: Compensator | None = (
+            build_memory(spec.memory, dim=key_dim, seed=seed, device=self.device)
+            if key_dim is not None else None)
+        self.rng = torch.Generator().manual_seed(self.seed)
+        self.guard_margin: float = float(cfg.protocol.guard_margin)
+
+    # --- one period -------------------------------------------------------------------------------
+
+    def fresh_model(self) -> CTRModel:
+        """A new, untrained model of the run's architecture on the run's device."""
+        return build_model(self.cfg.model, self.feature_map).to(self.device)
+
+    def context(self, stream: Stream, t: int, served: Tensor | None, model: CTRModel,
+                on_batch: Callable[[int], None] | None = None, upto: int | None = None) -> UpdateContext:
+        """What a strategy or generator may use at period ``t``: data through ``History(upto)`` only.
+
+        ``served`` holds one prediction per global row (NaN where never served): the serving model's
+        base prediction, or the compensated one when the loss asks for ``y_last: compensated``.
+        """
+        y_last = self.loss_spec.y_last
+        return UpdateContext(history=History(stream, upto=t if upto is None else upto), t=t,
+                             loss=self.loss_spec.loss, train=self.cfg.train, generator=self.rng,
+                             fresh_model=self.fresh_model, model=model, served=served,
+                             y_last_source="previous_model" if y_last == "previous_model" else "served",
+                             on_batch=on_batch)
+
+    def step(self, model: CTRModel, optim_state: dict[str, Any] | None, stream: Stream, t: int,
+             served: Tensor | None, on_batch: Callable[[int], None] | None = None) -> StepResult:
+        """Update on D_t, generate Θ*_t, guard it, reset the memory when the model changed."""
+        ctx = self.context(stream, t, served, model, on_batch)
+        t0 = clock(self.device)
+        new, new_optim = self.strategy.update(model, optim_state, ctx)
+        t1 = clock(self.device)
+        self.generator.observe(t, new)
+        candidate = self.generator.serving_model(new)
+        t2 = clock(self.device)
+        decision = self.guard(candidate, new, ctx.history.period(t))
+        serving = new if decision.served == "base" else candidate
+        t3 = clock(self.device)
+        if self.compensator is not None and new is not model and self.resets_memory:
+            self.compensator.on_model_update()
+        return StepResult(t, new, new_optim, serving, decision,
+                          {"update_s": t1 - t0, "generate_s": t2 - t1, "guard_s": t3 - t2})
+
+    def learn(self, stream: Stream, t_next: int, served: Tensor | None, model: CTRModel,
+              on_batch: Callable[[int], None] | None = None) -> float:
+        """The generator learns from D_{t_next}, which was served and whose labels are now known.
+
+        Returns the wall seconds it took (ASMG Table 3 reports the generator's training time).
+        """
+        ctx = self.context(stream, t_next - 1, served, model, on_batch, upto=t_next)
+        t0 = clock(self.device)
+        self.generator.learn(ctx.history, t_next, ctx)
+        return clock(self.device) - t0
+
+    def guard(self, candidate: CTRModel, base: CTRModel, latest: PeriodTensors) -> GuardDecision:
+        """Serve Θ*_t only when it is finite and not worse than Θ_t on the latest labelled period.
+
+        Rule: on the last ``GUARD_ROWS`` rows of D_t, with L the mean log loss,
+        serve Θ_t when ``L(Θ*_t)`` is non-finite or ``L(Θ*_t) > (1 + margin) · L(Θ_t)``
+        (``protocol.guard_margin``; ``inf`` disables the comparison but not the finiteness check).
+        Θ_t was trained on D_t, so the comparison leans towards Θ_t: the margin must cover that
+        in-sample advantage, and only a generated model that is clearly worse (e.g. SML diverging) is
+        held back.
+        """
+        if candidate is base:
+            return GuardDecision("")
+        n = len(latest)
+        rows = latest.slice(max(0, n - GUARD_ROWS), n)
+        labels = rows.data["label"]
+        batch = self.cfg.train.eval_batch_size
+        l_gen = logloss(predict_rows(candidate, rows, batch, hidden=False)[0], labels)
+        l_base = logloss(predict_rows(base, rows, batch, hidden=False)[0], labels)
+        if not math.isfinite(l_gen):
+            return GuardDecision("base", "generated model gives non-finite scores on the latest period",
+                                 None, _finite(l_base))
+        if math.isfinite(l_base) and l_gen > (1.0 + self.guard_margin) * l_base:
+            return GuardDecision("base", f"generated model's log loss {l_gen:.4f} > (1 + {self.guard_margin}) × "
+                                 f"{l_base:.4f} (the updated model's) on the latest period", l_gen, l_base)
+        return GuardDecision("generated", "", l_gen, _finite(l_base))
+
+    # --- persistence ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the models: strategy, generator, memory and RNG state (plain tensors/dicts)."""
+        return {"strategy": self.strategy.state_dict(), "generator": self.generator.state_dict(),
+                "memory": self.compensator.memory.state_dict() if self.compensator is not None else None,
+                "rng": self.rng.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any], memory: bool = True) -> None:
+        """Restore :meth:`state_dict`'s output (``memory=False`` leaves the memory as it is)."""
+        self.strategy.load_state_dict(state["strategy"])
+        self.generator.load_state_dict(state["generator"])
+        if memory and self.compensator is not None and state.get("memory") is not None:
+            self.compensator.memory.load_state_dict(state["memory"])
+        self.rng.set_state(state["rng"])
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
