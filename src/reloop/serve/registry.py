@@ -272,8 +272,8 @@ def bootstrap(cfg: Config, model_dir: str | Path, run: str | None = None, seed: 
 
     ``CURRENT`` is written last: a directory interrupted half-way is bootstrapped again from scratch.
     """
-    from reloop.components import build_generator, build_update
     from reloop.data.prepare import prepare_stream
+    from reloop.engine import RunEngine
     from reloop.protocol.runner import pretrain
     from reloop.serve.log import ServeLog
 
@@ -309,10 +309,10 @@ def bootstrap(cfg: Config, model_dir: str | Path, run: str | None = None, seed: 
     _torch_save_synced({"columns": rows.data, "bounds": stream.bounds[:P],
                         "feature_map": stream.feature_map.model_dump()}, md.path / "pretrain.pt")
     spec = cfg.runs[run]
-    strategy = build_update(spec.update, seed=seed)
-    generator = build_generator(spec.generator)
-    state = {"optim": optim_state, "strategy": strategy.state_dict(), "generator": generator.state_dict(),
-             "rng": torch.Generator().manual_seed(seed).get_state(), "run": run}
+    engine = RunEngine(cfg, spec, seed, stream.feature_map)  # the same initial state as an offline run
+    engine_state = engine.state_dict()
+    state = {"optim": optim_state, "strategy": engine_state["strategy"], "generator": engine_state["generator"],
+             "rng": engine_state["rng"], "run": run}
     meta = {"created": time.time(), "trained_through": P, "update_periods": list(range(1, P + 1)),
             "serves_period": P + 1, "parent": None, "composition": composition(cfg, run),
             "model": cfg.model, "validation": None, "n_train": len(rows), "n_holdout": 0}

@@ -2,7 +2,7 @@
 
 ``retrain(model_dir)`` (CLI: ``reloop retrain --model-dir DIR``; or scheduled by the service every N
 feedback events) is the online version of one step of the offline protocol
-(:func:`reloop.protocol.runner.run_one`), built through the same :mod:`reloop.components`:
+(:func:`reloop.protocol.runner.run_one`): both drive the same step engine, :class:`reloop.engine.RunEngine`:
 
 1. Period t is the log's open period. Its training set is its impressions (logged up to now) with
    their labels; an impression without feedback counts as a negative once older than
@@ -38,14 +38,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from reloop.components import build_generator, build_loss, build_update
-from reloop.data.tensors import History, PeriodTensors, Stream
+from reloop.components import build_loss
+from reloop.data.tensors import PeriodTensors, Stream
 from reloop.device import resolve_device
-from reloop.models.base import build_model
+from reloop.engine import RunEngine
 from reloop.protocol.metrics import auc
 from reloop.serve.log import RowCodec, ServeLog
 from reloop.serve.registry import ModelDir, composition
-from reloop.update.strategies import NoUpdate, UpdateContext
+from reloop.update.strategies import NoUpdate
 from reloop.update.trainer import predict_rows
 
 
@@ -231,38 +231,29 @@ def _retrain_locked(md: ModelDir, slog: ServeLog, options: RetrainOptions, now: 
     hold = full.rows.slice(train_bounds[-1][1], full.bounds[t - 1][1])
     say(f"period {t}: {n} labelled impressions ({n_train} train, {n_hold} held out), {waiting} awaiting labels")
 
-    strategy = build_update(spec.update, seed=seed)
+    engine = RunEngine(cfg, spec, seed, fmap, key_dim=None, device=device)  # the offline run's step
     state = md.load_state(version)
-    strategy.load_state_dict(state["strategy"])
-    generator = build_generator(spec.generator)
-    generator.load_state_dict(state["generator"])
-    rng = torch.Generator()
-    rng.set_state(state["rng"])
+    engine.load_state_dict(state, memory=False)
     base = md.load_base(version).to(device)
     serving_now = md.load_serving(version).to(device)
     torch.manual_seed(seed * 100003 + t)
 
-    def ctx_for(stream: Stream) -> UpdateContext:
-        return UpdateContext(history=History(stream, upto=t), t=t, loss=loss_spec.loss, train=cfg.train,
-                             generator=rng, fresh_model=lambda: build_model(cfg.model, fmap).to(device),
-                             served=served,
-                             y_last_source="previous_model" if y_last == "previous_model" else "served")
-
     rows_ids = [(r[0], first_row + i, r[2]) for i, r in enumerate(labelled)]
     detail: dict[str, Any] = {"n_train": n_train, "n_holdout": n_hold, "waiting": waiting, "parent": version}
-    if isinstance(strategy, NoUpdate):
+    if isinstance(engine.strategy, NoUpdate):
         slog.close_period(t, upto, rows_ids, "no-update", detail, None)
         return RetrainResult("skipped", t, version, "the run's update is 'none'", n_train, n_hold)
 
     if int(meta_now["trained_through"]) == t - 1 and t - 1 > P:
         # A restored generator has its parameters but not the model it generates for: forming
         # Θ*_{t−1} from Θ_{t−1} again (as when period t was served) gives it that template.
-        generator.serving_model(base)
-        generator.learn(History(full, upto=t), t, ctx_for(full))  # D_t was served by Θ*_{t−1}
-    model, optim_state = strategy.update(base, state["optim"], ctx_for(train_stream))
-    generator.observe(t, model)
-    candidate = generator.serving_model(model)
+        engine.generator.serving_model(base)
+        engine.learn(full, t, served, base)  # D_t was served by Θ*_{t−1}
+    step = engine.step(base, state["optim"], train_stream, t, served)
+    model, optim_state, candidate = step.model, step.optim_state, step.serving
     candidate.eval()
+    if step.guard.reason:
+        say(f"guard: {step.guard.reason}; the updated model is the candidate")
 
     auc_c = auc_s = float("nan")
     if n_hold:
@@ -277,12 +268,13 @@ def _retrain_locked(md: ModelDir, slog: ServeLog, options: RetrainOptions, now: 
         say(f"rejected: {reason}")
         return RetrainResult("rejected", t, version, reason, n_train, n_hold, auc_c, auc_s)
 
-    new_state = {"optim": optim_state, "strategy": strategy.state_dict(), "generator": generator.state_dict(),
-                 "rng": rng.get_state(), "run": run}
-    meta = {"created": time.time(), "trained_through": t, "update_periods": _update_periods(strategy, t),
+    engine_state = engine.state_dict()
+    new_state = {"optim": optim_state, "strategy": engine_state["strategy"],
+                 "generator": engine_state["generator"], "rng": engine_state["rng"], "run": run}
+    meta = {"created": time.time(), "trained_through": t, "update_periods": _update_periods(engine.strategy, t),
             "serves_period": t + 1, "parent": version, "composition": composition(cfg, run), "model": cfg.model,
             "validation": {"auc_candidate": _finite(auc_c), "auc_serving": _finite(auc_s), "n_holdout": n_hold,
-                           "max_auc_drop": options.max_auc_drop},
+                           "max_auc_drop": options.max_auc_drop, "guard": step.guard.reason},
             "n_train": n_train, "n_holdout": n_hold}
     published = md.publish(model, candidate, new_state, meta)
     slog.close_period(t, upto, rows_ids, "published", {**detail, "version": published.number},
