@@ -1,0 +1,161 @@
+"""The step engine (``reloop.engine.RunEngine``): offline and online run the same period the same way,
+and the guard never serves a generated model that is non-finite or clearly worse than the update's."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", message=".*httpx2.*")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from reloop.config import parse_config  # noqa: E402
+from reloop.data.prepare import prepare_stream  # noqa: E402
+from reloop.data.sources import load_source  # noqa: E402
+from reloop.engine import RunEngine  # noqa: E402
+from reloop.models.base import CTRModel  # noqa: E402
+from reloop.protocol.runner import pretrain, run_one  # noqa: E402
+from reloop.serve.app import create_app  # noqa: E402
+from reloop.serve.registry import ModelDir, bootstrap  # noqa: E402
+from reloop.serve.retrain import RetrainOptions, retrain  # noqa: E402
+from reloop.update.generators.base import ModelGenerator  # noqa: E402
+
+ROWS = 300
+RUNS = {"IU": {"update": "incremental"},
+        "SC": {"update": "incremental", "loss": {"self_correction": 0.5}},
+        "BU": {"update": {"batch": 2}}}
+
+
+def _raw(tmp_path) -> dict:
+    return {"data": {"source": "synthetic",
+                     "synthetic": {"users": 60, "items": 40, "rows_per_period": ROWS, "periods": 8, "seed": 0},
+                     "periods": {"count": 8, "by": "rows"}, "cache": str(tmp_path / "cache")},
+            "model": {"name": "emb_mlp", "embedding_dim": 4, "hidden_units": [8]},
+            "train": {"epochs": 1, "pretrain_epochs": 2, "batch_size": 64, "lr": 0.01},
+            "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2, "seeds": [0],
+                         "serve_batch_size": ROWS},
+            "runs": RUNS}
+
+
+@pytest.mark.parametrize("run", sorted(RUNS))
+def test_offline_and_online_train_the_same_period_bit_for_bit(tmp_path, run):
+    """Period P+1 through ``reloop run`` (run_one) and through the service (predict, feedback, retrain)
+    gives the same Θ_{P+1} and the same served model, bit for bit: one step engine, one meaning of a
+    config (fails if either path builds its strategy, loss, RNG or y_last differently)."""
+    torch.set_num_threads(1)
+    cfg = parse_config(_raw(tmp_path))
+    P = cfg.protocol.pretrain
+    spec = cfg.runs[run]
+
+    # offline: Θ0 serves period P+1, then the engine trains on it
+    stream = prepare_stream(cfg.data, P).stream
+    theta0, optim0 = pretrain(cfg, stream, 0)
+    out = tmp_path / "offline"
+    run_one(cfg, stream, run, spec, 0, theta0, optim0, out=out, stop_after=P + 1)
+    blob = torch.load(out / "checkpoints" / run / "seed0.pt", weights_only=True)
+    offline = blob["model"]
+
+    # online: the same rows as live traffic, then one retrain of the open period
+    md = bootstrap(cfg, tmp_path / "md", run, log=lambda *_: None).path
+    frame = load_source(cfg.data).frame.slice(P * ROWS, ROWS)
+    client = TestClient(create_app(md))
+    recs = frame.select(["user_id", "item_id", "item_cat", "hour"]).to_dicts()
+    r = client.post("/predict", json={"records": recs})
+    assert r.status_code == 200, r.text
+    ids = [p["impression_id"] for p in r.json()["predictions"]]
+    labels = frame["label"].to_list()
+    fb = client.post("/feedback", json={"events": [{"impression_id": i, "label": y} for i, y in zip(ids, labels)]})
+    assert fb.status_code == 200, fb.text
+    result = retrain(md, RetrainOptions(holdout=0.0, max_auc_drop=1.0))
+    assert result.outcome == "published", result
+    mdir = ModelDir(md)
+    online = mdir.load_base(result.version).state_dict()
+    serving = mdir.load_serving(result.version).state_dict()
+
+    assert offline.keys() == online.keys()
+    for k in offline:
+        assert torch.equal(offline[k], online[k]), f"{run}: {k} differs between offline and online"
+        assert torch.equal(offline[k], serving[k]), f"{run}: identity generator must serve Θ_t ({k})"
+    assert not torch.equal(offline["head.weight"], theta0.state_dict()["head.weight"])  # it did train
+
+
+class _Diverging(ModelGenerator):
+    """A generator whose Θ* outputs NaN (SML's failure mode, made certain)."""
+
+    name = "diverging"
+
+    def serving_model(self, model: CTRModel) -> CTRModel:
+        import copy
+
+        out = copy.deepcopy(model)
+        with torch.no_grad():
+            out.head.bias.fill_(float("nan"))
+        return out
+
+
+class _Scaled(ModelGenerator):
+    """A generator that serves Θ_t with its logits scaled by ``factor`` (over-confident when > 1)."""
+
+    name = "scaled"
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+
+    def serving_model(self, model: CTRModel) -> CTRModel:
+        import copy
+
+        out = copy.deepcopy(model)
+        with torch.no_grad():
+            out.head.weight.mul_(self.factor)
+            out.head.bias.mul_(self.factor)
+        return out
+
+
+def _engine_and_stream(tmp_path, margin: float = 0.1):
+    raw = _raw(tmp_path)
+    raw["protocol"]["guard_margin"] = margin
+    cfg = parse_config(raw)
+    stream = prepare_stream(cfg.data, cfg.protocol.pretrain).stream
+    theta0, optim0 = pretrain(cfg, stream, 0)
+    engine = RunEngine(cfg, cfg.runs["IU"], 0, stream.feature_map)
+    return cfg, stream, theta0, optim0, engine
+
+
+def test_guard_serves_the_updated_model_when_the_generated_one_is_non_finite(tmp_path):
+    """A generated model with NaN scores is never served; the reason is recorded (fails if the guard
+    only compares finite losses, or is skipped)."""
+    torch.set_num_threads(1)
+    cfg, stream, theta0, optim0, engine = _engine_and_stream(tmp_path)
+    engine.generator = _Diverging()
+    step = engine.step(theta0, optim0, stream, cfg.protocol.pretrain + 1, None)
+    assert step.serving is step.model
+    assert step.guard.served == "base" and "non-finite" in step.guard.reason
+
+
+def test_guard_margin_decides_between_generated_and_updated(tmp_path):
+    """Over-confident logits (×8) lose far more than 10% log loss: the updated model serves; a mild
+    change (×1.02) stays within the margin and is served (fails if the guard ignores the margin either way)."""
+    torch.set_num_threads(1)
+    cfg, stream, theta0, optim0, engine = _engine_and_stream(tmp_path, margin=0.1)
+    t = cfg.protocol.pretrain + 1
+    engine.generator = _Scaled(8.0)
+    bad = engine.step(theta0, optim0, stream, t, None)
+    assert bad.serving is bad.model and bad.guard.served == "base"
+    assert bad.guard.loss_generated > 1.1 * bad.guard.loss_base
+    engine.generator = _Scaled(1.02)
+    ok = engine.step(theta0, optim0, stream, t, None)
+    assert ok.serving is not ok.model and ok.guard.served == "generated"
+    assert math.isfinite(ok.guard.loss_generated)
+
+
+def test_run_records_the_fallback_in_its_rows(tmp_path, monkeypatch):
+    """run_one writes the guard's reason into each period's row (empty when Θ*_t was served)."""
+    torch.set_num_threads(1)
+    cfg, stream, theta0, optim0, _ = _engine_and_stream(tmp_path)
+    monkeypatch.setattr("reloop.engine.build_generator", lambda *a, **k: _Diverging())
+    rows = run_one(cfg, stream, "IU", cfg.runs["IU"], 0, theta0, optim0)
+    assert len(rows) == cfg.protocol.served_periods + 1  # Θ0 serves P+1, then one row per step
+    assert all("non-finite" in r["fallback"] for r in rows[1:])
+    assert all(math.isfinite(r["logloss"]) for r in rows)
