@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor, nn
 
 from reloop.data.schema import FeatureMap
-from reloop.models.layers import Batch, FeatureEmbedding
+from reloop.errors import format_errors
+from reloop.models.layers import Batch, EmbeddedBatch, FeatureEmbedding
 
 MEMORY_KEYS = ("hidden", "embeddings")
 
@@ -79,16 +80,12 @@ class CTRModel(nn.Module):
         if key == "hidden":
             return self.forward_hidden(batch)
         if key == "embeddings":
-            # Catch the embeddings the forward pass computes anyway instead of looking them up twice.
-            caught: list[Tensor] = []
+            # The embeddings are computed once here and carried into the forward pass on a per-call
+            # batch object, so the key and the logits come out of one computation. (A forward hook on
+            # the shared layer mixed up the keys of concurrent callers: the service's threadpool.)
             layer = self.key_embedding()
-            handle = layer.register_forward_hook(lambda _m, _i, out: caught.append(out))
-            try:
-                logits = self(batch)
-            finally:
-                handle.remove()
-            emb = caught[0] if caught else layer(batch)  # a model may skip the layer (e.g. no fields)
-            return logits, emb.flatten(1)
+            emb = layer(batch)
+            return self(EmbeddedBatch(batch, layer, emb)), emb.flatten(1)
         raise ValueError(f"key: must be one of {MEMORY_KEYS}, got {key!r}")
 
     def key_dim(self, key: str = "hidden") -> int:
@@ -151,7 +148,6 @@ def model_options(config: dict[str, Any]) -> tuple[type[CTRModel], ModelOptions]
     """Check ``{name: ..., **options}`` without building the model (no feature map needed): the
     registered class and its validated options. Problems name the key (``model.hidden_units: ...``)."""
     from reloop import models as _zoo  # noqa: F401  (registers the zoo)
-    from reloop.config import _format_errors
 
     cfg = dict(config)
     name = cfg.pop("name", DEFAULT_MODEL)
@@ -161,7 +157,7 @@ def model_options(config: dict[str, Any]) -> tuple[type[CTRModel], ModelOptions]
     try:
         return cls, cls.Options(**cfg)
     except ValidationError as e:
-        raise ValueError(_format_errors(e, prefix="model.")) from None
+        raise ValueError(format_errors(e, prefix="model.")) from None
 
 
 def build_model(config: dict[str, Any], feature_map: FeatureMap) -> CTRModel:
@@ -170,20 +166,128 @@ def build_model(config: dict[str, Any], feature_map: FeatureMap) -> CTRModel:
     return cls(feature_map, options)
 
 
+#: ``save_model``'s file format: a safetensors file (the state dict; a parser that never runs code)
+#: whose header metadata holds ``config`` and ``feature_map`` as JSON strings.
+MODEL_FORMAT = "reloop-model/2"
+
+
+class CheckpointError(ValueError):
+    """A model file that cannot be used: unreadable, truncated, foreign, or built for another model."""
+
+
+class IncompatibleCheckpoint(CheckpointError):
+    """A readable model file built for another model: feature map, name/options or tensor shapes differ."""
+
+
+def _plain_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """CPU, contiguous tensors that share no storage (what safetensors stores)."""
+    out: dict[str, Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for name, t in state.items():
+        t = t.detach().to("cpu").contiguous()
+        ref = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if ref in seen or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        seen.add((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
+        out[name] = t
+    return out
+
+
 def save_model(model: CTRModel, path: str | Path) -> None:
-    from reloop.device import to_cpu
+    """Write ``model`` as ``MODEL_FORMAT`` (CPU tensors: loads on any machine)."""
+    from safetensors.torch import save_file
 
-    torch.save({"config": model.config(), "feature_map": model.feature_map.model_dump(),
-                "state_dict": to_cpu(model.state_dict())}, path)  # CPU tensors: loads on any machine
+    meta = {"format": MODEL_FORMAT, "config": json.dumps(model.config()),
+            "feature_map": json.dumps(model.feature_map.model_dump())}
+    save_file(_plain_state(model.state_dict()), str(path), metadata=meta)
 
 
-def load_model(path: str | Path, feature_map: FeatureMap | None = None) -> CTRModel:
-    """Load a checkpoint written by ``save_model``; a feature map mismatch fails loudly."""
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    stored = FeatureMap(**blob["feature_map"])
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
+def _normalised(config: dict[str, Any]) -> dict[str, Any]:
+    cls, options = model_options(config)
+    return {"name": cls.name, **options.model_dump()}
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, tuple] | None, Any]:
+    """``(config, feature_map, shapes, tensors)`` of a model file without running anything it contains.
+
+    ``shapes`` come from the safetensors header (None for a legacy file); ``tensors`` is a callable
+    giving the state dict, read only after the header checks. A legacy
+    ``torch.save`` file (a zip) is read with ``torch.load(weights_only=True)``: plain containers and
+    tensors only, a pickle that would call anything is refused.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head == b"PK\x03\x04":  # legacy torch.save zip
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(blob, dict) or not {"config", "feature_map", "state_dict"} <= set(blob):
+            raise CheckpointError(f"{path}: not a model checkpoint (expected config, feature_map, state_dict)")
+        return blob["config"], blob["feature_map"], None, lambda: blob["state_dict"]
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    if meta.get("format") != MODEL_FORMAT:
+        raise CheckpointError(f"{path}: not a reloop model file (format {meta.get('format')!r}, "
+                              f"expected {MODEL_FORMAT!r})")
+    return json.loads(meta["config"]), json.loads(meta["feature_map"]), shapes, lambda: load_file(str(path))
+
+
+def load_model(path: str | Path, feature_map: FeatureMap | None = None,
+               expect_config: dict[str, Any] | None = None) -> CTRModel:
+    """Load a checkpoint written by ``save_model``; nothing in the file is executed.
+
+    Refused with a one-line ``CheckpointError`` (before any model is built) when the file cannot be
+    read, its feature map differs from ``feature_map``, or its model (name and every option, defaults
+    filled in) differs from ``expect_config``; and when its tensors do not fit the model it names.
+    """
+    path = Path(path)
+    try:
+        config, stored_map, shapes, tensors = _read_checkpoint(path)
+        stored = FeatureMap(**stored_map)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated, foreign, a refused pickle, bad JSON: one line
+        raise CheckpointError(f"{path}: unreadable model file ({_one_line(e)})") from None
     if feature_map is not None and stored != feature_map:
-        raise ValueError(f"{path}: checkpoint was built for another feature map "
-                         f"({json.dumps(stored.tables)} vs {json.dumps(feature_map.tables)})")
-    model = build_model(blob["config"], stored)
-    model.load_state_dict(blob["state_dict"], strict=True)
+        raise IncompatibleCheckpoint(f"{path}: checkpoint was built for another feature map "
+                                     f"({json.dumps(stored.tables)} vs {json.dumps(feature_map.tables)})")
+    try:
+        got = _normalised(config)
+    except Exception as e:  # noqa: BLE001 - an unknown model name, bad options, not a mapping at all
+        raise CheckpointError(f"{path}: {_one_line(e)}") from None
+    if expect_config is not None:
+        want = _normalised(expect_config)
+        if got != want:
+            diff = [k for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k)]
+            shown = "; ".join(f"model.{k}: {got.get(k)!r} in the file, {want.get(k)!r} expected" for k in diff)
+            raise IncompatibleCheckpoint(f"{path}: another model ({shown})")
+    model = build_model(config, stored)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    def check(found: dict[str, tuple]) -> None:
+        if found != expected:
+            bad = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
+            raise IncompatibleCheckpoint(f"{path}: tensors do not fit model {got['name']} ({len(bad)} differ, "
+                                         f"e.g. {bad[0]}: {found.get(bad[0])} in the file, "
+                                         f"{expected.get(bad[0])} expected)")
+
+    try:
+        if shapes is not None:
+            check(shapes)  # from the header, before reading any tensor data
+        state = tensors()
+        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+            raise CheckpointError(f"{path}: the state dict is not a mapping of tensors")
+        check({k: tuple(v.shape) for k, v in state.items()})
+        model.load_state_dict(state, strict=True)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - reported as one line, never a traceback
+        raise CheckpointError(f"{path}: unreadable model tensors ({_one_line(e)})") from None
     return model

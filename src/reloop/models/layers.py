@@ -55,6 +55,16 @@ class _LookupRows(torch.autograd.Function):
         return (None, None, *grads, *([None] * len(ids)))
 
 
+class EmbeddedBatch(dict):
+    """A batch that carries one ``FeatureEmbedding``'s output for it, so a forward pass reuses exactly
+    those embeddings (``CTRModel.forward_key``: the memory key and the prediction come from one
+    computation). The carried tensor lives on this per-call object only: no module or global state."""
+
+    def __init__(self, batch: Batch, layer: nn.Module, embeddings: Tensor) -> None:
+        super().__init__(batch)
+        self.carried = (layer, embeddings)
+
+
 def _hooked(modules: list[nn.Module]) -> bool:
     from torch.nn.modules import module as _m
 
@@ -124,6 +134,8 @@ class FeatureEmbedding(nn.Module):
         return _LookupRows.apply(self._cat_table_of, len(weights), *weights, *ids)
 
     def forward(self, batch: Batch) -> Tensor:
+        if type(batch) is EmbeddedBatch and batch.carried[0] is self:
+            return batch.carried[1]
         cat = self._categorical(batch)
         if self._all_categorical:
             return cat

@@ -1,0 +1,91 @@
+"""The error memory's key under concurrency (issue 16, defect 1).
+
+``CTRModel.forward_key`` used to catch the ``embeddings`` key with a forward hook on the shared
+embedding layer: concurrent callers (the service's threadpool) got each other's keys, or a key of
+another batch size (a 500). The key now comes out of the same forward call, with no shared state.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+
+import pytest
+import torch
+
+from reloop.models import MODELS, build_model
+
+from conftest import tiny_stream
+from test_models import FMAP, make_batch
+
+warnings.filterwarnings("ignore", message=".*httpx2.*")
+
+
+def _hooked_forward_key(model, batch, key):
+    """The former implementation (a forward hook on the key layer): the bit-for-bit reference."""
+    if key == "hidden":
+        return model.forward_hidden(batch)
+    caught = []
+    layer = model.key_embedding()
+    handle = layer.register_forward_hook(lambda _m, _i, out: caught.append(out))
+    try:
+        logits = model(batch)
+    finally:
+        handle.remove()
+    emb = caught[0] if caught else layer(batch)
+    return logits, emb.flatten(1)
+
+
+@pytest.fixture(scope="module")
+def stream():
+    return tiny_stream()
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_forward_key_is_bit_identical_to_the_hooked_version(name):
+    """Every model of the zoo, on the contract suite's feature map (categorical, numeric, sequences)."""
+    torch.manual_seed(0)
+    model = build_model({"name": name, "embedding_dim": 4, "hidden_units": [8]}, FMAP).eval()
+    batch = make_batch(32, seed=2)
+    with torch.no_grad():
+        for key in ("hidden", "embeddings"):
+            logits, h = model.forward_key(batch, key)
+            ref_logits, ref_h = _hooked_forward_key(model, batch, key)
+            assert torch.equal(logits, ref_logits) and torch.equal(h, ref_h), (name, key)
+
+
+def _race(model, forward_key, stream, threads: int = 6, rounds: int = 40) -> tuple[int, list[str]]:
+    """Threads call ``forward_key`` on batches of different sizes; returns (wrong keys, errors)."""
+    rows = stream.periods(4, 5)
+    batches = [{k: v[: 1 + 3 * i] for k, v in rows.data.items()} for i in range(threads)]
+    layer = model.key_embedding()
+    with torch.no_grad():
+        expected = [layer(b).flatten(1) for b in batches]
+    wrong = [0]
+    errors: list[str] = []
+    barrier = threading.Barrier(threads)
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        for _ in range(rounds):
+            try:
+                with torch.no_grad():
+                    _, h = forward_key(model, batches[i], "embeddings")
+                if h.shape != expected[i].shape or not torch.equal(h, expected[i]):
+                    wrong[0] += 1
+            except Exception as e:  # noqa: BLE001 - counted, reported by the test
+                errors.append(repr(e))
+
+    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join()
+    return wrong[0], errors
+
+
+def test_concurrent_forward_key_never_mixes_keys(stream):
+    torch.manual_seed(0)
+    model = build_model({"name": "deepfm", "embedding_dim": 8, "hidden_units": [64, 32]}, stream.feature_map).eval()
+    wrong, errors = _race(model, lambda m, b, k: m.forward_key(b, k), stream)
+    assert wrong == 0 and errors == []
+    assert not model.key_embedding()._forward_hooks  # nothing left registered on the shared layer
