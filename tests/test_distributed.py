@@ -24,6 +24,7 @@ import yaml
 
 from conftest import TINY_SCHEMA, tiny_frame
 from reloop import distributed as rd
+from reloop.protocol.metrics import global_auc
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,7 +93,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         # 4. metrics over every rank's rows: sums and an exact global AUC
         mine_test = test.take(rd.shard_indices(len(test)))  # 1000 rows: 500 per rank, no padding
         probs = torch.sigmoid(predict_rows(model, mine_test)[0])
-        result["global_auc"] = rd.global_auc(mine_test.data["label"], probs)
+        result["global_auc"] = global_auc(mine_test.data["label"], probs)
         all_probs = torch.sigmoid(predict_rows(model, test)[0])
         result["full_auc"] = auc(test.data["label"].numpy(), all_probs.numpy())
         result["gathered"] = rd.all_gather_rows(torch.full((env.rank + 1, 2), float(env.rank)))
@@ -194,7 +195,7 @@ def test_protocol_under_torchrun_matches_one_process(tmp_path):
         "torch.set_num_threads(1)\n"
         "from pathlib import Path\n"
         "from reloop.config import load_config\n"
-        "from reloop.distributed import run_experiment_distributed\n"
+        "from reloop.protocol.scaleout import run_experiment_distributed\n"
         "run_experiment_distributed(load_config(sys.argv[1]), Path(sys.argv[2]), show_progress=False)\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",

@@ -8,15 +8,20 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from pydantic import ValidationError
 
+from reloop.errors import format_errors
+from reloop.memory.compensate import Compensator
+from reloop.memory.config import MemoryConfig
+from reloop.memory.config import build_memory as _build_memory
+from reloop.update.generators.base import Identity, ModelGenerator
+from reloop.update.generators.config import build_generator as _build_generator
 from reloop.update.losses import CrossEntropy, Distill, Loss, SelfCorrection
+from reloop.update.replay import Replay
 from reloop.update.strategies import BatchWindow, FullRetrain, Incremental, NoUpdate, UpdateStrategy
-
-if TYPE_CHECKING:
-    from reloop.config import Config, RunSpec
 
 
 def _one_key(value: str | dict[str, Any], where: str) -> tuple[str, Any]:
@@ -68,8 +73,6 @@ def build_update(value: str | dict[str, Any], where: str = "update", seed: int =
             raise ValueError(f"{where}.full.start: expected 'previous' or 'scratch', got {opts['start']!r}")
         return FullRetrain(**opts)
     if name == "replay":
-        from reloop.update.replay import Replay
-
         opts = _options(arg, f"{where}.replay", ("reservoir", "ratio"))
         if "reservoir" in opts:
             opts["reservoir"] = _number(opts["reservoir"], f"{where}.replay.reservoir", "a number in (0, 1]",
@@ -122,37 +125,27 @@ def build_loss(value: str | dict[str, Any], where: str = "loss") -> LossSpec:
     return LossSpec(Distill(weight, temperature))
 
 
-def build_generator(value: str | dict[str, Any], where: str = "generator", seed: int = 0):
-    from reloop.update.generators.base import Identity
-
+def build_generator(value: str | dict[str, Any] | None, where: str = "generator", seed: int = 0) -> ModelGenerator:
+    """``identity | sml | {sml: {...}} | {asmg_linear: {...}} | {asmg_gru: {...}}`` seeded by the run's seed."""
     if value in ("identity", None, {"identity": None}, {"identity": {}}):
         return Identity()
-    from reloop.update.generators.config import build_generator as _build
-
     try:
-        return _build(value, run_seed=seed)
+        return _build_generator(value, run_seed=seed)
     except ValueError as e:  # the generator module names keys `generator.<...>`: re-root them at `where`
         msg = re.sub(r"(^|; )generator(?=[.:])", lambda m: m.group(1) + where, str(e))
         raise ValueError(msg if msg.startswith(where) else f"{where}: {msg}") from None
 
 
 def build_memory(value: dict[str, Any] | None, dim: int, seed: int, where: str = "memory",
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu") -> Compensator | None:
     """The serving adapter (ReLoop2): ``None`` or a ``Compensator`` around an error memory on ``device``."""
     if value is None:
         return None
-    from pydantic import ValidationError
-
-    from reloop.memory.config import MemoryConfig
-    from reloop.memory.config import build_memory as _build
-
     try:
         cfg = MemoryConfig(**value)
     except ValidationError as e:
-        from reloop.config import _format_errors
-
-        raise ValueError(_format_errors(e, prefix=f"{where}.")) from None
-    return _build(cfg, dim=dim, seed=seed, device=device)
+        raise ValueError(format_errors(e, prefix=f"{where}.")) from None
+    return _build_memory(cfg, dim=dim, seed=seed, device=device)
 
 
 def memory_key(value: dict[str, Any] | None) -> str:
@@ -164,17 +157,15 @@ def memory_resets_on_update(value: dict[str, Any] | None) -> bool:
     return bool(value) and _memory_config(value).reset_on_update
 
 
-def _memory_config(value: dict[str, Any]):
+def _memory_config(value: dict[str, Any]) -> MemoryConfig:
     """The parsed ``memory:`` block: its defaults live in ``MemoryConfig`` only."""
-    from reloop.memory.config import MemoryConfig
-
     return MemoryConfig.parse(value)
 
 
 _PARTS = ("update", "loss", "generator", "memory")
 
 
-def _qualify(message: str, where: str) -> str:
+def qualify(message: str, where: str) -> str:
     """``message`` as one dotted path under ``where``: ``loss.scale: ...`` -> ``runs.IU.loss.scale: ...``
     (also for each ``; ``-joined problem); anything else becomes ``runs.IU: ...``."""
     if message.startswith(where):
@@ -183,17 +174,3 @@ def _qualify(message: str, where: str) -> str:
     if not re.match(rf"({parts})[.:]", message):
         return f"{where}: {message}"
     return re.sub(rf"(^|; )(?=({parts})[.:])", lambda m: f"{m.group(1)}{where}.", message)
-
-
-def validate_run(name: str, run: RunSpec, cfg: Config) -> None:
-    """Build every choice of a run once so that config errors surface before any training."""
-    from reloop.config import ConfigError
-
-    where = f"runs.{name}"
-    try:
-        build_update(run.update)
-        build_loss(run.loss)
-        build_generator(run.generator)
-        build_memory(run.memory, dim=4, seed=0)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(_qualify(str(e), where)) from None

@@ -8,6 +8,7 @@ source's schema and ``model`` against the model registry, all before any data is
 from __future__ import annotations
 
 import copy
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +16,13 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
+from reloop.components import build_generator, build_loss, build_memory, build_update, qualify
 from reloop.data.periods import PeriodsConfig
+from reloop.data.sources.config import SOURCE_NAMES, parse_source_config
 from reloop.device import check_device_spec
+from reloop.errors import ConfigError, format_errors
 from reloop.models.base import DEFAULT_MODEL, model_options
 from reloop.update.trainer import TrainConfig
-
-
-class ConfigError(ValueError):
-    """A configuration problem, always naming the offending key."""
 
 
 class _Strict(BaseModel):
@@ -113,15 +113,6 @@ class Config(_Strict):
         return PeriodsConfig(**self.data.get("periods", {}))
 
 
-def _format_errors(err: ValidationError, prefix: str = "") -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
-        msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{prefix}{loc}: {msg}" if loc else f"{prefix.rstrip('.') or 'config'}: {msg}")
-    return "; ".join(lines)
-
-
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     """``protocol.seeds`` -> tree['protocol']['seeds'] = value (creating dicts on the way)."""
     keys = dotted.split(".")
@@ -154,8 +145,6 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def _check_data(data: dict[str, Any]) -> None:
     """The `data` source's keys and `data.periods`, with dotted paths (the data is not read)."""
-    from reloop.data.sources.config import SOURCE_NAMES, parse_source_config
-
     source = data.get("source")
     if not isinstance(source, str) or source not in SOURCE_NAMES:
         problem = "required" if source is None else f"unknown source {source!r}"
@@ -163,11 +152,11 @@ def _check_data(data: dict[str, Any]) -> None:
     try:
         parse_source_config(data)  # checks that `periods` is a mapping
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, prefix="data.")) from None
+        raise ConfigError(format_errors(e, prefix="data.")) from None
     try:
         PeriodsConfig(**data.get("periods", {}))
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, prefix="data.periods.")) from None
+        raise ConfigError(format_errors(e, prefix="data.periods.")) from None
 
 
 def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> Config:
@@ -176,7 +165,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> Config:
     try:
         cfg = Config(**raw)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e)) from None
+        raise ConfigError(format_errors(e)) from None
     _check_data(cfg.data)
     try:
         model_options(cfg.model)
@@ -186,11 +175,14 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> Config:
         path = Path(cfg.data["path"]).expanduser()
         if not path.is_absolute() and not path.exists() and (base_dir / path).exists():
             cfg.data["path"] = str((base_dir / path).resolve())
-    from reloop.components import validate_run  # late: components import the method modules
-
     for name, run in cfg.runs.items():
-        validate_run(name, run, cfg)
+        validate_run(name, run)
     return cfg
+
+
+def demo_config_path() -> Path:
+    """The packaged config of ``reloop demo`` (the embedded synthetic drift benchmark)."""
+    return Path(str(resources.files("reloop") / "configs" / "demo.yaml"))
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
@@ -206,3 +198,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def validate_run(name: str, run: RunSpec) -> None:
+    """Build every choice of a run once so that config errors surface before any training."""
+    where = f"runs.{name}"
+    try:
+        build_update(run.update)
+        build_loss(run.loss)
+        build_generator(run.generator)
+        build_memory(run.memory, dim=4, seed=0)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(qualify(str(e), where)) from None

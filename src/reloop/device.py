@@ -3,7 +3,7 @@
 - ``cpu`` (default): everything on the CPU.
 - ``auto``: the current CUDA device when ``torch.cuda.is_available()``, else the CPU.
 - ``cuda`` / ``cuda:N``: the current (resp. N-th) CUDA device; asking for one that is not there is a
-  :class:`~reloop.config.ConfigError` naming ``device``.
+  :class:`~reloop.errors.ConfigError` naming ``device``.
 
 Under ``torchrun`` with several processes, :func:`reloop.distributed.init_distributed` gives each process
 the GPU of its ``LOCAL_RANK`` instead (``cuda:N`` is then overridden); :func:`runtime_device` returns that.
@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+
+from reloop.errors import ConfigError
 
 SPEC = re.compile(r"(auto|cpu|cuda)(?::(\d+))?")
 
@@ -48,11 +50,9 @@ def resolve_device(spec: str | torch.device = "cpu", *, default_index: int | Non
     mean (default: ``torch.cuda.current_device()``).
 
     Raises:
-        reloop.config.ConfigError: ``device: ...`` for a malformed spec, for CUDA requested when
+        reloop.errors.ConfigError: ``device: ...`` for a malformed spec, for CUDA requested when
             ``torch.cuda.is_available()`` is False, and for an index beyond the visible GPUs.
     """
-    from reloop.config import ConfigError
-
     try:
         text = check_device_spec(spec)
     except ValueError as e:
@@ -77,16 +77,6 @@ def resolve_device(spec: str | torch.device = "cpu", *, default_index: int | Non
         raise ConfigError(f"{where}: {str(spec)!r} requested but only {count} CUDA device(s) are visible "
                           f"(cuda:0..cuda:{count - 1})")
     return torch.device("cuda", n)
-
-
-def runtime_device(spec: str | torch.device = "cpu") -> torch.device:
-    """The device this process computes on: its ``LOCAL_RANK`` GPU (or the CPU) inside a ``torchrun``
-    process group of several processes, else :func:`resolve_device` of ``spec``."""
-    from reloop import distributed as rd
-
-    if rd.is_active():
-        return rd.current().device
-    return resolve_device(spec)
 
 
 def clock(device: torch.device | str = "cpu") -> float:

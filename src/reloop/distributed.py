@@ -38,16 +38,17 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from reloop.device import resolve_device
+
 __all__ = [
     "DistEnv", "init_distributed", "shutdown", "current", "is_active", "barrier", "env_from_torchrun",
     "backend_for", "wrap_ddp", "unwrap", "shard_indices", "shard_rows", "shard_bounds", "all_reduce_sums",
-    "all_gather_rows", "global_auc", "rank_zero_first", "run_experiment_distributed", "launch_local",
+    "all_gather_rows", "rank_zero_first", "launch_local",
     "launched_by_torchrun", "rank_out_dir",
 ]
 
@@ -98,8 +99,6 @@ def init_distributed(device: str | torch.device = "cpu", backend: str | None = N
     overridden) and the backend defaults to NCCL. CUDA asked for where there is none raises
     :class:`reloop.config.ConfigError` naming ``device``. Calling it again returns the same environment.
     """
-    from reloop.device import resolve_device
-
     global _CURRENT
     if _CURRENT is not None:
         return _CURRENT
@@ -140,6 +139,14 @@ def current() -> DistEnv:
 def is_active() -> bool:
     """True inside a process group of more than one process."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def runtime_device(spec: str | torch.device = "cpu") -> torch.device:
+    """The device this process computes on: its ``LOCAL_RANK`` GPU (or the CPU) inside a ``torchrun``
+    process group of several processes, else :func:`resolve_device` of ``spec``."""
+    if is_active():
+        return current().device
+    return resolve_device(spec)
 
 
 def barrier() -> None:
@@ -282,15 +289,6 @@ def all_gather_rows(t: Tensor) -> Tensor:
     return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(t.device)
 
 
-def global_auc(labels: Tensor, scores: Tensor) -> float:
-    """Exact AUC over the rows of every rank (gathers labels and scores; ``O(N)`` memory on each rank)."""
-    from reloop.protocol.metrics import auc
-
-    y = all_gather_rows(labels.detach().float().flatten().cpu())
-    p = all_gather_rows(scores.detach().float().flatten().cpu())
-    return float(auc(y.numpy(), p.numpy()))
-
-
 # --------------------------------------------------------------------------------------------------
 # the protocol under torchrun
 
@@ -328,31 +326,3 @@ def rank_out_dir(out: Path, env: DistEnv | None = None) -> Path:
     """
     env = env or current()
     return Path(out) if env.is_main else Path(out) / "_ranks" / f"rank{env.rank}"
-
-
-def run_experiment_distributed(cfg, out: Path, resume: bool = False, show_progress: bool = True,
-                               console: Any = None):
-    """``run_experiment`` in every process of a ``torchrun`` job; rank 0's result directory is ``out``.
-
-    Rank 0 prepares (and caches) the encoded stream first, then the others load it from the cache. Each
-    rank runs the protocol; :func:`reloop.update.trainer.train_rows` splits every training batch across
-    ranks (DDP). Returns the :class:`~reloop.protocol.experiment.ExperimentResult` (of this rank).
-    """
-    from reloop.data.encode import EncoderConfig
-    from reloop.data.prepare import prepare_stream
-    from reloop.protocol.experiment import run_experiment
-
-    env = init_distributed(getattr(cfg, "device", "cpu"))  # auto/cuda -> this rank's LOCAL_RANK GPU
-    if not env.is_main:
-        from rich.console import Console
-
-        console, show_progress = Console(quiet=True), False
-    try:
-        with rank_zero_first():
-            prepare_stream(cfg.data, cfg.protocol.pretrain, EncoderConfig(**cfg.encoder.model_dump()))
-        result = run_experiment(cfg, rank_out_dir(out, env), resume=resume,
-                                show_progress=show_progress and env.is_main, console=console)
-        barrier()
-        return result
-    finally:
-        shutdown()

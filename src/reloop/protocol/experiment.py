@@ -2,21 +2,25 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from reloop.config import Config, dump_config
+from reloop.config import Config, RunSpec, dump_config
 from reloop.data.encode import EncoderConfig
 from reloop.data.prepare import prepare_stream
 from reloop.data.tensors import Stream
-from reloop.device import runtime_device
+from reloop.distributed import runtime_device
 from reloop.protocol.metrics import auc, logloss
 from reloop.protocol.report import plot_periods, read_periods, summarize, write_periods, write_summary
-from reloop.protocol.runner import check_resume, pretrain, run_one
+from reloop.protocol.runner import check_resume, fresh_model, pretrain, run_one
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -25,6 +29,7 @@ class ExperimentResult:
     rows: list[dict[str, Any]]
     summary: list[dict[str, Any]]
     markdown: str
+    files: list[str] = field(default_factory=list)  # the result files written into ``out``
 
 
 def oracle_by_period(stream: Stream) -> dict[int, dict[str, float]]:
@@ -39,19 +44,79 @@ def oracle_by_period(stream: Stream) -> dict[int, dict[str, float]]:
     return out
 
 
+def _dense_work(cfg: Config, stream: Stream) -> float:
+    """Dense multiply-adds of one training step of the run's model (for the automatic thread count)."""
+    import torch
+
+    from reloop.threads import dense_work
+
+    with torch.random.fork_rng(devices=[]):  # building a model draws from the global RNG
+        model = fresh_model(cfg, stream, 0)
+    return dense_work(model, cfg.train.batch_size)
+
+
+def expected_rows(cfg: Config, spec: RunSpec, period_rows: Sequence[int]) -> int:
+    """Rows a run trains on over all its periods (what its progress bar counts): the base update's rows
+    (exact for none, incremental, batch and full; replay adds ``ratio`` × the period, capped by the
+    reservoir at run time) plus a learned generator's rows (``epochs`` × the periods its steps are
+    judged on). An estimate where noted; the bar is clamped to it and completed at the end."""
+    from reloop.components import build_update
+    from reloop.update.generators.config import parse_generator
+    from reloop.update.replay import Replay
+    from reloop.update.strategies import BatchWindow, FullRetrain
+
+    rows = lambda a, b: sum(period_rows[max(a, 1) - 1:b])  # noqa: E731  (periods a..b, 1-based)
+    strategy = build_update(spec.update)
+    gen_name, gen = parse_generator(spec.generator)
+    min_models = getattr(gen, "k", 1)
+    first, last = cfg.protocol.pretrain + 1, cfg.protocol.pretrain + cfg.protocol.served_periods
+    total = 0.0
+    for i, t in enumerate(range(first, last + 1), start=1):
+        if strategy.trains:
+            if isinstance(strategy, FullRetrain):
+                epochs = cfg.train.pretrain_epochs if strategy.start == "scratch" else cfg.train.epochs
+                total += epochs * rows(1, t)
+            elif isinstance(strategy, BatchWindow):
+                total += cfg.train.epochs * rows(t - strategy.window + 1, t)
+            else:
+                total += cfg.train.epochs * rows(t, t) * (1 + (strategy.ratio if isinstance(strategy, Replay) else 0))
+        if gen_name != "identity" and i >= min_models:  # learns on D_{t+1} once it holds enough models
+            variant = getattr(gen, "variant", "single")
+            n = 1 if variant == "single" or gen_name != "asmg_gru" else (i if variant == "full" else min(i, gen.k))
+            total += gen.epochs * rows(t - n + 2, t + 1)
+    return int(total)
+
+
 def run_experiment(cfg: Config, out: Path, resume: bool = False, show_progress: bool = True,
-                   console: Console | None = None, pretrain_dir: Path | None = None) -> ExperimentResult:
+                   console: Console | None = None, pretrain_dir: Path | None = None,
+                   threads: int | str | None = None) -> ExperimentResult:
     """Run every run × seed of ``cfg`` into ``out``. ``pretrain_dir`` shares Θ0 between experiments
-    that use the same data and model (the paper benchmark pairs all its sections on one Θ0 per seed)."""
+    that use the same data and model (the paper benchmark pairs all its sections on one Θ0 per seed).
+
+    ``threads``: torch intra-op threads, a number or ``"auto"`` (:mod:`reloop.threads`: from the model's
+    size and the host's free CPUs); None takes ``RELOOP_THREADS`` (set by ``reloop --threads``) and, when
+    that is unset too, leaves torch as it is. Before any training, :func:`reloop.checks.check_before_run`
+    refuses runs with a component that can never act and logs those that cannot act in some periods.
+    """
+    from reloop.checks import check_before_run
+    from reloop.threads import apply_threads, setting_from_env
+
     console = console or Console(stderr=True)
     device = runtime_device(cfg.device)  # resolved once (a ConfigError naming `device` before any work)
     prepared = prepare_stream(cfg.data, cfg.protocol.pretrain, EncoderConfig(**cfg.encoder.model_dump()))
     stream = prepared.stream
+    findings = check_before_run(cfg, [end - start for start, end in stream.bounds])
+    for finding in findings:
+        console.print(f"[yellow]warning[/] {finding}")
     if resume:  # a checkpoint made with other settings stops the run before OUT is touched
         check_resume(cfg, stream, out)
+    setting = threads if threads is not None else setting_from_env()
+    choice = apply_threads(setting, _dense_work(cfg, stream) if setting == "auto" else None)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
     console.print(f"[bold]data[/]: {len(stream.rows):,} rows in {stream.n_periods} periods; {prepared.report}")
+    if choice is not None:
+        console.print(f"[bold]threads[/]: {choice.describe()}")
     oracle = oracle_by_period(stream)
     if oracle:
         (out / "oracle.json").write_text(json.dumps(oracle, indent=1))
@@ -60,6 +125,7 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, show_progress: 
     stream = stream.to(device)  # one copy of the encoded stream; every period is then a slice of it
 
     pre_rows = stream.bounds[cfg.protocol.pretrain - 1][1]
+    sizes = [end - start for start, end in stream.bounds]
     all_rows: list[dict[str, Any]] = []
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=console, disable=not show_progress, transient=False) as bar:
@@ -69,20 +135,24 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, show_progress: 
                                       on_batch=lambda n, task=task: bar.advance(task, n))
             bar.update(task, completed=pre_rows * cfg.train.pretrain_epochs)
             for name, spec in cfg.runs.items():
-                task = bar.add_task(f"seed {seed}: {name}", total=None)
+                total = max(expected_rows(cfg, spec, sizes), 1)
+                task = bar.add_task(f"seed {seed}: {name}", total=total)
                 done = {"rows": 0}
 
-                def tick(_run: str, n: int, task=task, done=done) -> None:
+                def tick(_run: str, n: int, task=task, done=done, total=total) -> None:
                     done["rows"] += n
-                    bar.update(task, completed=done["rows"])
+                    bar.update(task, completed=min(done["rows"], total))
 
                 rows = run_one(cfg, stream, name, spec, seed, theta0, optim0, out=out, resume=resume,
                                progress=tick if show_progress else None, device=device)
-                bar.update(task, total=max(done["rows"], 1), completed=max(done["rows"], 1))
+                bar.update(task, completed=total)
                 all_rows.extend(rows)
                 test = [r["auc"] for r in rows if r["phase"] == "test"]
-                console.log(f"seed {seed} {name}: test AUC {sum(test) / max(len(test), 1):.4f}")
-    return write_results(cfg, out, all_rows, {p: o["auc"] for p, o in oracle.items()})
+                log.info("seed %s %s: test AUC %.4f", seed, name, sum(test) / max(len(test), 1))
+    result = write_results(cfg, out, all_rows, {p: o["auc"] for p, o in oracle.items()})
+    if oracle:
+        result.files.append("oracle.json")
+    return result
 
 
 def write_results(cfg: Config, out: Path, rows: list[dict[str, Any]],
@@ -92,7 +162,8 @@ def write_results(cfg: Config, out: Path, rows: list[dict[str, Any]],
     title = f"{cfg.data.get('source')} · model {cfg.model.get('name')} · test periods · seeds {cfg.protocol.seeds}"
     md = write_summary(summary, out / "summary.csv", out / "summary.md", title)
     plot_periods(rows, out / "periods.png", "auc", oracle_auc, title=f"AUC per served period — {title}")
-    return ExperimentResult(out, rows, summary, md)
+    files = ["config.yaml", "periods.csv", "summary.csv", "summary.md", "periods.png"]
+    return ExperimentResult(out, rows, summary, md, [f for f in files if (out / f).exists()])
 
 
 def load_result(out: Path) -> list[dict[str, Any]]:

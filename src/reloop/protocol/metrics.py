@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import numpy as np
+from torch import Tensor
+
+from reloop import distributed as rd
 
 EPS = 1e-7
 
@@ -65,3 +68,10 @@ def period_metrics(labels: np.ndarray, probs: np.ndarray, users: np.ndarray | No
             "gauc": gauc(labels, probs, users) if users is not None else float("nan"),
             "logloss": logloss(labels, probs),
             "rows": int(len(labels))}
+
+
+def global_auc(labels: Tensor, scores: Tensor) -> float:
+    """Exact AUC over the rows of every rank (gathers labels and scores; ``O(N)`` memory on each rank)."""
+    y = rd.all_gather_rows(labels.detach().float().flatten().cpu())
+    p = rd.all_gather_rows(scores.detach().float().flatten().cpu())
+    return float(auc(y.numpy(), p.numpy()))

@@ -28,10 +28,12 @@ from typing import Any
 import torch
 
 from reloop.components import memory_key
-from reloop.config import Config, ConfigError, RunSpec
+from reloop.config import Config, RunSpec
 from reloop.data.periods import phase_of
+from reloop.errors import ConfigError
 from reloop.data.tensors import Stream
-from reloop.device import clock, runtime_device, to_cpu
+from reloop.device import clock, to_cpu
+from reloop.distributed import runtime_device
 from reloop.engine import RunEngine
 from reloop.models.base import CTRModel, build_model
 from reloop.protocol.metrics import period_metrics
@@ -213,8 +215,12 @@ def check_resume(cfg: Config, stream: Stream, out: Path) -> None:
 def run_one(cfg: Config, stream: Stream, name: str, spec: RunSpec, seed: int, theta0: CTRModel,
             optim0: dict, out: Path | None = None, resume: bool = False,
             progress: Progress | None = None, stop_after: int | None = None,
-            device: torch.device | str | None = None) -> list[dict[str, Any]]:
+            device: torch.device | str | None = None,
+            on_period: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
     """One run under one seed; returns its per-period metric rows.
+
+    ``progress(name, n)`` is told the rows of each training step; ``on_period(t)`` is called once period
+    ``t`` is trained on, served and checkpointed (a progress bar with a known total).
 
     The period step itself (update, generator, guard, memory reset) is :class:`reloop.engine.RunEngine`'s,
     shared with the service's ``retrain``; this function feeds it the stream, serves each period and
@@ -279,6 +285,8 @@ def run_one(cfg: Config, stream: Stream, name: str, spec: RunSpec, seed: int, th
                           "torch_rng": torch.get_rng_state(),
                           "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
                          ckpt)
+        if on_period is not None:
+            on_period(t)
         if stop_after is not None and t >= stop_after:
             break
     return state.rows

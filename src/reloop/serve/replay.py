@@ -16,6 +16,7 @@ load benchmark.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -35,16 +36,24 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """A ``python -m reloop.serve.cli serve`` subprocess on loopback."""
+    """A ``python -m reloop.serve.cli serve`` subprocess on loopback.
+
+    It gets a fresh random admin token (``RELOOP_ADMIN_TOKEN``, unless ``env`` sets one);
+    ``admin_headers`` carries it for ``/admin/*`` calls.
+    """
 
     def __init__(self, model_dir: str | Path, port: int | None = None, args: list[str] | None = None,
                  env: dict[str, str] | None = None, log_path: str | Path | None = None) -> None:
+        import secrets
+
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "RELOOP_ADMIN_TOKEN": secrets.token_hex(16), **(env or {})}
+        self.admin_headers = {"authorization": f"Bearer {env['RELOOP_ADMIN_TOKEN']}"}
         cmd = [sys.executable, "-m", "reloop.serve.cli", "serve", "--model-dir", str(model_dir),
                "--host", "127.0.0.1", "--port", str(self.port), *(args or [])]
-        self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=self._log, env={**os.environ, **(env or {})})
+        self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=self._log, env=env)
 
     @property
     def pid(self) -> int:
@@ -105,7 +114,7 @@ def rolling_auc(labels: np.ndarray, scores: np.ndarray, window: int, step: int) 
     return np.asarray(xs), np.asarray(ys)
 
 
-def _wait_version(client, version: int, timeout: float = 30.0) -> int:
+def _wait_version(client, version: int, timeout: float = 30.0, headers: dict[str, str] | None = None) -> int:
     deadline = time.monotonic() + timeout
     seen = -1
     while time.monotonic() < deadline:
@@ -113,12 +122,13 @@ def _wait_version(client, version: int, timeout: float = 30.0) -> int:
         if seen == version:
             return seen
         time.sleep(0.1)
-    return client.post("/admin/reload").json()["model_version"]  # the poll did not see it: force it
+    # the poll did not see it: force it
+    return client.post("/admin/reload", headers=headers).json().get("model_version", seen)
 
 
 def run_demo(out: str | Path, run: str | None = None, periods: int | None = None, options=None,
              config: str | Path | None = None, overrides: list[str] | None = None, batch: int = 256,
-             log=print) -> dict[str, Any]:
+             log=None) -> dict[str, Any]:
     """Replay the demo stream through a live server (see the module docstring); returns live.json."""
     import httpx
     import matplotlib
@@ -127,8 +137,7 @@ def run_demo(out: str | Path, run: str | None = None, periods: int | None = None
     import matplotlib.pyplot as plt
     import torch
 
-    from reloop.cli import demo_config_path
-    from reloop.config import load_config
+    from reloop.config import demo_config_path, load_config
     from reloop.data.encode import EncoderConfig
     from reloop.data.prepare import prepare_stream
     from reloop.data.sources import load_source
@@ -137,6 +146,7 @@ def run_demo(out: str | Path, run: str | None = None, periods: int | None = None
     from reloop.serve.retrain import RetrainOptions, retrain
     from reloop.update.trainer import predict_rows
 
+    log = log or logging.getLogger("reloop.serve").info
     t_start = time.perf_counter()
     cfg = load_config(config or demo_config_path(), overrides or [])
     run = run or ("IU" if "IU" in cfg.runs else next(iter(cfg.runs)))
@@ -220,7 +230,7 @@ def run_demo(out: str | Path, run: str | None = None, periods: int | None = None
                     retrains.append(result.to_dict())
                     row["retrain"] = result.outcome
                     if result.outcome == "published":
-                        _wait_version(client, result.version)
+                        _wait_version(client, result.version, headers=server.admin_headers)
                         swaps.append(sum(len(a) for a in ys))
                 per_period.append(row)
                 log(f"period {t}: live AUC {row['live_auc']:.4f}  frozen AUC {row['frozen_auc']:.4f}  "
