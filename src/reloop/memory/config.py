@@ -4,7 +4,8 @@ Exactly one of ``sketch`` or ``exact``, plus the keys both share::
 
     memory:
       sketch: {arrays: 64, bits: 8, similarity: density}     # or: exact: {size: 10000, top_k: 64}
-      lambda: 0.5
+      lambda: 0.5           # or: auto (self-tuning λ; options in adapt:)
+      adapt: {grid: [0, 0.1, ..., 1], eta: 1.0, share: 0.01, select: mix}   # only with lambda: auto
       gamma: 1.0
       temperature: 0.1
       write: all            # all | errors
@@ -16,6 +17,7 @@ Unknown keys are errors, reported with their dotted path (``memory.sketch.bitz: 
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -24,7 +26,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
                       model_validator)
 
 from reloop.memory.base import ErrorMemory
-from reloop.memory.compensate import Compensator
+from reloop.memory.compensate import DEFAULT_EPS, DEFAULT_GRID, Compensator, LambdaTuner
 from reloop.memory.exact import ExactMemory
 from reloop.memory.sketch import MAX_BITS, SketchMemory
 
@@ -56,13 +58,36 @@ class ExactConfig(BaseModel):
         return v
 
 
+class AdaptConfig(BaseModel):
+    """``memory.adapt`` (with ``lambda: auto``): learn λ online by Hedge over a grid (``LambdaTuner``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    grid: list[float] = Field(default_factory=lambda: list(DEFAULT_GRID), min_length=1)
+    eta: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
+    share: float = Field(default=0.01, ge=0.0, lt=1.0)
+    select: Literal["mix", "leader"] = "mix"
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, v: list[float]) -> list[float]:
+        if any(not 0.0 <= x <= 1.0 for x in v):
+            raise ValueError(f"values must lie in [0, 1], got {v}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"values must be distinct, got {v}")
+        return v
+
+    def build(self, eps: float) -> LambdaTuner:
+        return LambdaTuner(self.grid, eta=self.eta, share=self.share, select=self.select, eps=eps)
+
+
 class MemoryConfig(BaseModel):
-    """Validated ``memory:`` block. ``lambda`` is exposed as the attribute ``lam``."""
+    """Validated ``memory:`` block. ``lambda`` is exposed as the attribute ``lam`` (a float, or ``"auto"``)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     sketch: SketchConfig | None = None
     exact: ExactConfig | None = None
-    lam: float = Field(default=0.5, alias="lambda", ge=0.0, le=1.0)
+    lam: float | Literal["auto"] = Field(default=0.5, alias="lambda")
+    adapt: AdaptConfig | None = None
     gamma: float = Field(default=1.0, ge=0.0, le=1.0)
     temperature: float = Field(default=0.1, gt=0.0)
     write: Literal["all", "errors"] = "all"
@@ -73,11 +98,36 @@ class MemoryConfig(BaseModel):
     # ours: which representation is the key (CTRModel.forward_key); the paper uses a hidden layer
     key: Literal["hidden", "embeddings"] = "embeddings"
 
+    @field_validator("lam", mode="before")
+    @classmethod
+    def _lam(cls, v: Any) -> Any:
+        if v == "auto":
+            return v
+        try:  # numbers, and numeric strings as pydantic's lax float accepted them before `auto`
+            x = float(v) if not isinstance(v, bool) else math.nan
+        except (TypeError, ValueError):
+            x = math.nan
+        if not 0.0 <= x <= 1.0:
+            raise ValueError(f"must be a number in [0, 1] or 'auto', got {v!r}")
+        return x
+
+    @field_validator("adapt")
+    @classmethod
+    def _adapt_needs_auto(cls, v: AdaptConfig | None, info: ValidationInfo) -> AdaptConfig | None:
+        if v is not None and info.data.get("lam", "auto") != "auto":
+            raise ValueError("only with lambda: auto (a fixed lambda is never tuned)")
+        return v
+
     @model_validator(mode="after")
     def _one_kind(self) -> MemoryConfig:
         if (self.sketch is None) == (self.exact is None):
             raise ValueError("exactly one of 'sketch' or 'exact' must be given")
         return self
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether λ is learnt online (``lambda: auto``)."""
+        return self.lam == "auto"
 
     @property
     def kind(self) -> str:
@@ -136,5 +186,8 @@ def build_memory(cfg: MemoryConfig | Mapping[str, Any], dim: int, seed: int,
     """Build the ``Compensator`` (memory + λ) a config describes; a mapping is parsed first."""
     if not isinstance(cfg, MemoryConfig):
         cfg = MemoryConfig.parse(cfg)
-    return Compensator(make_memory(cfg, dim, seed, device), cfg.lam, reset_on_update=cfg.reset_on_update,
-                       key=cfg.key)
+    memory = make_memory(cfg, dim, seed, device)
+    if cfg.lam == "auto":
+        tuner = (cfg.adapt or AdaptConfig()).build(eps=DEFAULT_EPS)
+        return Compensator(memory, reset_on_update=cfg.reset_on_update, key=cfg.key, tuner=tuner)
+    return Compensator(memory, cfg.lam, reset_on_update=cfg.reset_on_update, key=cfg.key)
