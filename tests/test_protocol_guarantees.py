@@ -216,7 +216,7 @@ def shifting_stream(items: int = 60, per_period: int = 800, periods: int = 8, se
 
 def test_served_period_is_unknown_to_the_model_serving_it():
     """(a) Catches: the run's update reads period t+1, the period the updated model then serves
-    (e.g. ``run_one`` builds ``UpdateContext(history=History(stream, upto=t + 1), t=t + 1, ...)``).
+    (e.g. the step engine builds period t's context for t + 1: ``self.context(stream, t + 1, ...)``).
 
     Mechanism-free: on a stream whose item→label map is redrawn each period, a model that never saw
     the period it serves scores at chance; one trained on it scores far above (see ``shifting_stream``).
