@@ -76,9 +76,14 @@ def records(world, start: int, n: int) -> tuple[list[dict], list[int]]:
     return part.select(cols).to_dicts(), part["label"].to_list()
 
 
+TOKEN = "test-admin-token-0123456789"
+ADMIN = {"authorization": f"Bearer {TOKEN}"}
+
+
 def client_for(world, tmp_path, run="IU", **kw) -> tuple[TestClient, Path]:
+    """A client of a fresh copy of ``run``'s model directory; it sends the admin token."""
     md = world["model_dir"](run, tmp_path / "md")
-    return TestClient(create_app(md, **kw)), md
+    return TestClient(create_app(md, admin_token=TOKEN, **kw), headers=ADMIN), md
 
 
 def predict_and_label(client, world, start: int, n: int) -> tuple[list[str], list[int], dict]:

@@ -5,7 +5,10 @@ Mounted on the main ``reloop`` app by ``reloop.cli``; also runnable alone as
 """
 from __future__ import annotations
 
+import ipaddress
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -53,10 +56,45 @@ def _label_timeout(value: float) -> float | None:
     return None if value < 0 else value
 
 
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1); anything else is reachable from outside."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _admin_token(token_file: Path | None) -> str | None:
+    """The admin token: ``--admin-token-file`` (its first line), else ``RELOOP_ADMIN_TOKEN``."""
+    from reloop.serve.guard import MIN_TOKEN_LENGTH, TOKEN_ENV
+
+    if token_file is not None:
+        try:
+            lines = token_file.read_text().strip().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            _err(f"--admin-token-file {token_file}: cannot be read ({type(e).__name__})")
+        token = lines[0].strip() if lines else ""
+        source = f"--admin-token-file {token_file}"
+    else:
+        token = os.environ.get(TOKEN_ENV, "")
+        source = TOKEN_ENV
+    if not token:
+        return None
+    if len(token) < MIN_TOKEN_LENGTH:
+        _err(f"{source}: the admin token needs at least {MIN_TOKEN_LENGTH} characters")
+    return token
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s reloop %(levelname)s %(message)s", stream=sys.stderr)
+
+
 def serve(
     config: Annotated[Optional[Path], typer.Option("--config", help="Run config (YAML); needed to bootstrap an empty --model-dir.")] = None,
     model_dir: Annotated[Optional[Path], typer.Option("--model-dir", help="Model directory (created and bootstrapped when empty).")] = None,
-    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Interface to bind (loopback by default; any other needs an admin token).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port (--demo picks a free one).")] = 8080,
     run: Annotated[Optional[str], typer.Option("--run", help="Which run of the config composes the service (default: the first).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: a.b.c=<YAML value>.")] = None,
@@ -66,6 +104,12 @@ def serve(
     holdout: Annotated[float, typer.Option("--holdout", help="Share of the period's last rows held out for validation.")] = 0.1,
     label_timeout: Annotated[float, typer.Option("--label-timeout", help="Seconds after which an unlabelled impression counts as a negative (<0: never).")] = 3600.0,
     poll_interval: Annotated[float, typer.Option("--poll-interval", help="Seconds between checks of the CURRENT pointer.")] = 0.5,
+    admin_token_file: Annotated[Optional[Path], typer.Option("--admin-token-file", help="File whose first line is the admin token (else RELOOP_ADMIN_TOKEN); /admin/* needs it as 'Authorization: Bearer <token>'.")] = None,
+    max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", help="Largest request body (413 above).")] = 8 * 2**20,
+    max_id_length: Annotated[int, typer.Option("--max-id-length", help="Longest id (categorical value, sequence item) in characters (422 above).")] = 256,
+    body_timeout: Annotated[float, typer.Option("--body-timeout", help="Seconds to receive a whole request body (408 after).")] = 10.0,
+    admin_rate: Annotated[float, typer.Option("--admin-rate", help="Admin requests per minute per client (bursts of 10; 429 above).")] = 30.0,
+    max_connections: Annotated[int, typer.Option("--max-connections", help="Concurrent connections (503 above).")] = 64,
     demo: Annotated[bool, typer.Option("--demo", help="Replay the embedded synthetic stream through a live server; write OUT/live.png and live.json.")] = False,
     out: Annotated[Path, typer.Option("--out", help="Output directory of --demo.")] = Path("runs/serve-demo"),
     demo_periods: Annotated[Optional[int], typer.Option("--demo-periods", help="--demo: replay only this many served periods.")] = None,
@@ -73,6 +117,7 @@ def serve(
     """Serve predictions over HTTP with feedback, a durable log and hot-swapped models."""
     from reloop.serve.retrain import RetrainOptions
 
+    _setup_logging()
     options = RetrainOptions(max_auc_drop=max_auc_drop, holdout=holdout, label_timeout=_label_timeout(label_timeout))
     if demo:
         from reloop.serve.replay import run_demo
@@ -84,6 +129,10 @@ def serve(
         return
     if model_dir is None:
         _err("--model-dir is required (or --demo)")
+    token = _admin_token(admin_token_file)
+    if not is_loopback(host) and token is None:
+        _err(f"--host {host} is not a loopback address: set RELOOP_ADMIN_TOKEN or --admin-token-file "
+             "(admin routes and /docs then need it)")
     from reloop.config import ConfigError
     from reloop.serve.registry import ModelDir, RegistryError, bootstrap, pick_run
 
@@ -117,16 +166,23 @@ def serve(
     import uvicorn
 
     from reloop.serve.app import create_app
+    from reloop.serve.guard import Limits
 
+    limits = Limits(max_body_bytes=max_body_bytes, max_id=max_id_length, body_timeout=body_timeout,
+                    admin_per_minute=admin_rate)
     try:
         application = create_app(md.path, max_batch=max_batch, retrain_every=retrain_every,
-                                 retrain_options=options, poll_interval=poll_interval)
+                                 retrain_options=options, poll_interval=poll_interval, limits=limits,
+                                 admin_token=token or "", docs_need_token=not is_loopback(host))
     except ConfigError as e:
         _err(f"config error {md.path / 'config.yaml'}: {e} (pass --config with --set device=cpu to change it)")
+    except RegistryError as e:
+        _err(str(e))
     svc = application.state.service
-    typer.echo(f"reloop serve: {md.path} version {svc.state.version} (run {svc.run}) on http://{host}:{port}",
-               err=True)
-    uvicorn.run(application, host=host, port=port, log_level="warning", access_log=False)
+    typer.echo(f"reloop serve: {md.path} version {svc.state.version} (run {svc.run}) on http://{host}:{port}"
+               f"; admin routes {'need the token' if token else 'off (no RELOOP_ADMIN_TOKEN)'}", err=True)
+    uvicorn.run(application, host=host, port=port, log_level="warning", access_log=False,
+                limit_concurrency=max_connections)
 
 
 def retrain(
@@ -141,6 +197,7 @@ def retrain(
     from reloop.serve.retrain import RetrainOptions
     from reloop.serve.retrain import retrain as run_retrain
 
+    _setup_logging()
     options = RetrainOptions(max_auc_drop=max_auc_drop, holdout=holdout, label_timeout=_label_timeout(label_timeout),
                              min_rows=min_rows)
     from reloop.config import ConfigError

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from reloop.data.schema import FeatureMap
+from reloop.serve.guard import printable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS impressions(
@@ -312,7 +313,9 @@ class ServeLog:
 
     def quarantine_many(self, endpoint: str, items: Sequence[tuple[Any, str]]) -> None:
         ts = time.time()
-        rows = [(ts, endpoint, (p if isinstance(p, str) else _json_or_repr(p))[:MAX_PAYLOAD], r) for p, r in items]
+        # printable: a lone UTF-16 surrogate (valid JSON, no UTF-8 form) would make SQLite fail
+        rows = [(ts, printable(endpoint), printable((p if isinstance(p, str) else _json_or_repr(p))[:MAX_PAYLOAD]),
+                 printable(r)) for p, r in items]
 
         def work(c: sqlite3.Connection) -> None:
             c.executemany("INSERT INTO quarantine(ts, endpoint, payload, reason) VALUES (?, ?, ?, ?)", rows)

@@ -9,6 +9,8 @@ Exposed (``GET /metrics``, Prometheus text format)::
     reloop_quarantined_total{endpoint}             counter
     reloop_model_version                           gauge
     reloop_model_swaps_total                       counter
+    reloop_refused_versions_total                  counter (versions CURRENT named that were refused)
+    reloop_internal_errors_total{endpoint}         counter (500 answers; logged by ``guard.ErrorLog``)
     reloop_retrains_total{outcome}                 counter
     reloop_memory_written / reloop_memory_bytes    gauges (error memory fill; 0 without a memory)
     reloop_rolling_auc / reloop_rolling_logloss    gauges over the last N feedback events
@@ -69,6 +71,10 @@ class ServiceMetrics:
         self.quarantined = Counter("reloop_quarantined", "Malformed inputs quarantined", ["endpoint"], registry=r)
         self.version = Gauge("reloop_model_version", "Model version serving", registry=r)
         self.swaps = Counter("reloop_model_swaps", "Hot swaps to a newly published version", registry=r)
+        self.refused = Counter("reloop_refused_versions", "Published versions refused (unreadable or another model)",
+                               registry=r)
+        self.internal_errors = Counter("reloop_internal_errors", "Requests answered 500 (internal errors)",
+                                       ["endpoint"], registry=r)
         self.retrains = Counter("reloop_retrains", "Retrains run by this process, by outcome", ["outcome"], registry=r)
         self.memory_written = Gauge("reloop_memory_written", "Samples written to the error memory since its last reset",
                                     registry=r)

@@ -8,9 +8,16 @@ Layout of a model directory::
                            holds every id assigned since, so the snapshot is only a starting point)
     DIR/pretrain.pt        encoded rows of the pretraining periods (batch/full updates read them)
     DIR/log.sqlite3        the durable log (``reloop.serve.log``)
-    DIR/versions/000001/   serving.pt (Θ*, what serves), base.pt (Θ, the update chain), state.pt
-                           (optimizer, strategy, generator, RNG), meta.json
+    DIR/versions/000001/   serving.safetensors (Θ*, what serves), base.safetensors (Θ, the update
+                           chain), state.pt (optimizer, strategy, generator, RNG), meta.json
     DIR/CURRENT            the published version number, replaced atomically
+
+Nothing read from a model directory can run code: model files are safetensors with JSON metadata
+(``reloop.models.base.save_model``); ``state.pt`` and ``pretrain.pt`` hold plain containers of
+tensors and numbers and are read with ``torch.load(weights_only=True)``, which refuses any pickle
+that would call a function; the rest is JSON or YAML (``safe_load``). Versions written before this
+format (``serving.pt``/``base.pt``) are read the same safe way. Every problem reading a file is a
+one-line :class:`RegistryError` (:class:`VersionError` / :class:`IncompatibleVersion` for a version).
 
 Publishing writes a version into a temporary directory, fsyncs every file and the directory,
 renames it into ``versions/`` and only then replaces ``CURRENT`` (write a temporary file, fsync,
@@ -20,6 +27,7 @@ always finds the complete version; a crash in between leaves the previous versio
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -35,11 +43,21 @@ from reloop.config import Config, dump_config, parse_config
 from reloop.data.encode import EncoderConfig, FeatureEncoder
 from reloop.data.schema import N_RESERVED, FeatureMap
 from reloop.data.tensors import PeriodTensors
-from reloop.models.base import CTRModel, load_model, save_model
+from reloop.models.base import (
+    CheckpointError,
+    CTRModel,
+    IncompatibleCheckpoint,
+    load_model,
+    save_model,
+)
+
+logger = logging.getLogger("reloop.serve")
 
 FORMAT = 1
 OUR_FILES = {"config.yaml", "service.json", "encoder.json", "pretrain.pt", "versions", "CURRENT",
              "log.sqlite3", "log.sqlite3-wal", "log.sqlite3-shm", "retrain.lock", "CURRENT.tmp"}
+SERVING, BASE = "serving.safetensors", "base.safetensors"
+LEGACY = {SERVING: "serving.pt", BASE: "base.pt"}  # versions written before the safetensors format
 
 
 def is_ours(name: str) -> bool:
@@ -48,7 +66,52 @@ def is_ours(name: str) -> bool:
 
 
 class RegistryError(RuntimeError):
-    """A model directory is missing, foreign or inconsistent."""
+    """A model directory is missing, foreign or inconsistent (the message is one line)."""
+
+
+class VersionError(RegistryError):
+    """A version that cannot be read: missing, truncated, corrupt or not a reloop file."""
+
+    def __init__(self, version: int | None, reason: str) -> None:
+        super().__init__(reason)
+        self.version = version
+
+
+class IncompatibleVersion(VersionError):
+    """A readable version built for another model than the service's (see :func:`model_fingerprint`)."""
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
+def safe_torch_load(path: Path) -> Any:
+    """``torch.load`` that never runs code from the file (plain containers and tensors only)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def model_fingerprint(model: CTRModel, key: str) -> dict[str, Any]:
+    """What must not change between two versions one service swaps: the model's name and every
+    option, the feature map, every tensor's name and shape, and the error memory's key and width."""
+    return {"model": model.config(), "feature_map": model.feature_map.model_dump(),
+            "shapes": {k: list(v.shape) for k, v in model.state_dict().items()},
+            "memory": {"key": key, "dim": model.key_dim(key)}}
+
+
+def fingerprint_diff(got: dict[str, Any], want: dict[str, Any]) -> str:
+    """The first differences of two fingerprints, one line (empty when equal)."""
+    out = []
+    for part in ("model", "feature_map", "shapes", "memory"):
+        a, b = got.get(part), want.get(part)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            out += [f"{part}.{k}: {a.get(k)!r} vs {b.get(k)!r} serving" for k in keys[:3]]
+        else:
+            out.append(f"{part} differs")
+    return "; ".join(out)[:500]
 
 
 # -- durable file helpers ----------------------------------------------------------------------
@@ -139,14 +202,39 @@ class ModelDir:
         return st.st_mtime_ns, st.st_ino
 
     def info(self) -> dict[str, Any]:
-        return json.loads((self.path / "service.json").read_text())
+        return self._json(self.path / "service.json")
 
     def config(self) -> Config:
-        raw = yaml.safe_load((self.path / "config.yaml").read_text())
-        return parse_config(raw)
+        """The config the directory was bootstrapped with; a corrupt file is a one-line RegistryError."""
+        from reloop.config import ConfigError
+
+        path = self.path / "config.yaml"
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise RegistryError(f"{path}: not a readable config ({_one_line(e)})") from None
+        if not isinstance(raw, dict):
+            raise RegistryError(f"{path}: not a readable config (the top level is not a mapping)")
+        try:
+            return parse_config(raw)
+        except ConfigError as e:
+            raise RegistryError(f"{path}: invalid config: {str(e).splitlines()[0][:300]}") from None
 
     def meta(self, number: int) -> dict[str, Any]:
-        return json.loads((self.version_path(number) / "meta.json").read_text())
+        try:
+            return self._json(self.version_path(number) / "meta.json")
+        except RegistryError as e:
+            raise VersionError(number, f"version {number}: {e}") from None
+
+    @staticmethod
+    def _json(path: Path) -> dict[str, Any]:
+        try:
+            value = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise RegistryError(f"{path}: not readable ({_one_line(e)})") from None
+        if not isinstance(value, dict):
+            raise RegistryError(f"{path}: not readable (expected a JSON object)")
+        return value
 
     def list_versions(self) -> list[int]:
         if not self.versions.exists():
@@ -154,7 +242,28 @@ class ModelDir:
         return sorted(int(p.name) for p in self.versions.iterdir() if p.is_dir() and p.name.isdigit())
 
     def encoder(self) -> FeatureEncoder:
-        return FeatureEncoder.from_state(json.loads((self.path / "encoder.json").read_text()))
+        path = self.path / "encoder.json"
+        try:
+            return FeatureEncoder.from_state(self._json(path))
+        except RegistryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a well-formed JSON file that is not an encoder state
+            raise RegistryError(f"{path}: not an encoder state ({_one_line(e)})") from None
+
+    def user_capacity(self) -> tuple[int, int]:
+        """``(capacity, overflow)`` of the online user index, by the encoder's own sizing rule
+        (``FeatureEncoder.fit_capacities``: pretraining count × headroom, overflow share) on the
+        pretraining users. Written to ``service.json`` at bootstrap; computed once for older dirs."""
+        info = self.info()
+        if "user_capacity" in info:
+            return int(info["user_capacity"]), int(info["user_overflow"])
+        rows, _, _ = self.pretrain_rows()
+        users = rows.data.get("user")
+        n = int(users.max()) + 1 if users is not None and len(users) else 0
+        cap, overflow = capacity_for(n, self.encoder().config)
+        write_atomic(self.path / "service.json", json.dumps({**info, "user_capacity": cap, "user_overflow": overflow},
+                                                            indent=2))
+        return cap, overflow
 
     def save_encoder(self, encoder: FeatureEncoder) -> None:
         self.save_encoder_state(encoder.state_dict())
@@ -163,28 +272,55 @@ class ModelDir:
         write_atomic(self.path / "encoder.json", json.dumps(state, default=_np_default))
 
     def pretrain_rows(self) -> tuple[PeriodTensors, list[tuple[int, int]], FeatureMap]:
-        blob = torch.load(self.path / "pretrain.pt", map_location="cpu", weights_only=False)
-        return PeriodTensors(blob["columns"]), [tuple(b) for b in blob["bounds"]], FeatureMap(**blob["feature_map"])
+        path = self.path / "pretrain.pt"
+        try:
+            blob = safe_torch_load(path)
+            return PeriodTensors(blob["columns"]), [tuple(b) for b in blob["bounds"]], FeatureMap(**blob["feature_map"])
+        except Exception as e:  # noqa: BLE001 - missing, truncated, a refused pickle: one line
+            raise RegistryError(f"{path}: not readable ({_one_line(e)})") from None
 
     def feature_map(self) -> FeatureMap:
         return FeatureMap(**self.info()["feature_map"])
 
     # -- models --------------------------------------------------------------------------------
-    def load_serving(self, number: int) -> CTRModel:
-        model = load_model(self.version_path(number) / "serving.pt", self.feature_map())
+    def _model_file(self, number: int, name: str) -> Path:
+        path = self.version_path(number) / name
+        if not path.exists() and (self.version_path(number) / LEGACY[name]).exists():
+            path = self.version_path(number) / LEGACY[name]
+        return path
+
+    def _load(self, number: int, path: Path, expect_config: dict[str, Any] | None) -> CTRModel:
+        if not self.version_path(number).is_dir():
+            raise VersionError(number, f"version {number}: no directory {self.version_path(number)}")
+        try:
+            model = load_model(path, self.feature_map(), expect_config=expect_config)
+        except IncompatibleCheckpoint as e:
+            raise IncompatibleVersion(number, f"version {number}: {e}") from None
+        except (CheckpointError, OSError) as e:
+            raise VersionError(number, f"version {number}: {_one_line(e)}") from None
         model.eval()
         return model
 
-    def load_base(self, number: int) -> CTRModel:
-        path = self.version_path(number) / "base.pt"
+    def load_serving(self, number: int, expect_config: dict[str, Any] | None = None) -> CTRModel:
+        """Θ* of a version; with ``expect_config`` a model of another name or options is refused
+        (``IncompatibleVersion``) before it is built."""
+        return self._load(number, self._model_file(number, SERVING), expect_config)
+
+    def load_base(self, number: int, expect_config: dict[str, Any] | None = None) -> CTRModel:
+        path = self._model_file(number, BASE)
         if not path.exists():
-            path = self.version_path(number) / "serving.pt"
-        model = load_model(path, self.feature_map())
-        model.eval()
-        return model
+            path = self._model_file(number, SERVING)
+        return self._load(number, path, expect_config)
 
     def load_state(self, number: int) -> dict[str, Any]:
-        return torch.load(self.version_path(number) / "state.pt", map_location="cpu", weights_only=False)
+        path = self.version_path(number) / "state.pt"
+        try:
+            state = safe_torch_load(path)
+        except Exception as e:  # noqa: BLE001 - missing, truncated, a refused pickle: one line
+            raise VersionError(number, f"version {number}: {path.name}: {_one_line(e)}") from None
+        if not isinstance(state, dict):
+            raise VersionError(number, f"version {number}: {path.name}: not a state mapping")
+        return state
 
     def publish(self, base: CTRModel, serving: CTRModel, state: dict[str, Any], meta: dict[str, Any],
                 number: int | None = None) -> Version:
@@ -200,11 +336,11 @@ class ModelDir:
         tmp = self.versions / f".tmp-{number:06d}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            save_model(serving, tmp / "serving.pt")
-            _fsync_file(tmp / "serving.pt")
+            save_model(serving, tmp / SERVING)
+            _fsync_file(tmp / SERVING)
             if base is not serving:
-                save_model(base, tmp / "base.pt")
-                _fsync_file(tmp / "base.pt")
+                save_model(base, tmp / BASE)
+                _fsync_file(tmp / BASE)
             _torch_save_synced(state, tmp / "state.pt")
             meta = {**meta, "version": number}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
@@ -266,8 +402,18 @@ def pretrain_encoder(encoder: FeatureEncoder, rows: PeriodTensors, feature_map: 
     return FeatureEncoder.from_state(state)
 
 
+def capacity_for(n: int, config: EncoderConfig) -> tuple[int, int]:
+    """``(capacity, overflow)`` of a table that saw ``n`` ids in the pretraining periods: the rule of
+    ``FeatureEncoder.fit_capacities`` (``max(min_capacity, ⌈n·headroom⌉)``, overflow
+    ``max(8, ⌈capacity·overflow_share⌉)``)."""
+    import math
+
+    cap = max(config.min_capacity, math.ceil(n * config.headroom))
+    return cap, max(8, math.ceil(cap * config.overflow_share))
+
+
 def bootstrap(cfg: Config, model_dir: str | Path, run: str | None = None, seed: int | None = None,
-              log=print) -> ModelDir:
+              log=logger.info) -> ModelDir:
     """Create a model directory: prepare the stream, pretrain Θ0, save encoder and version 1.
 
     ``CURRENT`` is written last: a directory interrupted half-way is bootstrapped again from scratch.
@@ -304,6 +450,7 @@ def bootstrap(cfg: Config, model_dir: str | Path, run: str | None = None, seed: 
     info = {"format": FORMAT, "run": run, "seed": seed, "pretrain_periods": P, "pretrain_rows": len(rows),
             "feature_map": stream.feature_map.model_dump(), "created": time.time(),
             "user": encoder.schema.user}
+    info["user_capacity"], info["user_overflow"] = capacity_for(len(encoder.users), encoder.config)
     (md.path / "service.json").write_text(json.dumps(info, indent=2))
     md.save_encoder(encoder)
     _torch_save_synced({"columns": rows.data, "bounds": stream.bounds[:P],
