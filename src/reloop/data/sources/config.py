@@ -84,7 +84,9 @@ FeatureValue = Annotated[FeatureConfig, Field(description="a kind name or a Feat
 
 class _TabularSource(_Strict):
     path: str = Field(description="a file, or (parquet) a directory of *.parquet shards")
-    time: str = Field(default="time", min_length=1, description="raw time column: unix seconds or ISO 8601")
+    time: str | None = Field(default="time", min_length=1,
+                             description="raw time column: unix seconds or ISO 8601; null: the file's row order "
+                                         "(needs periods.by: rows)")
     label: str = Field(default="label", min_length=1, description="raw 0/1 label column")
     user: str | None = Field(default=None, description="raw user-id column (kept as String)")
     features: dict[str, FeatureValue] = Field(min_length=1)
@@ -101,9 +103,14 @@ class _TabularSource(_Strict):
 
     @model_validator(mode="after")
     def _no_name_clashes(self) -> _TabularSource:
+        if self.time is None and isinstance(self.periods, dict) and self.periods.get("by") == "time":
+            raise ValueError("periods.by: time needs a time column, but data.time is null (the file's row "
+                             "order); use periods: {by: rows} or name the time column in data.time")
         if self.time == self.label:
             raise ValueError(f"'time' and 'label' name the same column {self.time!r}")
         for raw, role in ((self.time, "time"), (self.label, "label")):
+            if raw is None:
+                continue
             if raw in self.features:
                 raise ValueError(f"column {raw!r} is the {role} column; it cannot also be a feature")
             if self.user == raw:

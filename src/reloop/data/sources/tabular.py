@@ -2,9 +2,11 @@
 
 CSV is read with every column as a string so that each value is parsed (and, if bad, reported with
 its row number) by :mod:`reloop.data.validate`; Parquet columns keep their types and are converted.
+``time: null`` orders rows as the file does (their row number serves as the time; ``periods.by: rows``).
 """
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +18,50 @@ from reloop.data.sources.config import LABEL, TIME, CsvSourceConfig, ParquetSour
 from reloop.data.validate import DataError, LoadedLog, clean_frame, require_columns, sort_by_time
 
 
+#: The raw column that holds the row number when ``time: null`` (the file order is the time order).
+ROW_ORDER = "__reloop_row_order__"
+
+#: Delimiters :func:`sniff_delimiter` considers, most common first.
+DELIMITERS = (",", ";", "\t", "|")
+
+
+def sniff_delimiter(path: str | Path, sample_bytes: int = 64 * 1024) -> str | None:
+    """The delimiter of a CSV file guessed from its first lines (``csv.Sniffer`` over ``DELIMITERS``, then
+    the one the header holds most of); None when the file is empty or holds none of them."""
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        sample = fh.read(sample_bytes)
+    if not sample.strip():
+        return None
+    if "\n" in sample[:-1]:
+        sample = sample[: sample.rfind("\n") + 1]  # whole lines only
+    try:
+        return csv.Sniffer().sniff(sample, delimiters="".join(DELIMITERS)).delimiter
+    except csv.Error:
+        header = sample.splitlines()[0]
+        counts = {d: header.count(d) for d in DELIMITERS}
+        best = max(counts, key=lambda d: counts[d])
+        return best if counts[best] > 0 else None
+
+
+def _describe(delimiter: str) -> str:
+    return {"\t": "'\\t' (tab)", ",": "','", ";": "';'", "|": "'|'"}.get(delimiter, repr(delimiter))
+
+
+def _delimiter_hint(path: Path, header: list[str], delimiter: str) -> str:
+    """When the header reads as one column, what delimiter the file seems to use (else '')."""
+    if len(header) != 1:
+        return ""
+    found = sniff_delimiter(path)
+    if found is None or found == delimiter:
+        return ""
+    return (f"; the header reads as one column {header[0]!r} with data.delimiter {_describe(delimiter)}, "
+            f"but the file looks {_describe(found)}-delimited: set data.delimiter: {_describe(found)}")
+
+
 def _needed_columns(cfg: CsvSourceConfig | ParquetSourceConfig) -> list[tuple[str, str]]:
-    need = [(cfg.label, "label"), (cfg.time, "time")]
+    need = [(cfg.label, "label")]
+    if cfg.time is not None:
+        need.append((cfg.time, "time"))
     if cfg.user is not None:
         need.append((cfg.user, "user"))
     need += [(name, f"{f.kind} feature") for name, f in cfg.features.items() if name != cfg.user]
@@ -31,9 +75,13 @@ def _schema(cfg: CsvSourceConfig | ParquetSourceConfig) -> FeatureSchema:
 
 
 def _finish(raw: pl.DataFrame, cfg: CsvSourceConfig | ParquetSourceConfig, where: str) -> LoadedLog:
+    if raw.height == 0:
+        raise DataError(f"{where}: no data rows (the file holds column names only)")
+    if cfg.time is None:  # the file order is the time order: the row number is the time
+        raw = raw.with_columns(pl.int_range(0, raw.height, dtype=pl.Int64).alias(ROW_ORDER))
     frame, report = clean_frame(
         raw,
-        time=cfg.time,
+        time=cfg.time if cfg.time is not None else ROW_ORDER,
         label=cfg.label,
         user=cfg.user,
         features=cfg.features,
@@ -53,7 +101,10 @@ def read_csv_raw(cfg: CsvSourceConfig) -> pl.DataFrame:
     except pl.exceptions.NoDataError as e:
         raise DataError(f"{path}: empty CSV file (no header row)") from e
     need = _needed_columns(cfg)
-    require_columns(header, need, str(path))
+    try:
+        require_columns(header, need, str(path))
+    except DataError as e:
+        raise DataError(f"{e}{_delimiter_hint(path, header, cfg.delimiter)}") from None
     try:
         return pl.read_csv(
             path, columns=list(dict.fromkeys(c for c, _ in need)), separator=cfg.delimiter, infer_schema=False
