@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from reloop.data.schema import FeatureMap
 from reloop.data.tensors import PeriodTensors, Stream
 
 CACHE_VERSION = 2
+logger = logging.getLogger("reloop.data")
 
 
 @dataclass
@@ -56,8 +58,13 @@ def prepare_stream(data: dict[str, Any], pretrain: int, encoder: EncoderConfig |
     cache_file = cache_root / f"stream-{key}.pt"
     report = log.report.summary()
     if use_cache and cache_file.exists():
-        blob = torch.load(cache_file, map_location="cpu", weights_only=False)
-        return Prepared(_stream_from_blob(blob), FeatureEncoder.from_state(blob["encoder"]), report)
+        try:
+            # weights_only: plain containers and tensors; a pickle that would call anything is refused
+            blob = torch.load(cache_file, map_location="cpu", weights_only=True)
+            return Prepared(_stream_from_blob(blob), FeatureEncoder.from_state(blob["encoder"]), report)
+        except Exception as e:  # noqa: BLE001 - truncated, foreign or refused: rebuild it
+            logger.warning("stream cache %s cannot be used (%s: %s); rebuilding it", cache_file,
+                           type(e).__name__, str(e).strip().splitlines()[0][:200] if str(e).strip() else "")
 
     times = frame[log.schema.time].to_numpy()
     bounds = period_bounds(times, periods)
