@@ -16,6 +16,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
+from reloop.combine import CombineOptions
 from reloop.components import build_generator, build_loss, build_memory, build_update, qualify
 from reloop.data.periods import PeriodsConfig
 from reloop.data.sources.config import SOURCE_NAMES, parse_source_config
@@ -63,6 +64,8 @@ class RunSpec(_Strict):
     loss: str | dict[str, Any] = "ce"
     generator: str | dict[str, Any] = "identity"
     memory: dict[str, Any] | None = None
+    # Hedge over this run's predictions and the named runs' (reloop.combine.CombineOptions), online
+    combine: CombineOptions | None = None
 
     @field_validator("update", "loss", "generator", mode="before")
     @classmethod
@@ -177,6 +180,12 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> Config:
             cfg.data["path"] = str((base_dir / path).resolve())
     for name, run in cfg.runs.items():
         validate_run(name, run)
+    for name, run in cfg.runs.items():
+        for expert in (run.combine.experts or []) if run.combine is not None else []:
+            if expert not in cfg.runs:
+                raise ConfigError(f"runs.{name}.combine.experts: unknown run {expert!r} (runs: {sorted(cfg.runs)})")
+            if cfg.runs[expert].combine is not None and expert != name:
+                raise ConfigError(f"runs.{name}.combine.experts: {expert!r} is itself a combine run")
     return cfg
 
 

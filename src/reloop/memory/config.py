@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
@@ -35,6 +35,8 @@ class SketchConfig(BaseModel):
     """LSH sketch: K arrays of 2^L buckets (paper: K = 70 to 180)."""
 
     model_config = ConfigDict(extra="forbid")
+    #: tuned on the valid periods by ``reloop tune`` (reloop.protocol.tune); paper: K = 70-180, L up to 10
+    search_space: ClassVar[dict[str, list[Any]]] = {"bits": [6, 8, 10]}
     arrays: int = Field(default=64, ge=1)
     bits: int = Field(default=8, ge=0, le=MAX_BITS)
     similarity: Literal["density", "centroid"] = "density"
@@ -46,6 +48,7 @@ class ExactConfig(BaseModel):
     """Ring buffer of the last ``size`` samples with cosine top-``top_k`` retrieval."""
 
     model_config = ConfigDict(extra="forbid")
+    search_space: ClassVar[dict[str, list[Any]]] = {"top_k": [16, 64]}
     size: int = Field(default=10000, ge=1)
     top_k: int = Field(default=64, ge=1)
 
@@ -84,6 +87,10 @@ class MemoryConfig(BaseModel):
     """Validated ``memory:`` block. ``lambda`` is exposed as the attribute ``lam`` (a float, or ``"auto"``)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    #: ``reloop tune``'s candidates (keys as written in YAML); the paper's λ range is 0.4-0.9
+    search_space: ClassVar[dict[str, list[Any]]] = {"lambda": [0.1, 0.3, 0.5, 0.8, "auto"],
+                                                    "key": ["hidden", "embeddings"],
+                                                    "reset_on_update": [True, False]}
     sketch: SketchConfig | None = None
     exact: ExactConfig | None = None
     lam: float | Literal["auto"] = Field(default=0.5, alias="lambda")

@@ -216,10 +216,12 @@ def run_one(cfg: Config, stream: Stream, name: str, spec: RunSpec, seed: int, th
             optim0: dict, out: Path | None = None, resume: bool = False,
             progress: Progress | None = None, stop_after: int | None = None,
             device: torch.device | str | None = None,
-            on_period: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+            on_period: Callable[[int], None] | None = None,
+            served_out: dict[str, torch.Tensor] | None = None) -> list[dict[str, Any]]:
     """One run under one seed; returns its per-period metric rows.
 
-    ``progress(name, n)`` is told the rows of each training step; ``on_period(t)`` is called once period
+    ``served_out``, when given, receives ``{"base", "final"}``: the served probability per global row
+    (NaN outside the served periods), for a ``combine:`` run to mix. ``progress(name, n)`` is told the rows of each training step; ``on_period(t)`` is called once period
     ``t`` is trained on, served and checkpointed (a progress bar with a known total).
 
     The period step itself (update, generator, guard, memory reset) is :class:`reloop.engine.RunEngine`'s,
@@ -289,6 +291,8 @@ def run_one(cfg: Config, stream: Stream, name: str, spec: RunSpec, seed: int, th
             on_period(t)
         if stop_after is not None and t >= stop_after:
             break
+    if served_out is not None:
+        served_out.update(base=state.served_base, final=state.served_final)
     return state.rows
 
 

@@ -6,7 +6,7 @@ logit), which the update strategy attaches to the training rows before training.
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,8 @@ from reloop.data.tensors import Batch
 class Loss:
     needs: ClassVar[frozenset[str]] = frozenset()
     name: ClassVar[str] = "ce"
+    #: candidate values ``reloop tune`` tries on the valid periods (reloop.protocol.tune)
+    search_space: ClassVar[dict[str, list[Any]]] = {}
 
     def __call__(self, logits: Tensor, batch: Batch) -> Tensor:
         raise NotImplementedError
@@ -39,6 +41,8 @@ class Distill(Loss):
 
     needs = frozenset({"teacher"})
     name = "distill"
+
+    search_space: ClassVar[dict[str, list[Any]]] = {"weight": [0.1, 0.3, 0.5]}  # β
 
     def __init__(self, beta: float, temperature: float = 1.0) -> None:
         if not 0.0 <= beta <= 1.0:
@@ -71,6 +75,8 @@ class SelfCorrection(Loss):
 
     needs = frozenset({"y_last"})
     name = "self_correction"
+
+    search_space: ClassVar[dict[str, list[Any]]] = {"weight": [0.1, 0.3, 0.5, 0.7]}  # α; paper: 0.1-0.9
 
     def __init__(self, alpha: float, scale: str = "plain") -> None:
         if not 0.0 <= alpha <= 1.0:

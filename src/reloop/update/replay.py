@@ -80,6 +80,7 @@ class Replay(UpdateStrategy):
     """SPMF replay: IU on D_t plus rows replayed from a reservoir (see the module docstring)."""
 
     name = "replay"
+    search_space = {"reservoir": [0.1, 0.3], "ratio": [0.3, 0.5, 1.0]}
 
     def __init__(self, reservoir: float = 0.3, ratio: float = 0.5, seed: int | None = None,
                  shuffle: bool = False) -> None:

@@ -77,6 +77,8 @@ class UpdateStrategy:
 
     name: ClassVar[str] = ""
     trains: ClassVar[bool] = True
+    #: candidate option values ``reloop tune`` tries on the valid periods (reloop.protocol.tune)
+    search_space: ClassVar[dict[str, list[Any]]] = {}
 
     def training_rows(self, ctx: UpdateContext) -> PeriodTensors:
         """The rows period t trains on (``ctx.model`` is Θ_{t−1}, for strategies that score rows)."""
@@ -142,6 +144,7 @@ class BatchWindow(UpdateStrategy):
     """BU-w: from Θ_{t−1}, train on D_{t−w+1} ∪ … ∪ D_t (ASMG §4.1.4)."""
 
     name = "batch"
+    search_space = {"window": [2, 3, 5]}
 
     def __init__(self, window: int) -> None:
         if window < 1:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,6 +18,8 @@ class TrainConfig(BaseModel):
     """``train:`` section. ``pretrain_epochs`` trains Θ0 on the pretraining periods."""
 
     model_config = ConfigDict(extra="forbid")
+    #: base training settings ``reloop tune`` tries with IU on the valid periods (reloop.protocol.tune)
+    search_space: ClassVar[dict[str, list[Any]]] = {"lr": [5e-4, 1e-3, 2e-3, 4e-3], "epochs": [1, 2]}
     epochs: int = Field(default=1, ge=1)
     pretrain_epochs: int = Field(default=5, ge=1)
     batch_size: int = Field(default=1024, ge=1)

@@ -13,7 +13,7 @@ Unknown keys and bad values are errors naming the dotted key (``generator.asmg_g
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -27,10 +27,11 @@ class _Strict(BaseModel):
 
 
 class IdentityConfig(_Strict):
-    pass
+    search_space: ClassVar[dict[str, list[Any]]] = {}
 
 
 class ASMGGRUConfig(_Strict):
+    search_space: ClassVar[dict[str, list[Any]]] = {"k": [2, 3, 4], "variant": ["multi", "single"]}
     k: int = Field(default=3, ge=1)
     hidden: int = Field(default=4, ge=1)
     variant: Literal["multi", "single", "unif", "zero", "full"] = "multi"
@@ -44,6 +45,7 @@ class ASMGGRUConfig(_Strict):
 
 
 class ASMGLinearConfig(_Strict):
+    search_space: ClassVar[dict[str, list[Any]]] = {"k": [2, 3, 4]}
     k: int = Field(default=3, ge=1)
     lr: float = Field(default=1e-2, gt=0)
     epochs: int = Field(default=1, ge=1)
@@ -53,6 +55,7 @@ class ASMGLinearConfig(_Strict):
 
 
 class SMLConfig(_Strict):
+    search_space: ClassVar[dict[str, list[Any]]] = {"lr": [1e-4, 1e-3]}
     lr: float = Field(default=1e-3, gt=0)
     epochs: int = Field(default=1, ge=1)
     warmup: int = Field(default=1, ge=0)

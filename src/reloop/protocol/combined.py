@@ -1,0 +1,77 @@
+"""A ``combine:`` run: the Hedge mixture (``reloop.combine``) of several runs' served predictions.
+
+A run with ``combine: {experts: [...], hedge: {...}}`` is trained like any other run (its own update,
+loss, generator and memory: usually the stack of every remedy); what it *serves* is the online mixture
+of its own prediction and its experts' (the named runs of the same config, same seed). Within each
+served period the rows are predicted batch by batch (``protocol.serve_batch_size``) and a batch's
+labels update the weights only ``protocol.feedback_delay`` batches later, exactly as the error memory
+sees them (:func:`reloop.protocol.serving.serve_period`), and the weights carry over from period to
+period. Each expert's served predictions do not depend on the mixture, so the mixture is computed from
+them after the runs, with the result the live loop would have given.
+
+Guarantee (``docs/methods/combine.md``): the mixture's cumulative log loss is within
+``[ln K + (T−1)·ln(1/(1−α))]/η + (η/8)·Σ_b R_b²`` of the best expert's, over the served rows.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from reloop.combine import CombineOptions, Hedge
+from reloop.config import Config
+from reloop.data.periods import phase_of
+from reloop.data.tensors import Stream
+from reloop.protocol.metrics import period_metrics
+
+
+def experts_of(cfg: Config, name: str) -> list[str]:
+    """The runs a ``combine:`` run mixes (itself first): ``experts``, or every run without ``combine``."""
+    options = cfg.runs[name].combine
+    assert options is not None
+    others = options.experts if options.experts is not None else [
+        r for r, spec in cfg.runs.items() if r != name and spec.combine is None]
+    return [name, *[r for r in others if r != name]]
+
+
+def combine_served(cfg: Config, stream: Stream, name: str, served: dict[str, Tensor], seed: int,
+                   options: CombineOptions) -> tuple[list[dict[str, Any]], Hedge]:
+    """Per-period metric rows of the mixture of ``served[expert]`` (served probability per global row).
+
+    Returns the rows (one per served period, as ``run_one``'s, with each expert's weight at the end of
+    the period under ``weights``) and the final ``Hedge``.
+    """
+    names = list(served)
+    hedge = options.build(names)
+    p = cfg.protocol
+    first = p.pretrain + 1
+    last = p.pretrain + p.served_periods + 1
+    rows: list[dict[str, Any]] = []
+    for period in range(first, last + 1):
+        start, end = stream.bounds[period - 1]
+        part = stream.period(period)
+        labels = part.data["label"].float().cpu()
+        probs = torch.stack([served[n][start:end].float() for n in names])  # [K, rows]
+        if bool(torch.isnan(probs).all(dim=1).any()):
+            missing = [n for n, row in zip(names, probs) if bool(torch.isnan(row).all())]
+            raise ValueError(f"runs.{name}.combine: no served predictions of {missing} for period {period}")
+        mixed = torch.empty(end - start)
+        pending: deque[tuple[int, int]] = deque()
+        for lo in range(0, end - start, p.serve_batch_size):
+            hi = min(lo + p.serve_batch_size, end - start)
+            mixed[lo:hi] = hedge.predict(probs[:, lo:hi])
+            pending.append((lo, hi))
+            while len(pending) > p.feedback_delay:
+                a, b = pending.popleft()
+                hedge.update(probs[:, a:b], labels[a:b])
+        while pending:  # labels of the period's last batches arrive after it closes
+            a, b = pending.popleft()
+            hedge.update(probs[:, a:b], labels[a:b])
+        users = part.data["user"].cpu().numpy() if "user" in part.data else None
+        metrics = period_metrics(labels.numpy(), mixed.numpy(), users)
+        rows.append({"run": name, "seed": seed, "period": period,
+                     "phase": phase_of(period, p.pretrain, p.warmup, p.valid), **metrics,
+                     "weights": {n: round(float(w), 6) for n, w in zip(names, hedge.weights)}})
+    return rows, hedge

@@ -1,0 +1,238 @@
+"""Choose each run's hyper-parameters on the ``valid`` periods only, then report the test periods once.
+
+``reloop tune CONFIG`` (METHODS.md "The protocol": 10 warm-up, 3 valid, 7 test periods):
+
+1. **Base training first** (issue: every gain is measured against IU, so IU must not be under-trained):
+   ``train.search_space`` (``TrainConfig``) is searched with the plain IU run; Θ0 is retrained for
+   each candidate, because the base training settings shape it too.
+2. **Then every run**, on the chosen base settings: each component of the run declares its own search
+   space next to its options (``search_space`` on ``SelfCorrection``, ``Distill``, ``BatchWindow``,
+   ``Replay``, ``MemoryConfig``, ``SketchConfig``, ``ExactConfig``, the generators' configs); the search
+   is one pass of coordinate descent — each key in turn takes the candidate value with the best
+   validation score, the others held at their best so far — starting from the run as written.
+3. A trial runs the protocol up to the last ``valid`` period (``run_one(stop_after=…)``): it never
+   trains on, nor serves, a test period. The score is the mean over seeds of the mean AUC over the
+   ``valid`` periods (ties: lower LogLoss).
+
+The chosen config is then run once in full; ``tune.csv`` lists every trial with its validation score
+and ``tuned.yaml`` is the config to copy.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reloop.components import DEFAULT_LOSS_WEIGHTS
+from reloop.config import Config, RunSpec, validate_run
+from reloop.data.tensors import Stream
+from reloop.memory.config import ExactConfig, MemoryConfig, SketchConfig
+from reloop.protocol.runner import pretrain, run_one
+from reloop.update.generators.config import GENERATORS, parse_generator
+from reloop.update.losses import Distill, SelfCorrection
+from reloop.update.replay import Replay
+from reloop.update.strategies import BatchWindow
+from reloop.update.trainer import TrainConfig
+
+Report = Callable[[str], None]
+
+
+@dataclass
+class Trial:
+    """One evaluated setting of one run."""
+
+    run: str
+    setting: dict[str, Any]  # dotted key (within the run, or ``train.*``) -> value tried
+    valid_auc: float
+    valid_logloss: float
+    chosen: bool = False
+
+    def score(self) -> tuple[float, float]:
+        """Higher is better: AUC first, then −LogLoss (NaN counts as the worst)."""
+        auc = self.valid_auc if math.isfinite(self.valid_auc) else -math.inf
+        ll = self.valid_logloss if math.isfinite(self.valid_logloss) else math.inf
+        return auc, -ll
+
+
+@dataclass
+class TuneResult:
+    config: Config  # the chosen settings
+    trials: list[Trial] = field(default_factory=list)
+
+
+# --- search spaces: read from the components -------------------------------------------------------
+
+def _name(value: str | dict[str, Any]) -> str:
+    return value if isinstance(value, str) else next(iter(value))
+
+
+def run_search_space(spec: RunSpec) -> list[tuple[str, list[Any]]]:
+    """``(dotted key within the run spec, candidate values)`` for every component of ``spec``.
+
+    The candidates come from each component's ``search_space`` (declared beside its options); keys
+    are written so that :func:`apply_setting` can place the value in the run's YAML shape.
+    """
+    space: list[tuple[str, list[Any]]] = []
+    update = _name(spec.update)
+    if update == "batch":
+        space.append(("update.batch", list(BatchWindow.search_space["window"])))
+    elif update == "replay":
+        space += [(f"update.replay.{k}", list(v)) for k, v in Replay.search_space.items()]
+    loss = _name(spec.loss)
+    if loss == "self_correction":
+        space.append(("loss.self_correction", list(SelfCorrection.search_space["weight"])))
+    elif loss == "distill":
+        space.append(("loss.distill", list(Distill.search_space["weight"])))
+    gen_name, _ = parse_generator(spec.generator)
+    if gen_name != "identity":
+        options_cls = GENERATORS[gen_name][0]
+        space += [(f"generator.{gen_name}.{k}", list(v)) for k, v in options_cls.search_space.items()]
+    if spec.memory is not None:
+        mem = MemoryConfig.parse(spec.memory)
+        space += [(f"memory.{k}", list(v)) for k, v in MemoryConfig.search_space.items()]
+        kind_cls = SketchConfig if mem.sketch is not None else ExactConfig
+        space += [(f"memory.{mem.kind}.{k}", list(v)) for k, v in kind_cls.search_space.items()]
+    return space
+
+
+def apply_setting(spec: RunSpec, key: str, value: Any) -> RunSpec:
+    """``spec`` with the dotted ``key`` set to ``value`` (a bare name becomes a one-key mapping)."""
+    raw = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    slot, _, rest = key.partition(".")
+    current = raw.get(slot)
+    if isinstance(current, str):
+        current = {current: None}
+    current = copy.deepcopy(current) if current is not None else {}
+    parts = rest.split(".") if rest else []
+    node = current
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    if parts:
+        node[parts[-1]] = value
+    raw[slot] = current
+    return RunSpec(**raw)
+
+
+def _setting_label(setting: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in setting.items()) or "(as written)"
+
+
+# --- trials -----------------------------------------------------------------------------------------
+
+def valid_score(rows: Iterable[dict[str, Any]]) -> tuple[float, float]:
+    """Mean over seeds of the mean AUC and LogLoss over the ``valid`` periods."""
+    by_seed: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["phase"] == "valid":
+            by_seed.setdefault(r["seed"], []).append(r)
+    if not by_seed:
+        return float("nan"), float("nan")
+    aucs = [float(np.nanmean([r["auc"] for r in rs])) for rs in by_seed.values()]
+    lls = [float(np.nanmean([r["logloss"] for r in rs])) for rs in by_seed.values()]
+    return float(np.mean(aucs)), float(np.mean(lls))
+
+
+def last_valid_step(cfg: Config) -> int:
+    """The last period a validation trial trains on: it then serves the last ``valid`` period."""
+    p = cfg.protocol
+    return p.pretrain + p.warmup + p.valid - 1
+
+
+def _check_valid_periods(cfg: Config) -> None:
+    if cfg.protocol.valid < 1:
+        raise ValueError("protocol.valid: tuning needs at least one valid period (it never reads test periods)")
+
+
+def evaluate(cfg: Config, stream: Stream, name: str, spec: RunSpec, theta0s: dict[int, tuple[Any, dict]],
+             ) -> tuple[float, float]:
+    """Run ``spec`` under every seed up to the last ``valid`` period; its validation score."""
+    rows: list[dict[str, Any]] = []
+    for seed in cfg.protocol.seeds:
+        theta0, optim0 = theta0s[seed]
+        rows += run_one(cfg, stream, name, spec, seed, theta0, optim0, stop_after=last_valid_step(cfg))
+    assert not any(r["phase"] == "test" for r in rows), "a validation trial served a test period"
+    return valid_score(rows)
+
+
+def tune(cfg: Config, stream: Stream, runs: list[str] | None = None, tune_train: bool = True,
+         report: Report | None = None, pretrain_dir: Path | None = None) -> TuneResult:
+    """Choose base training settings and each run's settings on the ``valid`` periods (module docstring)."""
+    _check_valid_periods(cfg)
+    say = report or (lambda _msg: None)
+    cfg = cfg.model_copy(deep=True)
+    trials: list[Trial] = []
+
+    def theta0s_for(c: Config) -> dict[int, tuple[Any, dict]]:
+        return {s: pretrain(c, stream, s, out=pretrain_dir) for s in c.protocol.seeds}
+
+    if tune_train:
+        iu = RunSpec()
+        best_train = cfg.train
+        best = Trial("train", {}, *evaluate(cfg, stream, "IU", iu, theta0s_for(cfg)))
+        trials.append(best)
+        say(f"train (as written): valid AUC {best.valid_auc:.4f}")
+        for key, values in TrainConfig.search_space.items():
+            for v in values:
+                if getattr(best_train, key) == v:
+                    continue
+                candidate_train = best_train.model_copy(update={key: v})
+                c = cfg.model_copy(update={"train": candidate_train})
+                setting = {f"train.{k}": getattr(candidate_train, k) for k in TrainConfig.search_space}
+                trial = Trial("train", setting, *evaluate(c, stream, "IU", iu, theta0s_for(c)))
+                trials.append(trial)
+                say(f"train {_setting_label(setting)}: valid AUC {trial.valid_auc:.4f}")
+                if trial.score() > best.score():
+                    best, best_train = trial, candidate_train
+        best.chosen = True
+        cfg = cfg.model_copy(update={"train": best_train})
+
+    theta0s = theta0s_for(cfg)
+    for name in runs or list(cfg.runs):
+        spec = cfg.runs[name]
+        if spec.combine is not None:
+            continue  # a mixture has no settings of its own to choose beyond its stack's
+        if isinstance(spec.loss, str) and spec.loss in DEFAULT_LOSS_WEIGHTS:  # the weight it stands for
+            spec = spec.model_copy(update={"loss": {spec.loss: DEFAULT_LOSS_WEIGHTS[spec.loss]}})
+        best_spec = spec
+        best = Trial(name, {}, *evaluate(cfg, stream, name, spec, theta0s))
+        trials.append(best)
+        say(f"{name} (as written): valid AUC {best.valid_auc:.4f}")
+        chosen: dict[str, Any] = {}
+        for key, values in run_search_space(spec):
+            for v in values:
+                candidate = apply_setting(best_spec, key, v)
+                if candidate == best_spec:
+                    continue
+                try:
+                    validate_run(name, candidate)
+                except ValueError:
+                    continue  # e.g. top_k above size: not a valid point of the space
+                setting = {**chosen, key: v}
+                trial = Trial(name, setting, *evaluate(cfg, stream, name, candidate, theta0s))
+                trials.append(trial)
+                say(f"{name} {_setting_label(setting)}: valid AUC {trial.valid_auc:.4f}")
+                if trial.score() > best.score():
+                    best, best_spec, chosen = trial, candidate, setting
+        best.chosen = True
+        runs_now = dict(cfg.runs)
+        runs_now[name] = best_spec
+        cfg = cfg.model_copy(update={"runs": runs_now})
+    return TuneResult(cfg, trials)
+
+
+def write_trials(trials: list[Trial], path: Path) -> None:
+    """``tune.csv``: run, setting, validation AUC and LogLoss, whether it was chosen."""
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["run", "setting", "valid_auc", "valid_logloss", "chosen"])
+        for t in trials:
+            w.writerow([t.run, _setting_label(t.setting), f"{t.valid_auc:.6f}", f"{t.valid_logloss:.6f}",
+                        int(t.chosen)])
