@@ -37,11 +37,12 @@ def experts_of(cfg: Config, name: str) -> list[str]:
 
 
 def combine_served(cfg: Config, stream: Stream, name: str, served: dict[str, Tensor], seed: int,
-                   options: CombineOptions) -> tuple[list[dict[str, Any]], Hedge]:
+                   options: CombineOptions) -> tuple[list[dict[str, Any]], Hedge, Tensor]:
     """Per-period metric rows of the mixture of ``served[expert]`` (served probability per global row).
 
     Returns the rows (one per served period, as ``run_one``'s, with each expert's weight at the end of
-    the period under ``weights``) and the final ``Hedge``.
+    the period under ``weights``), the final ``Hedge`` and the mixture served per global row (NaN
+    outside the served periods).
     """
     names = list(served)
     hedge = options.build(names)
@@ -49,6 +50,7 @@ def combine_served(cfg: Config, stream: Stream, name: str, served: dict[str, Ten
     first = p.pretrain + 1
     last = p.pretrain + p.served_periods + 1
     rows: list[dict[str, Any]] = []
+    out = torch.full((len(stream.rows),), float("nan"))
     for period in range(first, last + 1):
         start, end = stream.bounds[period - 1]
         part = stream.period(period)
@@ -69,9 +71,10 @@ def combine_served(cfg: Config, stream: Stream, name: str, served: dict[str, Ten
         while pending:  # labels of the period's last batches arrive after it closes
             a, b = pending.popleft()
             hedge.update(probs[:, a:b], labels[a:b])
+        out[start:end] = mixed
         users = part.data["user"].cpu().numpy() if "user" in part.data else None
         metrics = period_metrics(labels.numpy(), mixed.numpy(), users)
         rows.append({"run": name, "seed": seed, "period": period,
                      "phase": phase_of(period, p.pretrain, p.warmup, p.valid), **metrics,
                      "weights": {n: round(float(w), 6) for n, w in zip(names, hedge.weights)}})
-    return rows, hedge
+    return rows, hedge, out

@@ -36,6 +36,7 @@ from reloop.device import clock, to_cpu
 from reloop.distributed import runtime_device
 from reloop.engine import RunEngine
 from reloop.models.base import CTRModel, build_model
+from reloop.protocol.combined import combine_served, experts_of
 from reloop.protocol.metrics import period_metrics
 from reloop.protocol.serving import serve_period
 from reloop.update.losses import CrossEntropy
@@ -312,3 +313,33 @@ def _record(state: RunState, stream: Stream, period: int, served, cfg: Config, n
     p = cfg.protocol
     state.rows.append({"run": name, "seed": seed, "period": period,
                        "phase": phase_of(period, p.pretrain, p.warmup, p.valid), **metrics})
+
+
+def run_seed(cfg: Config, stream: Stream, seed: int, theta0: CTRModel, optim0: dict, out: Path | None = None,
+             resume: bool = False, device: torch.device | str | None = None,
+             progress_for: Callable[[str], Progress | None] | None = None,
+             on_run: Callable[[str, list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+    """Every run of ``cfg`` under one seed (Θ0 shared, paired comparisons); returns their period rows.
+
+    Runs without ``combine:`` go first, in config order; then each ``combine:`` run trains its own
+    composition and serves the Hedge mixture of its predictions and its experts'
+    (:func:`reloop.protocol.combined.combine_served`). ``progress_for(name)`` gives a run's
+    ``progress`` callback; ``on_run(name, rows)`` is called as each run finishes.
+    """
+    order = [n for n, s in cfg.runs.items() if s.combine is None] + [n for n, s in cfg.runs.items()
+                                                                       if s.combine is not None]
+    served: dict[str, torch.Tensor] = {}
+    all_rows: list[dict[str, Any]] = []
+    for name in order:
+        spec = cfg.runs[name]
+        got: dict[str, torch.Tensor] = {}
+        rows = run_one(cfg, stream, name, spec, seed, theta0, optim0, out=out, resume=resume, device=device,
+                       progress=progress_for(name) if progress_for else None, served_out=got)
+        served[name] = got["final"]
+        if spec.combine is not None:
+            experts = experts_of(cfg, name)
+            rows, _, _ = combine_served(cfg, stream, name, {e: served[e] for e in experts}, seed, spec.combine)
+        all_rows.extend(rows)
+        if on_run is not None:
+            on_run(name, rows)
+    return all_rows
