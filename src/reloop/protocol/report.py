@@ -292,7 +292,7 @@ def draw_summary(ax: Any, summary: list[dict[str, Any]], seed_imps: dict[str, np
         ax.text(v + (e + 0.03 * span) * (1 if v >= 0 else -1), yi, f"{v:+.2f}", va="center",
                 ha="left" if v >= 0 else "right", fontsize=8)
     ax.set_yticks(y, runs, fontsize=8)
-    ax.invert_yaxis()
+    ax.set_ylim(max(len(runs), 8) - 0.5, -0.5)  # top to bottom; few runs keep slim bars
     ax.axvline(0.0, color=BASELINE_COLOR, linewidth=1.0)
     ax.set_xlim(-1.3 * span, 1.3 * span)
     ax.set_xlabel(f"{_metric_label(metric)} imp% vs {baseline}, test periods")
