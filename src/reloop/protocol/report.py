@@ -21,6 +21,7 @@ SUMMARY_COLUMNS = ["run", "auc_mean", "auc_std", "gauc_mean", "gauc_std", "loglo
 
 
 def write_periods(rows: list[dict[str, Any]], path: Path) -> None:
+    """Write per-period metric rows to ``path`` as ``periods.csv`` (columns ``PERIOD_COLUMNS``)."""
     with path.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=PERIOD_COLUMNS, extrasaction="ignore")
         w.writeheader()
@@ -29,6 +30,7 @@ def write_periods(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def read_periods(path: Path) -> list[dict[str, Any]]:
+    """Read a ``periods.csv`` back into rows (the inverse of :func:`write_periods`)."""
     out = []
     with path.open() as fh:
         for r in csv.DictReader(fh):
@@ -46,6 +48,13 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(rows: list[dict[str, Any]], phase: str = "test", baseline: str = "IU") -> list[dict[str, Any]]:
+    """One entry per run (in first-seen order): mean ± std over seeds of each seed's mean over the
+    ``phase`` periods, and imp% vs ``baseline``.
+
+    Keys: ``run``, ``seeds``, ``{auc,gauc,logloss}_mean``, ``..._std`` (ddof = 1; 0 with one seed)
+    and ``..._imp_pct`` = sign · (m − m_base) / m_base · 100 (sign −1 for LogLoss, so positive is
+    better; NaN when no run is called ``baseline``).
+    """
     runs = list(dict.fromkeys(r["run"] for r in rows))
     out = []
     for run in runs:
