@@ -220,14 +220,15 @@ def _generator_findings(name: str, spec: RunSpec, cfg: Config) -> list[Finding]:
     where = f"runs.{name}.generator.{gen_name}"
     # A learned generator serves Θ*_t once it has seen `min_models` updated models and learned
     # `warmup` times (it learns once per period from its min_models-th model on): from the
-    # (min_models + warmup)-th update on.
+    # (min_models + warmup)-th update on. With `init: identity` its untrained output is Θ_t itself,
+    # so it changes what is served only after learning once.
     min_models = getattr(options, "k", 1)
-    first = min_models + options.warmup
+    first = min_models + max(options.warmup, 1 if getattr(options, "init", None) == "identity" else 0)
     p = cfg.protocol
     knobs = ("k and warmup" if hasattr(options, "k") else "warmup")
     if first > p.served_periods:
         return [Finding("error", where,
-                        f"serves a generated model from the {first}th update on (k + warmup = {first}), "
+                        f"serves a generated model from update {first} on (k + warmup = {first}), "
                         f"but the protocol makes {p.served_periods} updates (protocol.warmup + valid + test): "
                         f"it never acts; lower {where}.{knobs.replace(' and ', ' / ')} or raise protocol.warmup")]
     if first > p.warmup + p.valid + 1:

@@ -6,7 +6,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -53,8 +53,8 @@ app = _typer(add_completion=False,
              help="Keep CTR models accurate under drift: compare and run model-updating strategies.")
 data_app = _typer(help="Look at a dataset as the protocol will see it.")
 app.add_typer(data_app, name="data")
-from reloop.serve.cli import retrain as _retrain_command  # noqa: E402
-from reloop.serve.cli import serve as _serve_command  # noqa: E402
+from reloop.serve.cli import retrain as _retrain_command
+from reloop.serve.cli import serve as _serve_command
 
 app.command("serve", cls=_Command)(_serve_command)
 app.command("retrain", cls=_Command)(_retrain_command)
@@ -83,7 +83,7 @@ def _version(value: bool) -> None:
             from importlib.metadata import version
 
             v = version("reloop")
-        except Exception:  # not installed (a source checkout on sys.path)
+        except ImportError:  # importlib.metadata.PackageNotFoundError: a source checkout on sys.path
             from reloop import __version__ as v
         typer.echo(f"reloop {v}")
         raise typer.Exit()
@@ -106,26 +106,43 @@ def _main(threads: Annotated[str, typer.Option(
              "(docs/guide/quickstart.md#threads); a number overrides it.")] = "auto",
           version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                 help="Print the version and exit.")] = False) -> None:
+    from reloop.threads import set_command_setting
+
     _configure_logging()
-    os.environ["RELOOP_THREADS"] = threads  # run_experiment reads it; so do processes started by --nproc
+    set_command_setting(threads)  # run_experiment applies it (auto: once the model is known)
     if threads != "auto":
         import torch
 
         torch.set_num_threads(int(threads))
 
 
-SetOption = Annotated[Optional[list[str]], typer.Option(
+SetOption = Annotated[list[str] | None, typer.Option(
     "--set", metavar="KEY=VALUE", help="Override a config key: a.b.c=<YAML value> (repeatable).")]
 ProgressOption = Annotated[bool, typer.Option(help="Show progress bars.")]
 ResumeOption = Annotated[bool, typer.Option(help="Continue a killed run from its last finished period.")]
 
-_KEY = re.compile(r"(?:^|; )([\w\-.]+):")
+_KEY_PART = re.compile(r"[\w\-.\[\]]+")
+
+
+def message_keys(message: str) -> list[str]:
+    """The dotted keys a config error names: the leading ``key: key: ...`` of each ``; ``-joined problem,
+    joined (``data: periods.by: time needs ...`` -> ``data.periods.by``)."""
+    keys = []
+    for problem in message.split("; "):
+        parts = []
+        for segment in problem.split(": ")[:-1]:
+            if not _KEY_PART.fullmatch(segment):
+                break
+            parts.append(segment)
+        if parts:
+            keys.append(".".join(parts))
+    return keys
 
 
 def blame_override(message: str, overrides: list[str] | None) -> str | None:
     """The ``--set`` item a config error is about: the first whose key is, contains or lies inside a dotted
     key the message names (``train.lrr`` for ``train.lrr: Extra inputs ...``); None: the file's."""
-    keys = _KEY.findall(message)
+    keys = message_keys(message)
     for item in overrides or []:
         key = item.partition("=")[0].strip()
         if any(k == key or k.startswith(key + ".") or key.startswith(k + ".") for k in keys):
@@ -195,9 +212,9 @@ def run(config: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML conf
 
 def _threads_per_process(nproc: int) -> int:
     """Threads for each of ``nproc`` processes: the user's number, or the free CPUs shared out."""
-    from reloop.threads import choose_threads, host_load, setting_from_env
+    from reloop.threads import choose_threads, current_setting, host_load
 
-    setting = setting_from_env()
+    setting = current_setting()
     if isinstance(setting, int):
         return setting
     return max(1, choose_threads(None, host_load()).threads // nproc)
@@ -214,13 +231,13 @@ def demo(out: Annotated[Path, typer.Option(metavar="DIR", help="Result directory
 def init(data: Annotated[Path, typer.Argument(metavar="DATA", help="A CSV file, a Parquet file or a directory "
                                               "of Parquet shards.")],
          out: Annotated[Path, typer.Option(metavar="FILE", help="Where to write the config.")] = Path("reloop.yaml"),
-         delimiter: Annotated[Optional[str], typer.Option(metavar="CHAR", help="CSV delimiter (default: sniffed "
+         delimiter: Annotated[str | None, typer.Option(metavar="CHAR", help="CSV delimiter (default: sniffed "
                                                           "from the first lines).")] = None,
-         label: Annotated[Optional[str], typer.Option(metavar="COLUMN", help="The 0/1 label column (default: "
+         label: Annotated[str | None, typer.Option(metavar="COLUMN", help="The 0/1 label column (default: "
                                                       "found by name and values).")] = None,
-         time: Annotated[Optional[str], typer.Option(metavar="COLUMN", help="The time column, or 'none' for "
+         time: Annotated[str | None, typer.Option(metavar="COLUMN", help="The time column, or 'none' for "
                                                      "the file order (default: found by name and values).")] = None,
-         user: Annotated[Optional[str], typer.Option(metavar="COLUMN", help="The user-id column, or 'none' "
+         user: Annotated[str | None, typer.Option(metavar="COLUMN", help="The user-id column, or 'none' "
                                                      "(default: found by name).")] = None,
          force: Annotated[bool, typer.Option(help="Overwrite FILE if it exists.")] = False) -> None:
     """Inspect DATA (columns, types, label, time, user, cardinalities) and write a commented config ready to run."""
@@ -280,7 +297,7 @@ def bench_paper(data: Annotated[str, typer.Option(metavar="NAME", help="movielen
                                                   "or synthetic.")] = "movielens100k",
                 seeds: Annotated[int, typer.Option(metavar="N", help="Number of seeds (0..N-1).")] = 5,
                 out: Annotated[Path, typer.Option(metavar="DIR", help="Report directory.")] = Path("runs/paper"),
-                section: Annotated[Optional[list[str]], typer.Option(
+                section: Annotated[list[str] | None, typer.Option(
                     metavar="S", help="Only these sections or groups (repeatable; 'zoo' = every zoo-* section).")] = None,
                 ml_path: Annotated[Path, typer.Option(metavar="DIR", help="MovieLens-100K directory.")] = Path(
                     "../shared/data/movielens-100k"),
@@ -289,7 +306,7 @@ def bench_paper(data: Annotated[str, typer.Option(metavar="NAME", help="movielen
                 set_: SetOption = None, progress: ProgressOption = True) -> None:
     """ASMG, ReLoop and ReLoop2 comparisons plus their combinations, as one Markdown report."""
     from reloop.bench.paper import datasets, run_paper, select_sections
-    from reloop.threads import setting_from_env
+    from reloop.threads import current_setting, set_command_setting
 
     if data not in datasets(ml_path):
         console.print(f"[red]--data[/]: unknown dataset {data!r}; choose {sorted(datasets(ml_path))}")
@@ -306,9 +323,10 @@ def bench_paper(data: Annotated[str, typer.Option(metavar="NAME", help="movielen
         overrides = dict(parse_override(item) for item in set_ or [])
     except ConfigError as e:
         _config_error("", e)
-    setting = setting_from_env()
+    setting = current_setting()
     threads = setting if isinstance(setting, int) else None
     if jobs > 1 and threads is None:  # workers: one thread each (paper.py), not "auto" on top of it
+        set_command_setting(None)
         os.environ["RELOOP_THREADS"] = "1"
     try:
         report = run_paper(data, out, list(range(seeds)), section, ml_path, progress, overrides, console,

@@ -119,7 +119,9 @@ def host_load(sample_seconds: float = SAMPLE_SECONDS) -> HostLoad:
     sampled = sampled_busy_cpus(sample_seconds) if sample_seconds > 0 else None
     if sampled is not None:
         busy = max(busy, sampled)
-    return HostLoad(cpus=usable_cpus(), host_cpus=os.cpu_count() or 1, busy=busy)
+    # processes started together on this machine (torchrun's LOCAL_WORLD_SIZE) share its CPUs
+    share = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return HostLoad(cpus=max(1, usable_cpus() // share), host_cpus=os.cpu_count() or 1, busy=busy / share)
 
 
 def choose_threads(work: float | None, load: HostLoad) -> ThreadChoice:
@@ -174,8 +176,19 @@ def parse_threads(value: str | int | None) -> int | str | None:
     return n
 
 
-def setting_from_env() -> int | str | None:
-    """``RELOOP_THREADS`` (set by ``reloop --threads``; ``auto`` unless the user gave a number)."""
+_COMMAND_SETTING: int | str | None = None
+
+
+def set_command_setting(setting: int | str | None) -> None:
+    """What ``reloop --threads`` chose for this process (``auto`` unless the user gave a number)."""
+    global _COMMAND_SETTING
+    _COMMAND_SETTING = parse_threads(setting)
+
+
+def current_setting() -> int | str | None:
+    """The thread setting in force: ``reloop --threads`` in this process, else ``RELOOP_THREADS``, else None."""
+    if _COMMAND_SETTING is not None:
+        return _COMMAND_SETTING
     return parse_threads(os.environ.get("RELOOP_THREADS"))
 
 

@@ -169,7 +169,7 @@ def _profile_column(s: pl.Series) -> ColumnProfile:
 
 
 def _is_binary(s: pl.Series) -> bool:
-    if isinstance(s.dtype, pl.List) or isinstance(s.dtype, (pl.Datetime, pl.Date)):
+    if isinstance(s.dtype, (pl.List, pl.Datetime, pl.Date)):
         return False
     try:
         val, problems = parse_label(s if s.dtype != pl.String else _text(s))
@@ -362,13 +362,15 @@ def render_config(profile: DataProfile, config_path: str | Path) -> str:
     serve_batch = min(1024, 2 ** int(math.log2(max(smallest // MIN_SERVE_BATCHES, 1))))
     batch = max(64, min(1024, 2 ** int(math.log2(max(smallest // 4, 1)))))
     data_path = os.path.relpath(profile.path.resolve(), Path(config_path).resolve().parent)
+    if data_path.startswith(".."):  # outside the config's directory: an absolute path reads better
+        data_path = str(profile.path.resolve())
     features = [c for c in profile.columns if c.role in ("feature", "user") and c.kind is not None]
     skipped = [c for c in profile.columns if c.role == "skipped"]
     if not features:
         raise InitError(f"{profile.path}: no feature columns besides the label and time; nothing to learn from")
 
     lines = [
-        f"# reloop config written by `reloop init {profile.path.name}` — edit freely, then: reloop run {Path(config_path).name}",
+        f"# reloop config written by `reloop init {profile.path}` — edit freely, then: reloop run {Path(config_path).name}",
         f"# {profile.rows:,} rows; columns profiled on the first {profile.profiled_rows:,}. Every key: docs/guide/config.md",
     ]
     lines += [f"# note: {n}" for n in profile.notes]
@@ -394,8 +396,8 @@ def render_config(profile: DataProfile, config_path: str | Path) -> str:
     for c in skipped:
         lines.append(f"    # {c.name}: left out ({c.note})")
     lines += [
-        f"  periods: {{count: {proto.count}, by: {by}}}    # {'equal time windows' if by == 'time' else 'equal row counts'}; "
-        f"{min(sizes):,}-{max(sizes):,} rows each",
+        (f"  periods: {{count: {proto.count}, by: {by}}}    # "
+         f"{'equal time windows' if by == 'time' else 'equal row counts'}; {min(sizes):,}-{max(sizes):,} rows each"),
         "model: {name: deepfm, embedding_dim: 16, hidden_units: [64, 32]}    # `reloop models` lists the zoo",
         f"train: {{epochs: 1, pretrain_epochs: 3, batch_size: {batch}, lr: 0.005}}",
         "protocol:",

@@ -3,13 +3,19 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from reloop.config import Config, RunSpec, dump_config
 from reloop.data.encode import EncoderConfig
@@ -17,7 +23,13 @@ from reloop.data.prepare import prepare_stream
 from reloop.data.tensors import Stream
 from reloop.distributed import runtime_device
 from reloop.protocol.metrics import auc, logloss
-from reloop.protocol.report import plot_periods, read_periods, summarize, write_periods, write_summary
+from reloop.protocol.report import (
+    plot_periods,
+    read_periods,
+    summarize,
+    write_periods,
+    write_summary,
+)
 from reloop.protocol.runner import check_resume, fresh_model, pretrain, run_one
 
 log = logging.getLogger(__name__)
@@ -65,7 +77,7 @@ def expected_rows(cfg: Config, spec: RunSpec, period_rows: Sequence[int]) -> int
     from reloop.update.replay import Replay
     from reloop.update.strategies import BatchWindow, FullRetrain
 
-    rows = lambda a, b: sum(period_rows[max(a, 1) - 1:b])  # noqa: E731  (periods a..b, 1-based)
+    rows = lambda a, b: sum(period_rows[max(a, 1) - 1:b])
     strategy = build_update(spec.update)
     gen_name, gen = parse_generator(spec.generator)
     min_models = getattr(gen, "k", 1)
@@ -94,12 +106,14 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, show_progress: 
     that use the same data and model (the paper benchmark pairs all its sections on one Θ0 per seed).
 
     ``threads``: torch intra-op threads, a number or ``"auto"`` (:mod:`reloop.threads`: from the model's
-    size and the host's free CPUs); None takes ``RELOOP_THREADS`` (set by ``reloop --threads``) and, when
-    that is unset too, leaves torch as it is. Before any training, :func:`reloop.checks.check_before_run`
-    refuses runs with a component that can never act and logs those that cannot act in some periods.
+    size and the host's free CPUs); None takes ``reloop --threads`` (``auto`` by default) or
+    ``RELOOP_THREADS`` and, outside the command with neither set, leaves torch as it is.
+
+    Before any training, :func:`reloop.checks.check_before_run` refuses runs with a component that can
+    never act and logs those that cannot act in some periods (also printed on ``console``).
     """
     from reloop.checks import check_before_run
-    from reloop.threads import apply_threads, setting_from_env
+    from reloop.threads import apply_threads, current_setting
 
     console = console or Console(stderr=True)
     device = runtime_device(cfg.device)  # resolved once (a ConfigError naming `device` before any work)
@@ -110,7 +124,7 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, show_progress: 
         console.print(f"[yellow]warning[/] {finding}")
     if resume:  # a checkpoint made with other settings stops the run before OUT is touched
         check_resume(cfg, stream, out)
-    setting = threads if threads is not None else setting_from_env()
+    setting = threads if threads is not None else current_setting()
     choice = apply_threads(setting, _dense_work(cfg, stream) if setting == "auto" else None)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
