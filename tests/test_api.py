@@ -174,6 +174,11 @@ def test_compensated_model_feedback_slices_and_model_updates() -> None:
         served.feedback(part, torch.ones(3))
     served.update_model(Net())  # reset_on_update (default): the old model's errors are dropped
     assert served.memory.n_written == 0
+    named = reloop.CompensatedModel(net, reloop.error_memory(6), key_layer="head")
+    other = Net()
+    named.update_model(other)  # the layer name is looked up in the new model
+    x = torch.randn(4, 4)
+    torch.testing.assert_close(named.predict(x).key, other.with_key(x)[1].detach())
     kept = reloop.CompensatedModel(net, reloop.error_memory(6, reset_on_update=False), key_layer="head")
     kept.feedback(kept.predict(torch.randn(3, 4)), torch.ones(3))
     kept.update_model()

@@ -258,7 +258,8 @@ class CompensatedModel:
         model: any callable module.
         compensator: from :func:`error_memory`; its width must be the key's.
         key_layer: a submodule (or its dotted name in ``model``) whose *input* is the key,
-            flattened to ``[B, d]``. When ``None``, the model must return ``(output, h)``.
+            flattened to ``[B, d]``. When ``None``, the model must return ``(output, h)``. Give
+            the name when ``update_model`` will swap in another model: it is looked up again there.
         output: whether the model's output is ``"logits"`` or ``"probs"``.
 
     Example:
@@ -346,8 +347,8 @@ class CompensatedModel:
         emptied when the compensator was built with ``reset_on_update``."""
         if model is not None:
             self.model = model
-            self._layer = self._resolve_layer(model, self._key_layer) if isinstance(self._key_layer, str) \
-                else self._layer
+            if isinstance(self._key_layer, str):  # a layer given as a module stays that module
+                self._layer = self._resolve_layer(model, self._key_layer)
         self.compensator.on_model_update()
 
     def __repr__(self) -> str:
