@@ -125,8 +125,10 @@ def _config_cases() -> list[tuple[str, str, str]]:
     add(by_name["ProtocolConfig"], "`protocol`")
     add(by_name["EncoderSettings"], "`encoder`")
     add(by_name["RunSpec"], "`runs`")
-    assert set(by_name) == {"Config", "TrainConfig", "ProtocolConfig", "EncoderSettings", "RunSpec"}, \
-        f"new nested config model(s) {set(by_name) - {'Config', 'TrainConfig', 'ProtocolConfig', 'EncoderSettings', 'RunSpec'}}: map them to a section here"
+    add(by_name["CombineOptions"], "`combine`")
+    add(by_name["HedgeOptions"], "`combine`")
+    known = {"Config", "TrainConfig", "ProtocolConfig", "EncoderSettings", "RunSpec", "CombineOptions", "HedgeOptions"}
+    assert set(by_name) == known, f"new nested config model(s) {set(by_name) - known}: map them to a section here"
     add(PeriodsConfig, "`data`")
     for name, source_cls in source_config._BY_SOURCE.items():
         heading = "`source: csv` and `source: parquet`" if name in ("csv", "parquet") else f"`source: {name}`"
