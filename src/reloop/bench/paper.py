@@ -314,7 +314,9 @@ def run_paper(data: str, out: Path, seeds: list[int], sections: list[str] | None
         if res.error:
             parts.append(f"## {section.title}\n\nskipped: {res.error}\n")
             continue
-        parts.append(f"## {section.title}\n\n{res.markdown}\n![]({section.name}/periods.png)\n\n"
+        figure = (f"![{section.name}: AUC per period, difference to IU per period with the seed band, "
+                  f"AUC imp% per run]({section.name}/periods.png)")
+        parts.append(f"## {section.title}\n\n{res.markdown}\n{figure}\n\n"
                      f"_{res.runs} runs × {len(seeds)} seeds in {res.minutes:.1f} min._\n")
     parts.append(f"_Whole report: {total:.1f} min wall time, jobs={jobs}._\n")
     report = out / "report.md"
