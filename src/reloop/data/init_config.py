@@ -36,7 +36,7 @@ import numpy as np
 import polars as pl
 
 from reloop.data.sources.tabular import parquet_files, sniff_delimiter
-from reloop.data.validate import DataError, parse_label, parse_time
+from reloop.data.validate import DataError, parse_time
 
 #: Rows profiled for types and cardinalities (the row count is exact).
 SAMPLE_ROWS = 200_000
@@ -168,15 +168,15 @@ def _profile_column(s: pl.Series) -> ColumnProfile:
 # roles
 
 
+_ZERO_ONE = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "false": 0, "true": 1}
+
+
 def _is_binary(s: pl.Series) -> bool:
+    """Values 0/1 (or true/false) of both kinds, as :func:`reloop.data.validate.parse_label` reads them."""
     if isinstance(s.dtype, (pl.List, pl.Datetime, pl.Date)):
         return False
-    try:
-        val, problems = parse_label(s if s.dtype != pl.String else _text(s))
-    except DataError:
-        return False
-    ok = s.len() > 0 and not bool(problems["label not 0/1"].any())
-    return ok and val.filter(~problems["missing label"]).n_unique() == 2
+    values = set(_text(s).drop_nulls().str.to_lowercase().unique().to_list())
+    return bool(values) and values <= set(_ZERO_ONE) and {_ZERO_ONE[v] for v in values} == {0, 1}
 
 
 def _parses_as_time(s: pl.Series) -> bool:
