@@ -8,15 +8,14 @@ import numpy as np
 import polars as pl
 import pytest
 import yaml
+from conftest import ML100K, needs_ml100k
 from typer.testing import CliRunner
 
 from reloop.cli import app
 from reloop.config import load_config
 from reloop.data.prepare import prepare_stream
-from reloop.protocol.report import SUMMARY_COLUMNS, PERIOD_COLUMNS, read_periods
+from reloop.protocol.report import PERIOD_COLUMNS, SUMMARY_COLUMNS, read_periods
 from reloop.protocol.runner import pretrain, run_one
-
-from conftest import ML100K, needs_ml100k
 
 runner = CliRunner()
 SMALL_SYNTH = {"users": 300, "items": 200, "rows_per_period": 1500, "seed": 3}

@@ -15,8 +15,15 @@ from typer.testing import CliRunner
 from reloop.checks import preflight
 from reloop.cli import app
 from reloop.config import load_config
-from reloop.data.init_config import (MIN_PERIOD_ROWS, MIN_PERIODS, InitError, profile_file, render_config,
-                                     size_protocol, write_config)
+from reloop.data.init_config import (
+    MIN_PERIOD_ROWS,
+    MIN_PERIODS,
+    InitError,
+    profile_file,
+    render_config,
+    size_protocol,
+    write_config,
+)
 
 runner = CliRunner()
 FAST = ["--set", "model={name: lr}", "--set", "protocol.seeds=[0]", "--set", "train.pretrain_epochs=1"]

@@ -17,7 +17,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 
 from reloop.data.schema import FeatureKind, FeatureSpec
 
@@ -256,7 +263,7 @@ class SyntheticSourceConfig(_Strict):
 # --------------------------------------------------------------------------------------------------
 
 SourceConfig = Annotated[
-    Union[CsvSourceConfig, ParquetSourceConfig, MovieLensSourceConfig, SyntheticSourceConfig],
+    CsvSourceConfig | ParquetSourceConfig | MovieLensSourceConfig | SyntheticSourceConfig,
     Field(discriminator="source"),
 ]
 SOURCE_CONFIG_ADAPTER: TypeAdapter[SourceConfig] = TypeAdapter(SourceConfig)

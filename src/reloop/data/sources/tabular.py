@@ -15,8 +15,13 @@ import pyarrow as pa
 
 from reloop.data.schema import FeatureSchema
 from reloop.data.sources.config import LABEL, TIME, CsvSourceConfig, ParquetSourceConfig
-from reloop.data.validate import DataError, LoadedLog, clean_frame, require_columns, sort_by_time
-
+from reloop.data.validate import (
+    DataError,
+    LoadedLog,
+    clean_frame,
+    require_columns,
+    sort_by_time,
+)
 
 #: The raw column that holds the row number when ``time: null`` (the file order is the time order).
 ROW_ORDER = "__reloop_row_order__"
