@@ -4,7 +4,7 @@
 training): a configuration under which a component can never change what is served would silently
 report the run without it (e.g. ReLoop2 equal to IU to six decimals). Each such case is a
 :class:`Finding` naming the setting to change; ``error`` findings stop the run (``ConfigError``),
-``warning`` findings are logged before it starts.
+``warning`` findings are printed before it starts.
 
 **Contract** (River's ``check_estimator`` idea, for our pieces).
 
@@ -22,7 +22,6 @@ New components join by adding an example of their config to ``CONTRACT_CASES``.
 from __future__ import annotations
 
 import copy
-import logging
 import math
 import tempfile
 from collections.abc import Sequence
@@ -128,9 +127,6 @@ ALL_CHECKS = [check_no_mutation, check_deterministic, check_resume, check_shapes
 
 # --------------------------------------------------------------------------------------------------
 # pre-run check: can every component of every run act?
-
-log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class Finding:
@@ -277,11 +273,9 @@ def preflight(cfg: Config, period_rows: Sequence[int]) -> list[Finding]:
 
 
 def check_before_run(cfg: Config, period_rows: Sequence[int]) -> list[Finding]:
-    """:func:`preflight`, then raise ``ConfigError`` for its errors and log its warnings (``reloop.checks``)."""
+    """:func:`preflight`; raises ``ConfigError`` for its errors, returns its warnings (the caller shows them)."""
     found = preflight(cfg, period_rows)
     errors = [str(f) for f in found if f.level == "error"]
     if errors:
         raise ConfigError("; ".join(errors))
-    for f in found:
-        log.warning("%s", f)
     return found

@@ -110,7 +110,7 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, show_progress: 
     ``RELOOP_THREADS`` and, outside the command with neither set, leaves torch as it is.
 
     Before any training, :func:`reloop.checks.check_before_run` refuses runs with a component that can
-    never act and logs those that cannot act in some periods (also printed on ``console``).
+    never act; those that cannot act in some periods are printed on ``console`` as warnings.
     """
     from reloop.checks import check_before_run
     from reloop.threads import apply_threads, current_setting
