@@ -150,7 +150,7 @@ class _Served:
     def of(cls, cfg: Config, period_rows: Sequence[int]) -> _Served:
         p = cfg.protocol
         first = p.pretrain + 1
-        out = []
+        out: list[tuple[int, str, int]] = []
         for period in range(first, first + p.served_periods + 1):
             rows = period_rows[period - 1] if period - 1 < len(period_rows) else 0
             out.append((period, phase_of(period, p.pretrain, p.warmup, p.valid), int(rows)))
@@ -165,6 +165,7 @@ def _memory_findings(name: str, spec: RunSpec, cfg: Config, served: _Served) -> 
     from reloop.memory.config import MemoryConfig
 
     where = f"runs.{name}.memory"
+    assert spec.memory is not None
     mem = MemoryConfig.parse(spec.memory)  # validated with the config already
     found = []
     if mem.lam == 0.0:
@@ -219,7 +220,8 @@ def _generator_findings(name: str, spec: RunSpec, cfg: Config) -> list[Finding]:
     # (min_models + warmup)-th update on. With `init: identity` its untrained output is Θ_t itself,
     # so it changes what is served only after learning once.
     min_models = getattr(options, "k", 1)
-    first = min_models + max(options.warmup, 1 if getattr(options, "init", None) == "identity" else 0)
+    warmup = int(getattr(options, "warmup", 0))
+    first = min_models + max(warmup, 1 if getattr(options, "init", None) == "identity" else 0)
     p = cfg.protocol
     knobs = ("k and warmup" if hasattr(options, "k") else "warmup")
     if first > p.served_periods:

@@ -146,7 +146,7 @@ def dense_work(model, batch_size: int) -> float:
 
     from reloop.models.layers import FeatureEmbedding
 
-    sparse = set()
+    sparse: set[int] = set()
     for module in model.modules():
         if isinstance(module, (FeatureEmbedding, nn.Embedding, nn.EmbeddingBag)):
             sparse.update(id(p) for p in module.parameters())

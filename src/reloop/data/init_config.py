@@ -258,7 +258,7 @@ def _feature_kind(col: ColumnProfile, s: pl.Series, rows: int) -> tuple[Kind | N
         return "numeric", f"integers with {col.distinct:,} distinct values"
     if col.dtype == "text":
         t = _text(s).drop_nulls()
-        if t.len() and float(t.str.contains("|", literal=True).mean()) > 0.5:
+        if t.len() and int(t.str.contains("|", literal=True).sum()) > 0.5 * t.len():
             return "sequence", "'|'-separated lists"
     return "categorical", {"int": "integer codes", "bool": "true/false", "text": "text"}.get(col.dtype, col.dtype)
 

@@ -80,7 +80,8 @@ def expected_rows(cfg: Config, spec: RunSpec, period_rows: Sequence[int]) -> int
     rows = lambda a, b: sum(period_rows[max(a, 1) - 1:b])
     strategy = build_update(spec.update)
     gen_name, gen = parse_generator(spec.generator)
-    min_models = getattr(gen, "k", 1)
+    min_models: int = getattr(gen, "k", 1)
+    gen_epochs: int = getattr(gen, "epochs", 1)
     first, last = cfg.protocol.pretrain + 1, cfg.protocol.pretrain + cfg.protocol.served_periods
     total = 0.0
     for i, t in enumerate(range(first, last + 1), start=1):
@@ -94,8 +95,8 @@ def expected_rows(cfg: Config, spec: RunSpec, period_rows: Sequence[int]) -> int
                 total += cfg.train.epochs * rows(t, t) * (1 + (strategy.ratio if isinstance(strategy, Replay) else 0))
         if gen_name != "identity" and i >= min_models:  # learns on D_{t+1} once it holds enough models
             variant = getattr(gen, "variant", "single")
-            n = 1 if variant == "single" or gen_name != "asmg_gru" else (i if variant == "full" else min(i, gen.k))
-            total += gen.epochs * rows(t - n + 2, t + 1)
+            n = 1 if variant == "single" or gen_name != "asmg_gru" else (i if variant == "full" else min(i, min_models))
+            total += gen_epochs * rows(t - n + 2, t + 1)
     return int(total)
 
 
