@@ -15,7 +15,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reloop.combine import log_loss
-from reloop.memory import Compensator, ExactMemory, MemoryConfig, SketchMemory, build_memory, compensate
+from reloop.memory import (
+    Compensator,
+    ExactMemory,
+    MemoryConfig,
+    SketchMemory,
+    build_memory,
+    compensate,
+)
 from reloop.memory.compensate import DEFAULT_GRID, LambdaTuner
 
 T = torch.tensor
@@ -69,7 +76,7 @@ def test_fixed_lambda_is_unchanged():
     for _ in range(4):
         h, p = torch.randn(16, 5, generator=g), torch.rand(16, generator=g)
         y = (torch.rand(16, generator=g) < 0.5).float()
-        out, e_hat, _ = comp.predict_with_support(h, p)
+        out = comp.predict(h, p)
         assert torch.equal(out, compensate(p, ref.estimate(h, p)[0], 0.3))
         comp.feedback(h, y, p, e_hat=torch.zeros(16))
         ref.write(h, y, p)
@@ -251,6 +258,7 @@ def test_config_auto_and_adapt():
     assert cfg.adaptive and cfg.adapt is None
     comp = build_memory(cfg, dim=4, seed=0)
     assert comp.adaptive and comp.tuner.grid == DEFAULT_GRID and comp.tuner.select == "mix"
+    assert (comp.tuner.hedge.eta, comp.tuner.hedge.share) == (1.0, 0.0)
     cfg = MemoryConfig.parse({"exact": {}, "lambda": "auto",
                               "adapt": {"grid": [0, 0.3], "eta": 0.5, "share": 0.0, "select": "leader"}})
     comp = build_memory(cfg, dim=4, seed=0)

@@ -5,7 +5,7 @@ Exactly one of ``sketch`` or ``exact``, plus the keys both share::
     memory:
       sketch: {arrays: 64, bits: 8, similarity: density}     # or: exact: {size: 10000, top_k: 64}
       lambda: 0.5           # or: auto (self-tuning λ; options in adapt:)
-      adapt: {grid: [0, 0.1, ..., 1], eta: 1.0, share: 0.01, select: mix}   # only with lambda: auto
+      adapt: {grid: [0, 0.1, ..., 1], eta: 1.0, share: 0.0, select: mix}   # only with lambda: auto
       gamma: 1.0
       temperature: 0.1
       write: all            # all | errors
@@ -22,8 +22,15 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from reloop.memory.base import ErrorMemory
 from reloop.memory.compensate import DEFAULT_EPS, DEFAULT_GRID, Compensator, LambdaTuner
@@ -67,7 +74,7 @@ class AdaptConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     grid: list[float] = Field(default_factory=lambda: list(DEFAULT_GRID), min_length=1)
     eta: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
-    share: float = Field(default=0.01, ge=0.0, lt=1.0)
+    share: float = Field(default=0.0, ge=0.0, lt=1.0)
     select: Literal["mix", "leader"] = "mix"
 
     @field_validator("grid")
