@@ -185,7 +185,7 @@ class RunEngine:
     def state_dict(self) -> dict[str, Any]:
         """Everything but the models: strategy, generator, memory and RNG state (plain tensors/dicts)."""
         return {"strategy": self.strategy.state_dict(), "generator": self.generator.state_dict(),
-                "memory": self.compensator.memory.state_dict() if self.compensator is not None else None,
+                "memory": self.compensator.state_dict() if self.compensator is not None else None,
                 "rng": self.rng.get_state()}
 
     def load_state_dict(self, state: dict[str, Any], memory: bool = True) -> None:
@@ -193,7 +193,7 @@ class RunEngine:
         self.strategy.load_state_dict(state["strategy"])
         self.generator.load_state_dict(state["generator"])
         if memory and self.compensator is not None and state.get("memory") is not None:
-            self.compensator.memory.load_state_dict(state["memory"])
+            self.compensator.load_state_dict(state["memory"])  # the memory and a self-tuning λ
         self.rng.set_state(state["rng"])
 
 

@@ -9,8 +9,10 @@ sees them (:func:`reloop.protocol.serving.serve_period`), and the weights carry 
 period. Each expert's served predictions do not depend on the mixture, so the mixture is computed from
 them after the runs, with the result the live loop would have given.
 
-Guarantee (``docs/methods/combine.md``): the mixture's cumulative log loss is within
-``[ln K + (T−1)·ln(1/(1−α))]/η + (η/8)·Σ_b R_b²`` of the best expert's, over the served rows.
+Guarantee (``docs/methods/combine.md``): with ``feedback_delay = 0`` the served mixture's cumulative log
+loss is within ``[ln K + (T−1)·ln(1/(1−α))]/η + (η/8)·Σ_b R_b²`` of the best expert's, over the served
+rows (with a delay, ``Hedge.mixture_loss`` is not the served loss: the metrics are computed on what was
+served).
 """
 from __future__ import annotations
 

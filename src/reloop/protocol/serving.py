@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from reloop.data.tensors import PeriodTensors
+from reloop.memory.compensate import Compensator
 from reloop.models.base import CTRModel
 from reloop.update.trainer import _device_of, _to, rows_on
 
@@ -24,7 +25,7 @@ class Served:
 
 
 @torch.no_grad()
-def serve_period(model: CTRModel, rows: PeriodTensors, compensator=None, batch_size: int = 1024,
+def serve_period(model: CTRModel, rows: PeriodTensors, compensator: Compensator | None = None, batch_size: int = 1024,
                  feedback_delay: int = 0) -> Served:
     """Predict every row of ``rows`` in order; feed labels back to ``compensator`` after the fact.
 
@@ -36,19 +37,28 @@ def serve_period(model: CTRModel, rows: PeriodTensors, compensator=None, batch_s
     device = _device_of(model)
     rows = rows_on(rows, device)
     base_out, final_out = [], []
-    pending: deque[tuple[Tensor, Tensor, Tensor]] = deque()
+    # (key, label, base prediction, the ê it was served with): a self-tuning λ is scored on what was served
+    pending: deque[tuple[Tensor, Tensor, Tensor, Tensor]] = deque()
     for batch in rows.batches(batch_size):
         batch = _to(batch, device)
         logits, h = model.forward_key(batch, compensator.key if compensator is not None else "hidden")
         p = torch.sigmoid(logits.float())
-        served = compensator.predict(h.float(), p) if compensator is not None else p
+        if compensator is not None:
+            served, e_hat, _ = compensator.predict_with_support(h.float(), p)
+        else:
+            served = p
         base_out.append(p)
         final_out.append(served)
         if compensator is not None:
-            pending.append((h.float(), batch["label"], p))
+            pending.append((h.float(), batch["label"], p, e_hat))
             while len(pending) > feedback_delay:
-                compensator.feedback(*pending.popleft())
+                _feedback(compensator, pending.popleft())
     # Labels of the last batches arrive after the period closes: they still reach the memory.
     while pending and compensator is not None:
-        compensator.feedback(*pending.popleft())
+        _feedback(compensator, pending.popleft())
     return Served(torch.cat(base_out).cpu(), torch.cat(final_out).cpu())
+
+
+def _feedback(compensator: Compensator, item: tuple[Tensor, Tensor, Tensor, Tensor]) -> None:
+    h, y, p, e_hat = item
+    compensator.feedback(h, y, p, e_hat=e_hat)
