@@ -58,7 +58,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from reloop.components import build_memory, memory_key, memory_resets_on_update
@@ -101,10 +101,15 @@ class PredictRequest(BaseModel):
     records: list[dict[str, Any]]
 
 
+def _integral(value: Any) -> Any:
+    """``1.0`` is the integer 1 in JSON Schema (what the OpenAPI document promises); ``true`` is not."""
+    return int(value) if type(value) is float and value.is_integer() else value
+
+
 class FeedbackEvent(BaseModel):
     model_config = ConfigDict(extra="forbid")
     impression_id: Annotated[StrictStr, Field(min_length=1, max_length=MAX_IMPRESSION_ID)]
-    label: Annotated[StrictInt, Field(ge=0, le=1)]
+    label: Annotated[StrictInt, BeforeValidator(_integral), Field(ge=0, le=1)]
 
 
 class FeedbackRequest(BaseModel):
