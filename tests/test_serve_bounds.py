@@ -14,15 +14,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 warnings.filterwarnings("ignore", message=".*httpx2.*")
-from fastapi.testclient import TestClient  # noqa: E402
+import test_serve_api
+from fastapi.testclient import TestClient
+from test_serve_api import records
 
-from reloop.data.encode import EncoderConfig, FeatureEncoder  # noqa: E402
-from reloop.data.schema import N_RESERVED, FeatureSchema, FeatureSpec  # noqa: E402
-from reloop.serve.app import RecordParser, create_app  # noqa: E402
-from reloop.serve.log import ServeLog  # noqa: E402
-from reloop.serve.online import OnlineEncoder  # noqa: E402
+from reloop.data.encode import EncoderConfig, FeatureEncoder
+from reloop.data.schema import N_RESERVED, FeatureSchema, FeatureSpec
+from reloop.serve.app import RecordParser, create_app
+from reloop.serve.log import ServeLog
+from reloop.serve.online import OnlineEncoder
 
-from test_serve_api import records, world  # noqa: E402,F401  (world: the module fixture)
+world = test_serve_api.world  # the bootstrapped model directories (module-scoped fixture)
 
 SCHEMA = FeatureSchema(features=[
     FeatureSpec(name="user_id"), FeatureSpec(name="item_id"),

@@ -11,11 +11,10 @@ import warnings
 
 import pytest
 import torch
-
-from reloop.models import MODELS, build_model
-
 from conftest import tiny_stream
 from test_models import FMAP, make_batch
+
+from reloop.models import MODELS, build_model
 
 warnings.filterwarnings("ignore", message=".*httpx2.*")
 
@@ -92,12 +91,14 @@ def test_concurrent_forward_key_never_mixes_keys(stream):
 
 
 # -- through the real app ------------------------------------------------------------------------------
-from fastapi.testclient import TestClient  # noqa: E402
+import test_serve_api
+from fastapi.testclient import TestClient
+from test_serve_api import records
 
-from reloop.serve.app import create_app  # noqa: E402
-from reloop.serve.log import ServeLog  # noqa: E402
+from reloop.serve.app import create_app
+from reloop.serve.log import ServeLog
 
-from test_serve_api import records, world  # noqa: E402,F401  (world: the module fixture)
+world = test_serve_api.world  # the bootstrapped model directories (module-scoped fixture)
 
 
 def logged_keys_that_differ(service, ids: list[str]) -> int:

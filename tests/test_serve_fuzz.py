@@ -10,17 +10,19 @@ import warnings
 import pytest
 
 warnings.filterwarnings("ignore", message=".*httpx2.*")
-import schemathesis  # noqa: E402
-from fastapi.testclient import TestClient  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis.errors import Unsatisfiable  # noqa: E402
-from schemathesis import GenerationMode  # noqa: E402
+import schemathesis
+import test_serve_api
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
+from test_serve_api import ADMIN, TOKEN, records
 
-from reloop.serve.app import create_app  # noqa: E402
-from reloop.serve.guard import Limits  # noqa: E402
-from reloop.serve.log import ServeLog  # noqa: E402
+from reloop.serve.app import create_app
+from reloop.serve.guard import Limits
+from reloop.serve.log import ServeLog
 
-from test_serve_api import ADMIN, TOKEN, records, world  # noqa: E402,F401  (world: the module fixture)
+world = test_serve_api.world  # the bootstrapped model directories (module-scoped fixture)
 
 LIMITS = Limits(admin_per_minute=10**6, admin_burst=10**6, max_body_bytes=2 * 2**20, body_timeout=2.0)
 
@@ -41,6 +43,18 @@ def check(r) -> None:
         assert isinstance(body.get("field"), str) and body["field"], (r.status_code, body)
 
 
+def _fuzz(op, mode, codes: dict[int, int]) -> None:
+    @given(case=op.as_strategy(generation_mode=mode))
+    @settings(max_examples=12, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    def run(case) -> None:
+        r = case.call(headers=ADMIN)
+        codes[r.status_code] = codes.get(r.status_code, 0) + 1
+        check(r)
+
+    run()
+
+
 def test_every_route_from_the_openapi_document(served):
     """Valid and invalid requests generated from the schema of every operation (~12 per operation and
     mode: CI-sized, a few seconds)."""
@@ -52,18 +66,8 @@ def test_every_route_from_the_openapi_document(served):
     for result in schema.get_all_operations():
         op = result.ok()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            codes = seen.setdefault(f"{op.label} {mode.value}", {})
-
-            @given(case=op.as_strategy(generation_mode=mode))
-            @settings(max_examples=12, deadline=None, database=None, derandomize=True,
-                      suppress_health_check=list(HealthCheck))
-            def run(case) -> None:
-                r = case.call(headers=ADMIN)
-                codes[r.status_code] = codes.get(r.status_code, 0) + 1
-                check(r)
-
             try:
-                run()
+                _fuzz(op, mode, seen.setdefault(f"{op.label} {mode.value}", {}))
             except Unsatisfiable:  # no invalid request exists for an operation without input
                 assert mode is GenerationMode.NEGATIVE
     assert {k for k, v in seen.items() if v} >= {"POST /predict positive", "POST /predict negative",

@@ -13,19 +13,21 @@ import pytest
 import torch
 
 warnings.filterwarnings("ignore", message=".*httpx2.*")
-from fastapi.testclient import TestClient  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
+import test_serve_api
+from fastapi.testclient import TestClient
+from test_serve_api import ADMIN, TOKEN, records
+from typer.testing import CliRunner
 
-from reloop.models.base import build_model, load_model, save_model  # noqa: E402
-from reloop.serve.app import create_app  # noqa: E402
-from reloop.serve.cli import app as serve_cli  # noqa: E402
-from reloop.serve.cli import is_loopback  # noqa: E402
-from reloop.serve.guard import Limits, RateLimiter  # noqa: E402
-from reloop.serve.log import ServeLog  # noqa: E402
-from reloop.serve.registry import ModelDir, RegistryError, write_atomic  # noqa: E402
-from reloop.serve.retrain import retrain  # noqa: E402
+from reloop.models.base import build_model, load_model, save_model
+from reloop.serve.app import create_app
+from reloop.serve.cli import app as serve_cli
+from reloop.serve.cli import is_loopback
+from reloop.serve.guard import Limits, RateLimiter
+from reloop.serve.log import ServeLog
+from reloop.serve.registry import ModelDir, RegistryError, write_atomic
+from reloop.serve.retrain import retrain
 
-from test_serve_api import ADMIN, TOKEN, records, world  # noqa: E402,F401  (world: the module fixture)
+world = test_serve_api.world  # the bootstrapped model directories (module-scoped fixture)
 
 
 def fresh(world, tmp_path, run="IU") -> Path:
@@ -340,6 +342,6 @@ def test_retrain_still_publishes_loadable_safe_versions(world, tmp_path):
     result = retrain(md, RetrainOptions(max_auc_drop=1.0, holdout=0.1))
     assert result.outcome == "published", result
     assert c.post("/admin/reload").json() == {"swapped": True, "model_version": 2}
-    assert set(p.name for p in ModelDir(md).version_path(2).iterdir()) >= {"serving.safetensors", "state.pt"}
+    assert {p.name for p in ModelDir(md).version_path(2).iterdir()} >= {"serving.safetensors", "state.pt"}
     assert isinstance(ModelDir(md).load_state(2)["strategy"], dict)
     save_model(c.app.state.service.state.model, tmp_path / "m.safetensors")
