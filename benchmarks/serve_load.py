@@ -13,6 +13,11 @@ drives it with a bounded asyncio httpx client (``--concurrency`` requests in fli
   would, next to the server) and publishes a new version that the server hot-swaps by polling
   ``CURRENT``: failed_requests must be 0; ``versions_seen`` shows the swap happened under load.
 
+With the memory, every scenario also reports ``wrong_keys``: impressions of that scenario (predicted,
+or labelled by its feedback) whose logged memory key differs from the key of that record computed
+alone with the version that served it (read back from the log). It must be 0; a key caught from a
+shared layer mixed concurrent requests up (3.5% of the keys, with 0 failed requests).
+
 Every acknowledged request is a durable SQLite commit (WAL, synchronous=FULL), so the figures include
 an fsync per request. Client and server share the machine's cores.
 """
@@ -22,6 +27,7 @@ import argparse
 import asyncio
 import json
 import shutil
+import sqlite3
 import sys
 import tempfile
 import threading
@@ -32,9 +38,11 @@ import httpx
 import numpy as np
 import yaml
 
+from reloop.components import memory_key
 from reloop.config import load_config
 from reloop.data.sources import load_source
-from reloop.serve.registry import bootstrap
+from reloop.serve.log import RowCodec
+from reloop.serve.registry import ModelDir, bootstrap
 from reloop.serve.replay import start_server
 from reloop.serve.retrain import RetrainOptions, retrain
 
@@ -58,6 +66,39 @@ def _summary(name: str, batch: int, memory: bool, lat: list[float], failed: int,
             "rps": round(n / seconds, 1), "rows_per_s": round(len(lat) * batch / seconds, 1),
             "p50_ms": round(float(np.percentile(arr, 50)), 2), "p99_ms": round(float(np.percentile(arr, 99)), 2),
             "failed_requests": failed, **extra}
+
+
+def wrong_keys(md: Path, ids: list[str]) -> int:
+    """Impressions among ``ids`` whose logged key differs from the key of that record scored alone by
+    the version that served it (the log is read through a read-only connection)."""
+    import torch
+
+    mdir = ModelDir(md)
+    cfg, info = mdir.config(), mdir.info()
+    key = memory_key(cfg.runs[info["run"]].memory)
+    codec = RowCodec(mdir.feature_map(), with_user=info.get("user") is not None)
+    conn = sqlite3.connect(f"file:{mdir.log_path}?mode=ro", uri=True)
+    rows = []
+    for i in range(0, len(ids), 500):
+        chunk = ids[i:i + 500]
+        rows += conn.execute(f"SELECT features, h, model_version FROM impressions WHERE id IN "
+                             f"({','.join('?' * len(chunk))})", chunk).fetchall()
+    conn.close()
+    if len(rows) != len(set(ids)):
+        raise RuntimeError(f"{len(set(ids)) - len(rows)} acknowledged impressions are missing from the log")
+    models: dict[int, object] = {}
+    wrong = 0
+    with torch.no_grad():
+        for features, h, version in rows:
+            if version not in models:
+                models[version] = mdir.load_serving(version)
+            _, alone = models[version].forward_key(codec.decode([features]), key)
+            wrong += alone.float().numpy().tobytes() != h
+    return wrong
+
+
+def _ids(responses: list) -> list[str]:
+    return [p["impression_id"] for r in responses if r for p in r["predictions"]]
 
 
 async def _drive(url: str, path: str, bodies: list[dict], concurrency: int) -> tuple[list[float], int, float, list]:
@@ -93,6 +134,7 @@ async def _swap_phase(url: str, records: list[dict], labels: list[int], concurre
     lat: list[float] = []
     failed = 0
     versions: dict[int, int] = {}
+    impressions: list[str] = []
     result: dict = {}
     publish_at: list[float] = []
     first_new: list[float] = []
@@ -120,6 +162,7 @@ async def _swap_phase(url: str, records: list[dict], labels: list[int], concurre
                         continue
                     lat.append(time.perf_counter() - t0)
                     body = r.json()
+                    impressions.append(body["predictions"][0]["impression_id"])
                     v = body["model_version"]
                     versions[v] = versions.get(v, 0) + 1
                     if publish_at and v == result.get("version") and not first_new:
@@ -145,7 +188,8 @@ async def _swap_phase(url: str, records: list[dict], labels: list[int], concurre
         await asyncio.gather(trigger(), *(worker(w) for w in range(concurrency)))
     wall = time.perf_counter() - start
     swap_delay = (first_new[0] - publish_at[0]) if first_new and publish_at else None
-    return {"lat": lat, "failed": failed, "wall": wall, "versions_seen": {str(k): v for k, v in sorted(versions.items())},
+    return {"lat": lat, "failed": failed, "wall": wall, "impressions": impressions,
+            "versions_seen": {str(k): v for k, v in sorted(versions.items())},
             "retrain": {k: result.get(k) for k in ("outcome", "version", "n_train", "seconds")},
             "swap_delay_s": None if swap_delay is None else round(swap_delay, 3)}
 
@@ -154,19 +198,27 @@ def bench_variant(md: Path, memory: bool, records: list[dict], labels: list[int]
     server = start_server(md, args=["--poll-interval", "0.5"], log_path=md / "server.log")
     try:
         c = args.concurrency
+        all_ids: list[str] = []
+
+        def checked(ids: list[str]) -> dict:
+            """``wrong_keys`` of these impressions (scenarios with the memory only)."""
+            all_ids.extend(ids)
+            return {"wrong_keys": wrong_keys(md, ids)} if memory else {}
+
         # warm-up (first-call costs: polars, torch kernels, SQLite pages)
         asyncio.run(_drive(server.url, "/predict", [{"records": records[:256]}] * 4, 2))
         n1, n256 = args.requests_b1, args.requests_b256
         bodies = [{"records": [records[i % len(records)]]} for i in range(n1)]
         lat, failed, wall, resp1 = asyncio.run(_drive(server.url, "/predict", bodies, c))
-        emit(_summary("predict", 1, memory, lat, failed, wall, c))
+        emit(_summary("predict", 1, memory, lat, failed, wall, c, **checked(_ids(resp1))))
         bodies = [{"records": records[(i * 256) % (len(records) - 256):][:256]} for i in range(n256)]
         lat, failed, wall, resp256 = asyncio.run(_drive(server.url, "/predict", bodies, c))
-        emit(_summary("predict", 256, memory, lat, failed, wall, c))
+        emit(_summary("predict", 256, memory, lat, failed, wall, c, **checked(_ids(resp256))))
         fb1 = [{"events": [{"impression_id": r["predictions"][0]["impression_id"], "label": labels[i % len(labels)]}]}
                for i, r in enumerate(resp1) if r]
-        lat, failed, wall, _ = asyncio.run(_drive(server.url, "/feedback", fb1, c))
-        emit(_summary("feedback", 1, memory, lat, failed, wall, c))
+        lat, failed, wall, done = asyncio.run(_drive(server.url, "/feedback", fb1, c))
+        labelled = [e["impression_id"] for b, r in zip(fb1, done) if r for e in b["events"]]
+        emit(_summary("feedback", 1, memory, lat, failed, wall, c, **checked(labelled)))
         fb256 = []
         for i, r in enumerate(resp256):
             if not r:
@@ -174,16 +226,18 @@ def bench_variant(md: Path, memory: bool, records: list[dict], labels: list[int]
             off = (i * 256) % (len(records) - 256)
             fb256.append({"events": [{"impression_id": p["impression_id"], "label": labels[off + j]}
                                      for j, p in enumerate(r["predictions"])]})
-        lat, failed, wall, _ = asyncio.run(_drive(server.url, "/feedback", fb256, c))
-        emit(_summary("feedback", 256, memory, lat, failed, wall, c))
+        lat, failed, wall, done = asyncio.run(_drive(server.url, "/feedback", fb256, c))
+        labelled = [e["impression_id"] for b, r in zip(fb256, done) if r for e in b["events"]]
+        emit(_summary("feedback", 256, memory, lat, failed, wall, c, **checked(labelled)))
         swap = asyncio.run(_swap_phase(server.url, records, labels, c, args.swap_seconds, md))
         emit(_summary("swap (predict 1 + feedback 1, retrain + hot swap mid-run)", 1, memory, swap["lat"],
                       swap["failed"], swap["wall"], c, versions_seen=swap["versions_seen"],
-                      retrain=swap["retrain"], swap_delay_s=swap["swap_delay_s"]))
+                      retrain=swap["retrain"], swap_delay_s=swap["swap_delay_s"], **checked(swap["impressions"])))
         metrics = httpx.get(server.url + "/metrics").text
         mem_line = next((line for line in metrics.splitlines() if line.startswith("reloop_memory_bytes ")), "")
         if memory:
-            emit({"scenario": "memory", "memory": True, "nbytes": float(mem_line.split()[-1]) if mem_line else None})
+            emit({"scenario": "memory", "memory": True, "nbytes": float(mem_line.split()[-1]) if mem_line else None,
+                  "impressions_checked": len(set(all_ids)), "wrong_keys": wrong_keys(md, sorted(set(all_ids)))})
     finally:
         server.stop()
 
