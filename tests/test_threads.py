@@ -159,3 +159,26 @@ def test_run_logs_the_automatic_choice(tmp_path, monkeypatch):
     res = runner.invoke(app, ["run", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o"), "--no-progress"])
     assert res.exit_code == 0, res.output
     assert "threads: 1 (auto: small model" in res.output and torch.get_num_threads() == 1
+
+
+def test_large_model_rechecks_the_host_before_each_run(tmp_path, monkeypatch):
+    """Above SMALL_WORK the choice follows the host: other work starting between runs drops the threads."""
+    import yaml
+
+    loads = iter([HostLoad(4, 4, 0.0), HostLoad(4, 4, 0.0), HostLoad(4, 4, 3.0)])
+    monkeypatch.setattr(rt, "host_load", lambda sample_seconds=rt.SAMPLE_SECONDS: next(loads))
+    monkeypatch.setattr(rt, "SMALL_WORK", 0)
+    cfg = {"data": {"source": "synthetic", "synthetic": {"users": 40, "items": 30, "rows_per_period": 60,
+                                                        "periods": 8, "seed": 1},
+                    "periods": {"count": 8, "by": "rows"}, "cache": str(tmp_path / "cache")},
+           "model": {"name": "lr"}, "train": {"epochs": 1, "pretrain_epochs": 1, "batch_size": 64},
+           "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2, "seeds": [0]},
+           "runs": {"IU": {"update": "incremental"}, "none": {"update": "none"}}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    res = runner.invoke(app, ["run", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o"), "--no-progress"],
+                        env={"COLUMNS": "300"})
+    assert res.exit_code == 0, res.output
+    lines = [line for line in res.output.splitlines() if line.startswith("threads:")]
+    assert lines == ["threads: 4 (auto: 4 usable CPUs, 0.0 busy with other work)",
+                     "threads: 1 (auto: 4 usable CPUs, 3.0 busy with other work)"], res.output
+    assert torch.get_num_threads() == 1

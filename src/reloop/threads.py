@@ -13,7 +13,8 @@ The rule (:func:`choose_threads`; measurements in ``docs/guide/quickstart.md``):
 * ``work``: multiply-adds of one training step's dense part, ``dense parameters × batch size``
   (embedding lookups and their sparse updates barely gain from threads);
 * ``threads = 1`` when ``work < SMALL_WORK`` (small model), else ``max(1, min(cpus, ⌊cpus − busy + 0.25⌋))``:
-  one thread per CPU that is free, so threads never queue behind other processes.
+  one thread per CPU that is free, so threads never queue behind other processes (for such models
+  ``reloop run`` looks at the host again before each run).
 
 ``--threads N`` (or ``RELOOP_THREADS``) overrides the rule.
 """
@@ -25,8 +26,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-#: Dense multiply-adds per training step below which one thread is fastest (see the module docstring).
-SMALL_WORK = 50_000_000
+#: Dense multiply-adds per training step below which one thread is used whatever the host (see
+#: docs/guide/quickstart.md#threads: a wrong "several" costs far more than a wrong "one", so it is high).
+SMALL_WORK = 500_000_000
 #: Seconds over which ``/proc/stat`` is sampled for the CPUs other processes keep busy.
 SAMPLE_SECONDS = 0.2
 #: A CPU counts as free for a thread when at most this share of it is busy.

@@ -114,7 +114,7 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, show_progress: 
     never act; those that cannot act in some periods are printed on ``console`` as warnings.
     """
     from reloop.checks import check_before_run
-    from reloop.threads import apply_threads, current_setting
+    from reloop.threads import SMALL_WORK, apply_threads, current_setting
 
     console = console or Console(stderr=True)
     device = runtime_device(cfg.device)  # resolved once (a ConfigError naming `device` before any work)
@@ -126,7 +126,10 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, show_progress: 
     if resume:  # a checkpoint made with other settings stops the run before OUT is touched
         check_resume(cfg, stream, out)
     setting = threads if threads is not None else current_setting()
-    choice = apply_threads(setting, _dense_work(cfg, stream) if setting == "auto" else None)
+    work = _dense_work(cfg, stream) if setting == "auto" else None
+    choice = apply_threads(setting, work)
+    # a model large enough for several threads: the host's load is looked at again before each run
+    recheck = setting == "auto" and work is not None and work >= SMALL_WORK
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
     console.print(f"[bold]data[/]: {len(stream.rows):,} rows in {stream.n_periods} periods; {prepared.report}")
@@ -150,6 +153,11 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, show_progress: 
                                       on_batch=lambda n, task=task: bar.advance(task, n))
             bar.update(task, completed=pre_rows * cfg.train.pretrain_epochs)
             for name, spec in cfg.runs.items():
+                if recheck and choice is not None:
+                    again = apply_threads(setting, work)
+                    if again is not None and again.threads != choice.threads:
+                        console.print(f"[bold]threads[/]: {again.describe()}")
+                        choice = again
                 total = max(expected_rows(cfg, spec, sizes), 1)
                 task = bar.add_task(f"seed {seed}: {name}", total=total)
                 done = {"rows": 0}
