@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markdown import Markdown
+from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
@@ -154,8 +155,8 @@ def _config_error(config: Path | str, e: Exception, overrides: list[str] | None 
     message = str(e)
     blamed = blame_override(message, overrides)
     where = f"--set {blamed}" if blamed else ("" if message.startswith("--set") else str(config))
-    console.print(f"[red]config error[/] {where}: {message}" if where else f"[red]config error[/]: {message}",
-                  highlight=False, markup=True)
+    text = f"{escape(where)}: {escape(message)}" if where else f": {escape(message)}"
+    console.print(f"[red]config error[/]{' ' if where else ''}{text}", highlight=False)
     raise typer.Exit(2)
 
 
@@ -167,7 +168,7 @@ def _load(config: Path, overrides: list[str] | None):
 
 
 def _fail(e: Exception) -> None:
-    console.print(f"[red]error[/]: {e}", highlight=False)
+    console.print(f"[red]error[/]: {escape(str(e))}", highlight=False)
     raise typer.Exit(1) from None
 
 
@@ -260,7 +261,7 @@ def init(data: Annotated[Path, typer.Argument(metavar="DATA", help="A CSV file, 
         table.add_row(c.name, c.dtype, f"{c.distinct:,}", f"{c.missing:.0%}", role, ", ".join(c.examples[:3]))
     Console().print(table)
     for note in profile.notes:
-        console.print(f"[yellow]note[/]: {note}", highlight=False)
+        console.print(f"[yellow]note[/]: {escape(note)}", highlight=False)
     console.print(f"wrote [bold]{out}[/]; next: [bold]reloop run {out}[/]")
 
 
@@ -289,7 +290,7 @@ def data_inspect(config: Annotated[Path, typer.Argument(metavar="CONFIG", help="
     Console().print(table)
     for finding in preflight(cfg, [end - start for start, end in prepared.stream.bounds]):
         colour = "red" if finding.level == "error" else "yellow"
-        console.print(f"[{colour}]{finding.level}[/] {finding}", highlight=False)
+        console.print(f"[{colour}]{finding.level}[/] {escape(str(finding))}", highlight=False)
 
 
 @bench_app.command("paper", cls=_Command)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -122,7 +123,7 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, show_progress: 
     stream = prepared.stream
     findings = check_before_run(cfg, [end - start for start, end in stream.bounds])
     for finding in findings:
-        console.print(f"[yellow]warning[/] {finding}")
+        console.print(f"[yellow]warning[/] {escape(str(finding))}", highlight=False)
     if resume:  # a checkpoint made with other settings stops the run before OUT is touched
         check_resume(cfg, stream, out)
     setting = threads if threads is not None else current_setting()
