@@ -204,7 +204,10 @@ def apply_threads(setting: int | str | None, work: float | None,
     if setting is None:
         return None
     if setting == AUTO:
-        choice = choose_threads(work, load if load is not None else host_load())
+        if load is None:  # a small model needs no look at the host (sampling it takes SAMPLE_SECONDS)
+            small = work is not None and work < SMALL_WORK
+            load = HostLoad(usable_cpus(), os.cpu_count() or 1, 0.0) if small else host_load()
+        choice = choose_threads(work, load)
     else:
         choice = ThreadChoice(int(setting), "--threads / RELOOP_THREADS")
     if torch.get_num_threads() != choice.threads:
