@@ -182,7 +182,7 @@ class RecordParser:
 
     @staticmethod
     def _fix(col: list, name: str, errors: list, check) -> list:
-        out = []
+        out: list = []
         for i, v in enumerate(col):
             if v is _MISSING:
                 errors.append((i, name, "field required"))
@@ -257,9 +257,10 @@ class Service:
         # when it asks for a missing GPU); requests are encoded on the CPU and moved there once.
         self.device = resolve_device(self.cfg.device)
         self.info = self.md.info()
-        self.run = self.info.get("run")
-        if self.run not in self.cfg.runs:
-            raise RegistryError(f"{self.md.path / 'service.json'}: run {self.run!r} is not in config.yaml")
+        run = self.info.get("run")
+        if not isinstance(run, str) or run not in self.cfg.runs:
+            raise RegistryError(f"{self.md.path / 'service.json'}: run {run!r} is not in config.yaml")
+        self.run: str = run
         self.spec = self.cfg.runs[self.run]
         self.max_batch = max_batch
         self.limits = limits or Limits()
@@ -475,7 +476,7 @@ class Service:
             raise HTTPProblem(422, {"detail": detail, "field": f"records[{errors[0][0]}].{errors[0][1]}",
                                     "quarantined": len(bad)})
         state = self.serving()
-        if not records:
+        if not records or data is None:
             return {"predictions": [], "model_version": state.version}
         cols = self.encode(data, len(records))
         with torch.no_grad():
