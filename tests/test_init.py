@@ -141,6 +141,14 @@ def test_wrong_delimiter_says_so(tmp_path):
     assert res.exit_code == 1 and "--delimiter" in res.output
 
 
+def test_tab_separated(tmp_path):
+    clicks().write_csv(tmp_path / "t.tsv", separator="\t")
+    assert profile_file(tmp_path / "t.tsv").delimiter == "\t"
+    assert profile_file(tmp_path / "t.tsv", delimiter="\\t").label == "clicked"  # `--delimiter '\t'`
+    _, text = write_config(tmp_path / "t.tsv", tmp_path / "r.yaml")
+    assert yaml.safe_load(text)["data"]["delimiter"] == "\t"
+
+
 def test_header_only_file(tmp_path):
     (tmp_path / "h.csv").write_text("event_time,clicked,uid\n")
     res = runner.invoke(app, ["init", str(tmp_path / "h.csv"), "--out", str(tmp_path / "r.yaml")])

@@ -106,6 +106,8 @@ def _read(path: Path, delimiter: str | None) -> tuple[pl.DataFrame, int, Literal
         return frame, rows, "parquet", None
     if not path.is_file():
         raise InitError(f"{path}: no such file")
+    if delimiter in ("\\t", "tab", "TAB"):  # what a shell passes for a tab
+        delimiter = "\t"
     delimiter = delimiter or sniff_delimiter(path) or ","
     try:
         frame = pl.read_csv(path, separator=delimiter, infer_schema=False, n_rows=SAMPLE_ROWS)
