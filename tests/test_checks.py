@@ -1,4 +1,4 @@
-"""The pre-run check (reloop.checks.preflight): every component that cannot act is named before the run.
+"""The pre-run check (reloop.preflight.preflight): every component that cannot act is named before the run.
 
 Each rule is also checked against what the protocol really does: a run the check says cannot act gives
 exactly the metrics of the same run without the component, and one it passes does not.
@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from reloop.checks import check_before_run, preflight
+from reloop.preflight import check_before_run, preflight
 from reloop.cli import app
 from reloop.config import ConfigError, RunSpec, parse_config
 from reloop.protocol.runner import pretrain, run_one

@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from reloop.checks import preflight
+from reloop.preflight import preflight
 from reloop.cli import app
 from reloop.config import load_config
-from reloop.data.init_config import (
+from reloop.init_config import (
     MIN_PERIOD_ROWS,
     MIN_PERIODS,
     InitError,

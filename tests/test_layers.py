@@ -27,12 +27,13 @@ LAYERS: dict[str, int] = {
     "reloop.components": 5,
     "reloop.config": 6,
     "reloop.engine": 7,
+    "reloop.preflight": 7,
     "reloop.protocol": 8,
     "reloop.checks": 9,
     "reloop.bench": 9,
     "reloop.serve": 9,
     "reloop.api": 10,
-    "reloop.init": 10,
+    "reloop.init_config": 10,
     "reloop.cli": 11,
     "reloop": 12,  # the package's __init__: the public API re-exports
 }

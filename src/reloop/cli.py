@@ -242,7 +242,7 @@ def init(data: Annotated[Path, typer.Argument(metavar="DATA", help="A CSV file, 
                                                      "(default: found by name).")] = None,
          force: Annotated[bool, typer.Option(help="Overwrite FILE if it exists.")] = False) -> None:
     """Inspect DATA (columns, types, label, time, user, cardinalities) and write a commented config ready to run."""
-    from reloop.data.init_config import InitError, write_config
+    from reloop.init_config import InitError, write_config
 
     try:
         profile, _ = write_config(data, out, delimiter=delimiter, label=label, time=time, user=user, force=force)
@@ -269,7 +269,7 @@ def init(data: Annotated[Path, typer.Argument(metavar="DATA", help="A CSV file, 
 def data_inspect(config: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML config.")],
                  set_: SetOption = None) -> None:
     """Rows, label rate and the share of never-seen ids per period; components that could not act."""
-    from reloop.checks import preflight
+    from reloop.preflight import preflight
     from reloop.data.encode import EncoderConfig
     from reloop.data.inspect import inspect_stream
     from reloop.data.prepare import prepare_stream

@@ -111,10 +111,10 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, show_progress: 
     size and the host's free CPUs); None takes ``reloop --threads`` (``auto`` by default) or
     ``RELOOP_THREADS`` and, outside the command with neither set, leaves torch as it is.
 
-    Before any training, :func:`reloop.checks.check_before_run` refuses runs with a component that can
+    Before any training, :func:`reloop.preflight.check_before_run` refuses runs with a component that can
     never act; those that cannot act in some periods are printed on ``console`` as warnings.
     """
-    from reloop.checks import check_before_run
+    from reloop.preflight import check_before_run
     from reloop.threads import SMALL_WORK, apply_threads, current_setting
 
     console = console or Console(stderr=True)

@@ -426,7 +426,7 @@ def write_config(data: str | Path, out: str | Path = "reloop.yaml", *, delimiter
     :func:`reloop.checks.preflight`) and write it to ``out``; returns the profile and the text."""
     import yaml
 
-    from reloop.checks import preflight
+    from reloop.preflight import preflight
     from reloop.config import ConfigError, parse_config
 
     out = Path(out)
