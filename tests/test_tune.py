@@ -142,3 +142,33 @@ def test_combine_run_mixes_its_experts_online(tmp_path):
     assert torch.allclose(mixed[start:start + 10], first.mean(0).float(), atol=1e-6)  # prior weights
     assert math.isfinite(float(log_loss(first.mean(0), torch.as_tensor(labels[:10])).mean()))
     assert np.isfinite([r["logloss"] for r in mix]).all()
+
+
+def test_cli_tune_writes_the_trials_the_chosen_config_and_results(tmp_path):
+    """``reloop tune`` end to end on a tiny stream: tune.csv has one chosen trial per tuned run, tuned.yaml
+    loads and holds the chosen α, and the chosen config's summary is written."""
+    import csv
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from reloop.cli import app
+    from reloop.config import load_config
+
+    cfg = _cfg(tmp_path, {"IU": {"update": "incremental"}, "SC": {"update": "incremental", "loss": "self_correction"}})
+    raw = yaml.safe_load(cfg.model_dump_json())
+    raw["runs"] = {"IU": {"update": "incremental"}, "SC": {"update": "incremental", "loss": "self_correction"}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["--threads", "1", "tune", str(path), "--out", str(out), "--no-train",
+                                 "--run", "SC", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    trials = list(csv.DictReader((out / "tune.csv").open()))
+    assert {t["run"] for t in trials} == {"SC"} and sum(int(t["chosen"]) for t in trials) == 1
+    best = max(trials, key=lambda t: float(t["valid_auc"]))
+    tuned = load_config(out / "tuned.yaml")
+    expect = float(best["setting"].split("=")[1]) if "=" in best["setting"] else 0.5
+    assert tuned.runs["SC"].loss == {"self_correction": expect}
+    assert (out / "summary.md").exists() and (out / "periods.csv").exists()
+    assert "tune.csv" in r.output and "tuned.yaml" in r.output

@@ -211,6 +211,34 @@ def run(config: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML conf
     console.print(f"results in [bold]{out}[/]: {' '.join(files)}")
 
 
+@app.command(cls=_Command)
+def tune(config: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML config whose runs are tuned.")],
+         out: Annotated[Path, typer.Option(metavar="DIR", help="Result directory (tune.csv, tuned.yaml and the "
+                                                               "chosen config's results).")] = Path("runs/tune"),
+         set_: SetOption = None,
+         run_name: Annotated[list[str] | None, typer.Option(
+             "--run", metavar="NAME", help="Tune only this run (repeatable); default: every run.")] = None,
+         train: Annotated[bool, typer.Option(help="Also choose the base training settings (train.lr, "
+                                                  "train.epochs) with IU first.")] = True,
+         progress: ProgressOption = True) -> None:
+    """Choose each run's settings on the valid periods only, then run the chosen config once (test reported once)."""
+    from reloop.data.validate import DataError
+    from reloop.protocol.tune import tune_experiment
+
+    cfg = _load(config, set_)
+    unknown = [r for r in run_name or [] if r not in cfg.runs]
+    if unknown:
+        _config_error(config, ConfigError(f"--run: unknown run(s) {unknown}; runs: {sorted(cfg.runs)}"), set_)
+    try:
+        _, result = tune_experiment(cfg, out, run_name or None, train, show_progress=progress, console=console)
+    except ConfigError as e:
+        _config_error(config, e, set_)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        _fail(e)
+    Console().print(Markdown(result.markdown))
+    console.print(f"results in [bold]{out}[/]: {' '.join(result.files)}")
+
+
 def _threads_per_process(nproc: int) -> int:
     """Threads for each of ``nproc`` processes: the user's number, or the free CPUs shared out."""
     from reloop.threads import choose_threads, current_setting, host_load

@@ -31,7 +31,7 @@ from reloop.protocol.report import (
     write_periods,
     write_summary,
 )
-from reloop.protocol.runner import check_resume, fresh_model, pretrain, run_one
+from reloop.protocol.runner import check_resume, fresh_model, pretrain, run_seed
 
 log = logging.getLogger(__name__)
 
@@ -153,26 +153,34 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, show_progress: 
             theta0, optim0 = pretrain(cfg, stream, seed, pretrain_dir or out, device=device,
                                       on_batch=lambda n, task=task: bar.advance(task, n))
             bar.update(task, completed=pre_rows * cfg.train.pretrain_epochs)
-            for name, spec in cfg.runs.items():
+            def progress_for(name: str, seed: int = seed) -> Any:
+                """Before each run: re-check threads for a large model; a bar with the run's row total."""
+                nonlocal choice
                 if recheck and choice is not None:
                     again = apply_threads(setting, work)
                     if again is not None and again.threads != choice.threads:
                         console.print(f"[bold]threads[/]: {again.describe()}")
                         choice = again
-                total = max(expected_rows(cfg, spec, sizes), 1)
+                total = max(expected_rows(cfg, cfg.runs[name], sizes), 1)
                 task = bar.add_task(f"seed {seed}: {name}", total=total)
+                tasks[name] = (task, total)
                 done = {"rows": 0}
 
-                def tick(_run: str, n: int, task=task, done=done, total=total) -> None:
+                def tick(_run: str, n: int) -> None:
                     done["rows"] += n
                     bar.update(task, completed=min(done["rows"], total))
 
-                rows = run_one(cfg, stream, name, spec, seed, theta0, optim0, out=out, resume=resume,
-                               progress=tick if show_progress else None, device=device)
+                return tick if show_progress else None
+
+            def finished(name: str, rows: list[dict[str, Any]], seed: int = seed) -> None:
+                task, total = tasks[name]
                 bar.update(task, completed=total)
-                all_rows.extend(rows)
                 test = [r["auc"] for r in rows if r["phase"] == "test"]
                 log.info("seed %s %s: test AUC %.4f", seed, name, sum(test) / max(len(test), 1))
+
+            tasks: dict[str, tuple[Any, int]] = {}
+            all_rows += run_seed(cfg, stream, seed, theta0, optim0, out=out, resume=resume, device=device,
+                                 progress_for=progress_for, on_run=finished)
     result = write_results(cfg, out, all_rows, {p: o["auc"] for p, o in oracle.items()})
     if oracle:
         result.files.append("oracle.json")

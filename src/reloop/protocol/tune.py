@@ -28,12 +28,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.console import Console
 
 from reloop.components import DEFAULT_LOSS_WEIGHTS
-from reloop.config import Config, RunSpec, validate_run
+from reloop.config import Config, RunSpec, dump_config, validate_run
+from reloop.data.encode import EncoderConfig
+from reloop.data.prepare import prepare_stream
 from reloop.data.tensors import Stream
 from reloop.memory.config import ExactConfig, MemoryConfig, SketchConfig
+from reloop.preflight import check_before_run
+from reloop.protocol.experiment import ExperimentResult, run_experiment
 from reloop.protocol.runner import pretrain, run_one
+from reloop.threads import apply_threads, current_setting
 from reloop.update.generators.config import GENERATORS, parse_generator
 from reloop.update.losses import Distill, SelfCorrection
 from reloop.update.replay import Replay
@@ -236,3 +242,30 @@ def write_trials(trials: list[Trial], path: Path) -> None:
         for t in trials:
             w.writerow([t.run, _setting_label(t.setting), f"{t.valid_auc:.6f}", f"{t.valid_logloss:.6f}",
                         int(t.chosen)])
+
+
+def tune_experiment(cfg: Config, out: Path, runs: list[str] | None = None, tune_train: bool = True,
+                    show_progress: bool = True, console: Console | None = None) -> tuple[TuneResult, ExperimentResult]:
+    """``reloop tune``: choose on the valid periods (:func:`tune`), then run the chosen config once in full.
+
+    Writes ``OUT/tune.csv`` (every trial and its validation score), ``OUT/tuned.yaml`` (the config to copy)
+    and the usual result files of the chosen config (their summary is the test periods', reported once).
+    """
+    console = console or Console(stderr=True)
+    prepared = prepare_stream(cfg.data, cfg.protocol.pretrain, EncoderConfig(**cfg.encoder.model_dump()))
+    check_before_run(cfg, [end - start for start, end in prepared.stream.bounds])
+    apply_threads(current_setting(), None)
+    out.mkdir(parents=True, exist_ok=True)
+    result = tune(cfg, prepared.stream, runs, tune_train,
+                  report=(lambda msg: console.print(f"[dim]tune[/] {msg}", highlight=False)) if show_progress else None,
+                  pretrain_dir=out / "pretrain")
+    write_trials(result.trials, out / "tune.csv")
+    (out / "tuned.yaml").write_text(dump_config(result.config))
+    for t in result.trials:
+        if t.chosen:
+            console.print(f"[bold]chosen[/] {t.run}: {_setting_label(t.setting)} (valid AUC {t.valid_auc:.4f})",
+                          highlight=False)
+    experiment = run_experiment(result.config, out, show_progress=show_progress, console=console,
+                                pretrain_dir=out / "pretrain")
+    experiment.files += [f for f in ("tune.csv", "tuned.yaml") if (out / f).exists()]
+    return result, experiment
