@@ -52,6 +52,7 @@ CONTRACT_CASES: dict[str, dict[str, Any]] = {
     "memory=sketch": {"memory": {"sketch": {"arrays": 8, "bits": 4}, "lambda": 0.5}},
     "memory=sketch-centroid-keep": {"memory": {"sketch": {"arrays": 8, "bits": 4, "similarity": "centroid"},
                                                "reset_on_update": False, "decay": 0.9}},
+    "memory=auto": {"memory": {"exact": {"size": 256, "top_k": 16}, "lambda": "auto", "reset_on_update": False}},
     "memory=exact": {"memory": {"exact": {"size": 256, "top_k": 16}, "write": "errors", "error_threshold": 0.2}},
     "combo=asmg+sc+sketch": {"loss": {"self_correction": 0.5}, "generator": {"asmg_gru": {"k": 2}},
                              "memory": {"sketch": {"arrays": 8, "bits": 4}}},

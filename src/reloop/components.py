@@ -24,7 +24,7 @@ from reloop.update.replay import Replay
 from reloop.update.strategies import BatchWindow, FullRetrain, Incremental, NoUpdate, UpdateStrategy
 
 
-def _one_key(value: str | dict[str, Any], where: str) -> tuple[str, Any]:
+def one_key(value: str | dict[str, Any], where: str) -> tuple[str, Any]:
     if isinstance(value, str):
         return value, None
     if isinstance(value, dict) and len(value) >= 1:
@@ -53,9 +53,13 @@ def _options(arg: Any, where: str, known: tuple[str, ...]) -> dict[str, Any]:
     return dict(arg)
 
 
+#: Every ``update:`` name build_update knows (the contract suite must cover each).
+UPDATE_NAMES: tuple[str, ...] = ("none", "incremental", "full", "batch", "replay")
+
+
 def build_update(value: str | dict[str, Any], where: str = "update", seed: int = 0) -> UpdateStrategy:
     """``none | incremental | full | {batch: w} | {full: {start: scratch}} | {replay: {...}}``."""
-    name, mapping = _one_key(value, where)
+    name, mapping = one_key(value, where)
     arg = mapping[name] if mapping else None
     if mapping and len(mapping) > 1:
         raise ValueError(f"{where}: one strategy per run, got {sorted(mapping)}")
@@ -80,7 +84,7 @@ def build_update(value: str | dict[str, Any], where: str = "update", seed: int =
         if "ratio" in opts:
             opts["ratio"] = _number(opts["ratio"], f"{where}.replay.ratio", "a number ≥ 0", lambda x: x >= 0.0)
         return Replay(**opts, seed=seed)
-    raise ValueError(f"{where}: unknown update {name!r}; choose none, incremental, full, batch, replay")
+    raise ValueError(f"{where}: unknown update {name!r}; choose {', '.join(UPDATE_NAMES)}")
 
 
 @dataclass
@@ -92,20 +96,22 @@ class LossSpec:
 #: The weight a loss named without a value takes (``loss: self_correction`` is ``{self_correction: 0.5}``):
 #: the settings of the configs, the README and the paper benchmark.
 DEFAULT_LOSS_WEIGHTS = {"self_correction": 0.5, "distill": 0.3}
+#: Every ``loss:`` name build_loss knows (the contract suite must cover each).
+LOSS_NAMES: tuple[str, ...] = ("ce", *DEFAULT_LOSS_WEIGHTS)
 
 
 def build_loss(value: str | dict[str, Any], where: str = "loss") -> LossSpec:
     """``ce | self_correction | distill | {self_correction: α, scale: plain|normalized,
     y_last: served|previous_model|compensated} | {distill: β, temperature: T}``; a bare name (or a null
     weight) takes ``DEFAULT_LOSS_WEIGHTS``."""
-    name, mapping = _one_key(value, where)
+    name, mapping = one_key(value, where)
     opts = dict(mapping or {})
     if name == "ce":
         if len(opts) > 1 or (opts and opts.get("ce") not in (None, {})):
             raise ValueError(f"{where}.ce: takes no options")
         return LossSpec(CrossEntropy())
     if name not in DEFAULT_LOSS_WEIGHTS:
-        raise ValueError(f"{where}: unknown loss {name!r}; choose ce, self_correction, distill")
+        raise ValueError(f"{where}: unknown loss {name!r}; choose {', '.join(LOSS_NAMES)}")
     weight = opts.pop(name, None)
     weight = DEFAULT_LOSS_WEIGHTS[name] if weight is None else _number(weight, f"{where}.{name}")
     if name == "self_correction":
