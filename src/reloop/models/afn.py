@@ -33,6 +33,7 @@ class AFN(CTRModel):
     name = "afn"
     paper = "Cheng et al., Adaptive Factorization Network: Learning Adaptive-Order Feature Interactions, AAAI 2020"
     Options = AFNOptions
+    options: AFNOptions
 
     def __init__(self, feature_map: FeatureMap, options: AFNOptions) -> None:
         super().__init__(feature_map, options)
@@ -49,7 +50,7 @@ class AFN(CTRModel):
         self.head = nn.Linear(h_dim, 1)
 
     def body(self, batch: Batch) -> Tensor:
-        h = self.afn_mlp(self.log_layer(self.embedding(batch)).flatten(1))
+        h: Tensor = self.afn_mlp(self.log_layer(self.embedding(batch)).flatten(1))
         if not self.options.ensemble_dnn:
             return h
         return torch.cat([h, self.dnn(self.dnn_embedding(batch).flatten(1))], dim=-1)

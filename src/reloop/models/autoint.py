@@ -49,6 +49,7 @@ class AutoInt(CTRModel):
     name = "autoint"
     paper = "Song et al., AutoInt: Automatic Feature Interaction Learning via Self-Attentive Neural Networks, CIKM 2019"
     Options = AutoIntOptions
+    options: AutoIntOptions
 
     def __init__(self, feature_map: FeatureMap, options: AutoIntOptions) -> None:
         super().__init__(feature_map, options)

@@ -7,6 +7,7 @@ parameters into ``embedding`` and ``dense`` groups is what ASMG's generator need
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -41,6 +42,7 @@ class CTRModel(nn.Module):
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     Options: ClassVar[type[ModelOptions]] = ModelOptions
+    head: nn.Linear  # the output layer, built by each subclass's ``__init__``
 
     def __init__(self, feature_map: FeatureMap, options: ModelOptions) -> None:
         super().__init__()
@@ -55,9 +57,10 @@ class CTRModel(nn.Module):
         return self.body(batch)
 
     def forward_hidden(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        return self(batch, with_hidden=True)
+        out: tuple[Tensor, Tensor] = self(batch, with_hidden=True)
+        return out
 
-    def key_embedding(self) -> nn.Module:
+    def key_embedding(self) -> FeatureEmbedding:
         """The field-embedding layer behind the ``embeddings`` memory key: ``self.embedding`` when the
         model has one, else its widest ``FeatureEmbedding`` (LR has only its width-1 weights)."""
         emb = getattr(self, "embedding", None)
@@ -113,8 +116,10 @@ class CTRModel(nn.Module):
         device_type = h.device.type
         if torch.is_autocast_enabled(device_type):
             with torch.autocast(device_type, enabled=False):
-                return self.head(h.float()).squeeze(-1)
-        return self.head(h).squeeze(-1)
+                logits: Tensor = self.head(h.float()).squeeze(-1)
+                return logits
+        logits = self.head(h).squeeze(-1)
+        return logits
 
     def param_groups(self) -> dict[str, str]:
         """Parameter name -> ``"embedding"`` (rows indexed by id) or ``"dense"``."""
@@ -212,7 +217,8 @@ def _normalised(config: dict[str, Any]) -> dict[str, Any]:
     return {"name": cls.name, **options.model_dump()}
 
 
-def _read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, tuple] | None, Any]:
+def _read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, tuple[int, ...]] | None,
+                                           Callable[[], object]]:
     """``(config, feature_map, shapes, tensors)`` of a model file without running anything it contains.
 
     ``shapes`` come from the safetensors header (None for a legacy file); ``tensors`` is a callable
@@ -271,7 +277,7 @@ def load_model(path: str | Path, feature_map: FeatureMap | None = None,
     model = build_model(config, stored)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
-    def check(found: dict[str, tuple]) -> None:
+    def check(found: dict[str, tuple[int, ...]]) -> None:
         if found != expected:
             bad = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
             raise IncompatibleCheckpoint(f"{path}: tensors do not fit model {got['name']} ({len(bad)} differ, "

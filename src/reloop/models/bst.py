@@ -38,6 +38,7 @@ class BST(CTRModel):
     name = "bst"
     paper = "Chen et al., Behavior Sequence Transformer for E-commerce Recommendation in Alibaba, DLP-KDD 2019"
     Options = BSTOptions
+    others: Tensor  # buffer: indices of the fields other than the sequence
 
     def __init__(self, feature_map: FeatureMap, options: BSTOptions) -> None:
         super().__init__(feature_map, options)
@@ -66,4 +67,5 @@ class BST(CTRModel):
         weights = mask.to(x.dtype).unsqueeze(-1)
         pooled = (x[:, :-1] * weights).sum(1) / weights.sum(1).clamp(min=1)
         others = self.embedding(batch)[:, self.others].flatten(1)
-        return self.mlp(torch.cat([others, x[:, -1], pooled], dim=-1))
+        h: Tensor = self.mlp(torch.cat([others, x[:, -1], pooled], dim=-1))
+        return h

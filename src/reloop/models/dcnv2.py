@@ -45,7 +45,9 @@ class DCNv2(CTRModel):
         super().__init__(feature_map, options)
         in_dim = feature_map.num_fields * options.embedding_dim
         self.embedding = FeatureEmbedding(feature_map, options.embedding_dim, options.init_std)
+        self.cross: CrossNetMix | CrossNetV2
         if options.num_experts > 1:
+            assert options.low_rank is not None  # DCNv2Options' validator
             self.cross = CrossNetMix(in_dim, options.cross_layers, options.low_rank, options.num_experts)
         else:
             self.cross = CrossNetV2(in_dim, options.cross_layers, options.low_rank)
@@ -56,5 +58,6 @@ class DCNv2(CTRModel):
     def body(self, batch: Batch) -> Tensor:
         x0 = self.embedding(batch).flatten(1)
         if self.stacked:
-            return self.mlp(self.cross(x0))
+            h: Tensor = self.mlp(self.cross(x0))
+            return h
         return torch.cat([self.cross(x0), self.mlp(x0)], dim=-1)

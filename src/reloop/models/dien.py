@@ -32,6 +32,7 @@ class DIEN(CTRModel):
     name = "dien"
     paper = "Zhou et al., Deep Interest Evolution Network for Click-Through Rate Prediction, AAAI 2019"
     Options = DIENOptions
+    others: Tensor  # buffer: indices of the fields other than the sequence
 
     def __init__(self, feature_map: FeatureMap, options: DIENOptions) -> None:
         super().__init__(feature_map, options)
@@ -48,4 +49,5 @@ class DIEN(CTRModel):
         seq, mask = self.embedding.sequence(batch, self.sequence)
         interest = self.interest(self.embedding.lookup(batch, self.target), seq, mask)
         others = self.embedding(batch)[:, self.others].flatten(1)
-        return self.mlp(torch.cat([others, interest], dim=-1))
+        h: Tensor = self.mlp(torch.cat([others, interest], dim=-1))
+        return h

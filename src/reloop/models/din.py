@@ -30,6 +30,7 @@ class DIN(CTRModel):
     name = "din"
     paper = "Zhou et al., Deep Interest Network for Click-Through Rate Prediction, KDD 2018"
     Options = DINOptions
+    others: Tensor  # buffer: indices of the fields other than the sequence
 
     def __init__(self, feature_map: FeatureMap, options: DINOptions) -> None:
         super().__init__(feature_map, options)
@@ -45,4 +46,5 @@ class DIN(CTRModel):
         seq, mask = self.embedding.sequence(batch, self.sequence)
         interest = self.attention(self.embedding.lookup(batch, self.target), seq, mask)
         others = self.embedding(batch)[:, self.others].flatten(1)
-        return self.mlp(torch.cat([others, interest], dim=-1))
+        h: Tensor = self.mlp(torch.cat([others, interest], dim=-1))
+        return h

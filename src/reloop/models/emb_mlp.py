@@ -29,4 +29,5 @@ class EmbMLP(CTRModel):
         self.head = nn.Linear(self.mlp.out_dim, 1)
 
     def body(self, batch: Batch) -> Tensor:
-        return self.mlp(self.embedding(batch).flatten(1))
+        h: Tensor = self.mlp(self.embedding(batch).flatten(1))
+        return h

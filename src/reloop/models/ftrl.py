@@ -22,7 +22,7 @@ its options; the trainer builds ``make_ftrl(model.parameters(), alpha, beta, l1,
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import Tensor
@@ -46,8 +46,15 @@ class FTRL(torch.optim.Optimizer):
             raise ValueError(f"ftrl: beta, l1, l2 must be >= 0, got {beta}, {l1}, {l2}")
         super().__init__(params, dict(alpha=alpha, beta=beta, l1=l1, l2=l2))
 
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One FTRL-Proximal update of every parameter with a gradient; ``closure()``'s loss if given."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -84,7 +91,7 @@ def make_ftrl(params: Iterable[Tensor] | Iterable[dict[str, Any]], alpha: float 
 def optimizer_for(model: torch.nn.Module) -> FTRL | None:
     """``make_ftrl`` from the model's options when it asks for FTRL (``optimizer: ftrl``), else ``None``."""
     opts = getattr(model, "options", None)
-    if getattr(opts, "optimizer", "adam") != "ftrl":
+    if opts is None or getattr(opts, "optimizer", "adam") != "ftrl":
         return None
     return make_ftrl(model.parameters(), alpha=opts.ftrl_alpha, beta=opts.ftrl_beta, l1=opts.ftrl_l1,
                      l2=opts.ftrl_l2)

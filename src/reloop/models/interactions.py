@@ -21,6 +21,9 @@ def pair_indices(num_fields: int) -> tuple[Tensor, Tensor]:
 class InnerProduct(nn.Module):
     """All pairwise inner products ``p_{ij} = <v_i, v_j>`` for ``i < j``: ``[B, P]`` (PNN, Qu et al. 2016)."""
 
+    i: Tensor  # buffers: row and column of each field pair
+    j: Tensor
+
     def __init__(self, num_fields: int) -> None:
         super().__init__()
         i, j = pair_indices(num_fields)
@@ -38,6 +41,9 @@ class FieldMatrixInteraction(nn.Module):
     Summed over ``d`` this is the FmFM term ``Σ_{i<j} <v_i M_{F(i),F(j)}, v_j>``; one ``d×d`` matrix per
     field pair, initialised to the identity so the layer starts as FM's bi-interaction.
     """
+
+    i: Tensor  # buffers: row and column of each field pair
+    j: Tensor
 
     def __init__(self, num_fields: int, dim: int) -> None:
         super().__init__()
@@ -98,7 +104,8 @@ class LogarithmicTransform(nn.Module):
     def forward(self, emb: Tensor) -> Tensor:
         log_emb = self.log_norm(torch.log(emb.abs().clamp(min=self.eps)))  # [B, F, d]
         out = torch.exp(self.coefficient(log_emb.transpose(1, 2)).transpose(1, 2))  # [B, N, d]
-        return self.exp_norm(out)
+        normed: Tensor = self.exp_norm(out)
+        return normed
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -127,7 +134,8 @@ class MultiHeadSelfAttention(nn.Module):
             scores = scores.masked_fill(~mask[:, None, None, :], torch.finfo(scores.dtype).min)
         att = self.dropout(torch.softmax(scores, dim=-1))
         out = (att @ v).transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
-        return self.out(out)
+        projected: Tensor = self.out(out)
+        return projected
 
 
 class GeneralizedInteraction(nn.Module):

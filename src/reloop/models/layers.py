@@ -1,12 +1,22 @@
 """Shared layers every model is composed from (embedding -> interaction -> MLP -> logit)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from reloop.data.schema import PAD, FeatureMap
 
 Batch = dict[str, Tensor]
+
+
+def apply_function(fn: type[torch.autograd.Function], *args: object) -> Tensor:
+    """``fn.apply(*args)`` for a ``Function`` whose forward returns one tensor, typed (torch leaves
+    ``Function.apply`` unannotated)."""
+    out: Tensor = fn.apply(*args)  # type: ignore[no-untyped-call]  # torch: Function.apply is unannotated
+    return out
 
 
 class _LookupRows(torch.autograd.Function):
@@ -23,7 +33,7 @@ class _LookupRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, table_of: tuple[int, ...], n_tables: int, *tensors: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, table_of: tuple[int, ...], n_tables: int, *tensors: Tensor) -> Tensor:
         weights, ids = tensors[:n_tables], tensors[n_tables:]
         ctx.table_of = table_of
         ctx.shapes = [(w.shape, w.dtype) for w in weights]
@@ -31,7 +41,7 @@ class _LookupRows(torch.autograd.Function):
         return torch.stack([weights[t].index_select(0, i) for t, i in zip(table_of, ids)], dim=1)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         ids = ctx.saved_tensors
         n_tables = len(ctx.shapes)
         grads: list[Tensor | None] = [None] * n_tables
@@ -39,8 +49,9 @@ class _LookupRows(torch.autograd.Function):
             if not ctx.needs_input_grad[2 + t]:
                 continue
             shape, dtype = ctx.shapes[t]
-            if grads[t] is None:
-                grads[t] = torch.zeros(shape, dtype=dtype, device=grad.device)
+            acc = grads[t]
+            if acc is None:
+                acc = grads[t] = torch.zeros(shape, dtype=dtype, device=grad.device)
             dim = shape[1]
             if dim == 1:
                 flat = i
@@ -48,14 +59,14 @@ class _LookupRows(torch.autograd.Function):
                 wide = i if shape[0] * dim < 2**31 else i.long()
                 flat = torch.add(torch.arange(dim, dtype=wide.dtype, device=i.device), wide.unsqueeze(1),
                                  alpha=dim).view(-1)
-            grads[t].view(-1).index_add_(0, flat, grad[:, j].to(dtype).reshape(-1))
+            acc.view(-1).index_add_(0, flat, grad[:, j].to(dtype).reshape(-1))
         for g in grads:
             if g is not None:
                 g[PAD] = 0
         return (None, None, *grads, *([None] * len(ids)))
 
 
-class EmbeddedBatch(dict):
+class EmbeddedBatch(dict[str, Tensor]):
     """A batch that carries one ``FeatureEmbedding``'s output for it, so a forward pass reuses exactly
     those embeddings (``CTRModel.forward_key``: the memory key and the prediction come from one
     computation). The carried tensor lives on this per-call object only: no module or global state."""
@@ -65,7 +76,7 @@ class EmbeddedBatch(dict):
         self.carried = (layer, embeddings)
 
 
-def _hooked(modules: list[nn.Module]) -> bool:
+def _hooked(modules: Sequence[nn.Module]) -> bool:
     from torch.nn.modules import module as _m
 
     if _m._global_forward_pre_hooks or _m._global_forward_hooks:
@@ -99,8 +110,15 @@ class FeatureEmbedding(nn.Module):
         self.numeric = nn.Parameter(torch.empty(len(numeric), dim)) if numeric else None
         self.reset_parameters(init_std)
 
+    def table(self, name: str) -> nn.Embedding:
+        """The embedding table ``name`` (a key of ``feature_map.tables``)."""
+        table = self.tables[name]
+        assert isinstance(table, nn.Embedding)
+        return table
+
     def reset_parameters(self, init_std: float) -> None:
-        for table in self.tables.values():
+        for name in self.tables:
+            table = self.table(name)
             nn.init.normal_(table.weight, std=init_std)
             with torch.no_grad():
                 table.weight[PAD].zero_()
@@ -114,30 +132,32 @@ class FeatureEmbedding(nn.Module):
     def sequence(self, batch: Batch, name: str) -> tuple[Tensor, Tensor]:
         """Unpooled sequence embeddings ``[B, L, dim]`` and mask ``[B, L]`` (True = real item)."""
         ids = batch[name]
-        return self.tables[self._fields[name].table](ids), ids != PAD
+        emb: Tensor = self.tables[self._fields[name].table](ids)
+        return emb, ids != PAD
 
     def lookup(self, batch: Batch, name: str) -> Tensor:
         """``[B, dim]`` embedding of a single categorical field."""
-        return self.tables[self._fields[name].table](batch[name])
+        emb: Tensor = self.tables[self._fields[name].table](batch[name])
+        return emb
 
     def _categorical(self, batch: Batch) -> Tensor | None:
         """``[B, n_categorical, dim]`` for the categorical fields, in field order (None if there are none)."""
         if not self._cat_fields:
             return None
-        modules = [self.tables[t] for t in self._cat_tables]
+        modules = [self.table(t) for t in self._cat_tables]
         weights = [m.weight for m in modules]
         ids = [batch[f.name] for f in self._cat_fields]
         # CUDA's embedding backward is already one kernel; hooks on the tables (ASMG watches the rows
         # read with forward pre-hooks) must see every call: both go through the modules.
         if weights[0].device.type != "cpu" or _hooked(modules) or any(i.dim() != 1 for i in ids):
             return torch.stack([modules[t](i) for t, i in zip(self._cat_table_of, ids)], dim=1)
-        return _LookupRows.apply(self._cat_table_of, len(weights), *weights, *ids)
+        return apply_function(_LookupRows, self._cat_table_of, len(weights), *weights, *ids)
 
     def forward(self, batch: Batch) -> Tensor:
         if type(batch) is EmbeddedBatch and batch.carried[0] is self:
             return batch.carried[1]
         cat = self._categorical(batch)
-        if self._all_categorical:
+        if self._all_categorical and cat is not None:
             return cat
         out = []
         num_i = 0
@@ -145,14 +165,16 @@ class FeatureEmbedding(nn.Module):
         for f in self.feature_map.fields:
             x = batch[f.name]
             if f.kind == "categorical":
+                assert cat is not None  # there is a categorical field
                 out.append(cat[:, cat_i])
                 cat_i += 1
             elif f.kind == "sequence":
                 # Mask explicitly: generated weights (ASMG, SML) need not keep the padding row at zero.
-                mask = (x != PAD).unsqueeze(-1).to(self.tables[f.table].weight.dtype)
+                mask = (x != PAD).unsqueeze(-1).to(self.table(f.table).weight.dtype)
                 emb = self.tables[f.table](x) * mask
                 out.append(emb.sum(1) / mask.sum(1).clamp(min=1))
             else:
+                assert self.numeric is not None  # there is a numeric field
                 out.append(x.unsqueeze(-1).to(self.numeric.dtype) * self.numeric[num_i])
                 num_i += 1
         return torch.stack(out, dim=1)
@@ -183,7 +205,8 @@ class MLP(nn.Module):
         self.out_dim = d
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        out: Tensor = self.net(x)
+        return out
 
 
 def fm_interaction(emb: Tensor) -> Tensor:
@@ -192,7 +215,7 @@ def fm_interaction(emb: Tensor) -> Tensor:
     Summing the result over d gives the FM second-order term sum_{i<j} <v_i, v_j>.
     """
     if torch.is_grad_enabled() and emb.requires_grad:
-        return _FMInteraction.apply(emb)
+        return apply_function(_FMInteraction, emb)
     s = emb.sum(1)
     return 0.5 * (s * s - (emb * emb).sum(1))
 
@@ -203,13 +226,13 @@ class _FMInteraction(torch.autograd.Function):
     slow broadcasting path; this was the largest non-matmul cost of a DeepFM step on CPU)."""
 
     @staticmethod
-    def forward(ctx, emb: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, emb: Tensor) -> Tensor:
         s = emb.sum(1)
         ctx.save_for_backward(emb, s)
         return 0.5 * (s * s - (emb * emb).sum(1))
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
         emb, s = ctx.saved_tensors
         g = grad.to(emb.dtype)
         return torch.addcmul((g * s).unsqueeze(1), emb, g.unsqueeze(1), value=-1)  # g*s - g*v_i, one pass
@@ -227,13 +250,15 @@ class CrossNet(nn.Module):
         ws, bs = list(self.w), list(self.b)
         if torch.is_grad_enabled() and x0.device.type == "cpu" and (x0.requires_grad or any(
                 t.requires_grad for t in ws + bs)):
-            return _CrossLayers.apply(len(ws), x0, *ws, *bs)
+            return apply_function(_CrossLayers, len(ws), x0, *ws, *bs)
         return _cross_forward(x0, ws, bs)[0]
 
 
 def _cross_forward(x0: Tensor, ws: list[Tensor], bs: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """``x_{l+1} = (x0 * (x_l . w_l) + b_l) + x_l``; also returns the layer inputs x_l and the s_l."""
-    x, inputs, scales = x0, [], []
+    x = x0
+    inputs: list[Tensor] = []
+    scales: list[Tensor] = []
     for w, b in zip(ws, bs):
         s = (x @ w).unsqueeze(-1)
         inputs.append(x)
@@ -255,7 +280,7 @@ class _CrossLayers(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, n: int, x0: Tensor, *params: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, n: int, x0: Tensor, *params: Tensor) -> Tensor:
         ws, bs = list(params[:n]), list(params[n:])
         out, inputs, scales = _cross_forward(x0, ws, bs)
         ctx.n = n
@@ -263,7 +288,7 @@ class _CrossLayers(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         n = ctx.n
         saved = ctx.saved_tensors
         x0, ws, inputs, scales = saved[0], saved[1:1 + n], saved[1 + n:1 + 2 * n], saved[1 + 2 * n:]

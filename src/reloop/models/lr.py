@@ -43,4 +43,5 @@ class LR(CTRModel):
             self.head.bias.zero_()
 
     def body(self, batch: Batch) -> Tensor:
-        return self.linear(batch).squeeze(-1)
+        h: Tensor = self.linear(batch).squeeze(-1)
+        return h

@@ -32,4 +32,5 @@ class PNN(CTRModel):
 
     def body(self, batch: Batch) -> Tensor:
         emb = self.embedding(batch)
-        return self.mlp(torch.cat([emb.flatten(1), self.product(emb)], dim=-1))
+        h: Tensor = self.mlp(torch.cat([emb.flatten(1), self.product(emb)], dim=-1))
+        return h

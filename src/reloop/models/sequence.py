@@ -148,7 +148,8 @@ class InterestEvolution(nn.Module):
     def forward(self, target: Tensor, seq: Tensor, mask: Tensor) -> Tensor:
         states = self.extractor(seq, mask)
         att = masked_softmax((states * self.attention(target).unsqueeze(1)).sum(-1), mask)
-        return self.evolution(states, att, mask)
+        evolved: Tensor = self.evolution(states, att, mask)
+        return evolved
 
 
 class TransformerBlock(nn.Module):
@@ -168,7 +169,8 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         x = self.norm1(x + self.dropout(self.attention(x, mask)))
-        return self.norm2(x + self.dropout(self.ffn(x)))
+        normed: Tensor = self.norm2(x + self.dropout(self.ffn(x)))
+        return normed
 
 
 def other_fields(feature_map: FeatureMap, exclude: str) -> Tensor:
