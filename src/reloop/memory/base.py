@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, TypedDict
 
 import torch
 from torch import Tensor
@@ -37,6 +37,18 @@ class Neighbours(NamedTuple):
     y: Tensor
     y_base: Tensor
     valid: Tensor
+
+
+class ErrorMemoryOptions(TypedDict, total=False):
+    """The keyword options every ``ErrorMemory`` takes (see its docstring); subclasses pass them on."""
+
+    temperature: float
+    gamma: float
+    write_policy: str
+    error_threshold: float
+    decay: float
+    center: bool
+    device: str | torch.device
 
 
 class ErrorMemory(ABC):

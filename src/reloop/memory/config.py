@@ -32,7 +32,7 @@ from pydantic import (
     model_validator,
 )
 
-from reloop.memory.base import ErrorMemory
+from reloop.memory.base import ErrorMemory, ErrorMemoryOptions
 from reloop.memory.compensate import DEFAULT_EPS, DEFAULT_GRID, Compensator, LambdaTuner
 from reloop.memory.exact import ExactMemory
 from reloop.memory.sketch import MAX_BITS, SketchMemory
@@ -183,9 +183,9 @@ def format_errors(e: ValidationError, prefix: str = "memory") -> str:
 def make_memory(cfg: MemoryConfig, dim: int, seed: int = 0,
                 device: str | torch.device = "cpu") -> ErrorMemory:
     """The bare ``ErrorMemory`` described by ``cfg`` for keys of width ``dim``, its state on ``device``."""
-    common = {"temperature": cfg.temperature, "gamma": cfg.gamma, "write_policy": cfg.write,
-              "error_threshold": cfg.error_threshold, "decay": cfg.decay, "center": cfg.center,
-              "device": device}
+    common: ErrorMemoryOptions = {
+        "temperature": cfg.temperature, "gamma": cfg.gamma, "write_policy": cfg.write,
+        "error_threshold": cfg.error_threshold, "decay": cfg.decay, "center": cfg.center, "device": device}
     if cfg.sketch is not None:
         return SketchMemory(dim, arrays=cfg.sketch.arrays, bits=cfg.sketch.bits,
                             similarity=cfg.sketch.similarity, seed=seed,

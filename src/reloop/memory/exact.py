@@ -12,11 +12,12 @@ itself already forgets everything older than M samples.
 from __future__ import annotations
 
 import math
+from typing import Any, Unpack
 
 import torch
 from torch import Tensor
 
-from reloop.memory.base import ErrorMemory, StateValue
+from reloop.memory.base import ErrorMemory, ErrorMemoryOptions, StateValue
 
 
 class ExactMemory(ErrorMemory):
@@ -34,7 +35,7 @@ class ExactMemory(ErrorMemory):
     kind = "exact"
 
     def __init__(self, dim: int, size: int = 10000, top_k: int = 64, seed: int = 0,
-                 **kwargs) -> None:
+                 **kwargs: Unpack[ErrorMemoryOptions]) -> None:
         super().__init__(dim, **kwargs)
         if int(size) < 1:
             raise ValueError(f"size: must be >= 1, got {size}")
@@ -107,7 +108,7 @@ class ExactMemory(ErrorMemory):
     def _scalars(self) -> dict[str, int | float]:
         return {**super()._scalars(), "ptr": self._ptr, "filled": self._filled}
 
-    def _check_fixed(self, state: dict) -> None:
+    def _check_fixed(self, state: dict[str, Any]) -> None:
         ptr, filled = int(state["ptr"]), int(state["filled"])
         # Retrieval relies on the filled slots being the prefix [0, filled) until the first wrap.
         if not (0 <= filled <= self.size and 0 <= ptr < self.size
@@ -115,7 +116,7 @@ class ExactMemory(ErrorMemory):
             raise ValueError(f"ExactMemory.load_state_dict: ptr/filled inconsistent for size "
                              f"{self.size}: ptr={ptr}, filled={filled}")
 
-    def _set_scalars(self, state: dict) -> None:
+    def _set_scalars(self, state: dict[str, Any]) -> None:
         super()._set_scalars(state)
         self._ptr = int(state["ptr"])
         self._filled = int(state["filled"])

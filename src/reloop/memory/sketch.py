@@ -22,10 +22,13 @@ multiply-adds per sample); ``hash_dtype=torch.bfloat16`` roughly halves it.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any, Unpack
+
 import torch
 from torch import Tensor
 
-from reloop.memory.base import ErrorMemory, StateValue
+from reloop.memory.base import ErrorMemory, ErrorMemoryOptions, StateValue
 
 SIMILARITIES = ("density", "centroid")
 MAX_BITS = 24  # bucket ids are packed in float32, exact below 2^24; also a sanity bound on size
@@ -57,7 +60,8 @@ class SketchMemory(ErrorMemory):
 
     def __init__(self, dim: int, arrays: int = 64, bits: int = 8, similarity: str = "density",
                  seed: int = 0, *, accum_dtype: torch.dtype = torch.float64,
-                 hash_dtype: torch.dtype = torch.float32, project: int | None = None, **kwargs) -> None:
+                 hash_dtype: torch.dtype = torch.float32, project: int | None = None,
+                 **kwargs: Unpack[ErrorMemoryOptions]) -> None:
         super().__init__(dim, **kwargs)
         if int(arrays) < 1:
             raise ValueError(f"arrays: must be >= 1, got {arrays}")
@@ -137,7 +141,7 @@ class SketchMemory(ErrorMemory):
         h = self._projected(self._centred(self._check_h(h)))
         return (self.flat_buckets(h).long() - self._offsets).T.contiguous()
 
-    def _row_chunks(self, n: int):
+    def _row_chunks(self, n: int) -> Iterator[tuple[int, int]]:
         for start in range(0, n, self._chunk):
             yield start, min(n, start + self._chunk)
 
@@ -248,11 +252,11 @@ class SketchMemory(ErrorMemory):
     def _scalars(self) -> dict[str, int | float]:
         return {**super()._scalars(), "mass": self._mass}
 
-    def _set_scalars(self, state: dict) -> None:
+    def _set_scalars(self, state: dict[str, Any]) -> None:
         super()._set_scalars(state)
         self._mass = float(state["mass"])
 
-    def _check_fixed(self, state: dict) -> None:
+    def _check_fixed(self, state: dict[str, Any]) -> None:
         if not torch.equal(state["planes"].to(self.planes.device), self.planes):
             raise ValueError(f"{type(self).__name__}.load_state_dict: planes: the hash planes differ "
                              "although the seed matches (another torch RNG?); buckets would not match")
