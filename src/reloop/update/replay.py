@@ -99,12 +99,12 @@ class Replay(UpdateStrategy):
     def _gen(self, ctx: UpdateContext) -> torch.Generator:
         return self._rng if self._rng is not None else ctx.generator
 
-    def _init_reservoir(self, ctx: UpdateContext) -> None:
+    def _init_reservoir(self, ctx: UpdateContext) -> tuple[Tensor, Tensor]:
         g = self._gen(ctx)
         if ctx.t <= 1:
             self.pos = torch.empty(0, dtype=torch.long)
             self.neg = torch.empty(0, dtype=torch.long)
-            return
+            return self.pos, self.neg
         past = ctx.history.periods(1, ctx.t - 1)
         # Reservoir bookkeeping stays on the CPU (same draws on every device; device-neutral state).
         labels, rows = past.data["label"].cpu(), past.data["row"].long().cpu()
@@ -116,24 +116,30 @@ class Replay(UpdateStrategy):
         self.pos, self.neg = res
         self.seen_pos = int((labels > 0.5).sum())
         self.seen_neg = int(labels.numel() - self.seen_pos)
+        return self.pos, self.neg
+
+    def _reservoirs(self) -> tuple[Tensor, Tensor]:
+        """The positive and negative reservoirs (global row ids), once drawn."""
+        if self.pos is None or self.neg is None:
+            raise RuntimeError("replay: the reservoirs are drawn by sample(), which has not run")
+        return self.pos, self.neg
 
     def sample(self, model: CTRModel, ctx: UpdateContext) -> Tensor:
         """Global row ids replayed at period t (sorted: time order), drawn from the current reservoirs."""
-        if self.pos is None:
-            self._init_reservoir(ctx)
+        pos, neg = self._init_reservoir(ctx) if self.pos is None else self._reservoirs()
         g = self._gen(ctx)
         labels = ctx.history.period(ctx.t).data["label"]
         n_pos_new = int((labels > 0.5).sum())
-        m_pos = min(int(round(self.ratio * n_pos_new)), self.pos.numel())
-        m_neg = min(int(round(self.ratio * (labels.numel() - n_pos_new))), self.neg.numel())
+        m_pos = min(int(round(self.ratio * n_pos_new)), pos.numel())
+        m_neg = min(int(round(self.ratio * (labels.numel() - n_pos_new))), neg.numel())
         picked = []
         if m_pos > 0:
-            logits, _ = predict_rows(model, fetch_rows(ctx.history, ctx.t - 1, self.pos),
+            logits, _ = predict_rows(model, fetch_rows(ctx.history, ctx.t - 1, pos),
                                      ctx.train.eval_batch_size, hidden=False)  # logits on the CPU
             probs = rank_weights(logits)
-            picked.append(self.pos[torch.multinomial(probs, m_pos, replacement=False, generator=g)])
+            picked.append(pos[torch.multinomial(probs, m_pos, replacement=False, generator=g)])
         if m_neg > 0:
-            picked.append(self.neg[torch.randperm(self.neg.numel(), generator=g)[:m_neg]])
+            picked.append(neg[torch.randperm(neg.numel(), generator=g)[:m_neg]])
         if not picked:
             return torch.empty(0, dtype=torch.long)
         return torch.cat(picked).sort().values
@@ -161,8 +167,9 @@ class Replay(UpdateStrategy):
         current = ctx.history.period(ctx.t)
         labels, rows = current.data["label"].cpu(), current.data["row"].long().cpu()
         is_pos = labels > 0.5
-        self.pos = reservoir_absorb(self.pos, rows[is_pos], self.seen_pos, g)
-        self.neg = reservoir_absorb(self.neg, rows[~is_pos], self.seen_neg, g)
+        pos, neg = self._reservoirs()
+        self.pos = reservoir_absorb(pos, rows[is_pos], self.seen_pos, g)
+        self.neg = reservoir_absorb(neg, rows[~is_pos], self.seen_neg, g)
         self.seen_pos += int(is_pos.sum())
         self.seen_neg += int((~is_pos).sum())
 

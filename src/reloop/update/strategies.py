@@ -49,11 +49,12 @@ def attach_loss_columns(rows: PeriodTensors, previous: CTRModel, ctx: UpdateCont
     if not needs:
         return rows
     cols: dict[str, Tensor] = {}
-    prev_logits = None
+    prev_logits: Tensor | None = None
     here = rows.device  # the columns are made where the rows live (the run's device)
     if "teacher" in needs or ctx.y_last_source == "previous_model" or ctx.served is None:
         prev_logits, _ = predict_rows(previous, rows, ctx.train.eval_batch_size, hidden=False, out_device=here)
     if "teacher" in needs:
+        assert prev_logits is not None  # computed above whenever the teacher is needed
         cols["teacher"] = prev_logits
     if "y_last" in needs:
         if ctx.y_last_source == "served" and ctx.served is not None:
@@ -67,6 +68,7 @@ def attach_loss_columns(rows: PeriodTensors, previous: CTRModel, ctx: UpdateCont
                                                   out_device=here)
                 y_last = torch.where(missing, torch.sigmoid(prev_logits), y_last)
         else:
+            assert prev_logits is not None  # computed above unless ``served`` is used
             y_last = torch.sigmoid(prev_logits)
         cols["y_last"] = y_last
     return rows.with_columns(**cols)
@@ -94,8 +96,8 @@ class UpdateStrategy:
     def epochs(self, ctx: UpdateContext) -> int:
         return ctx.train.epochs
 
-    def update(self, model: CTRModel, optim_state: dict | None,
-               ctx: UpdateContext) -> tuple[CTRModel, dict | None]:
+    def update(self, model: CTRModel, optim_state: dict[str, Any] | None,
+               ctx: UpdateContext) -> tuple[CTRModel, dict[str, Any] | None]:
         """Return (Θ_t, optimizer state) from Θ_{t−1}; ``model`` is left untouched."""
         if not self.trains:
             return model, optim_state
@@ -111,7 +113,10 @@ class UpdateStrategy:
         self.after_update(ctx)
         return new, optimizer.state_dict()
 
-    keeps_optimizer: ClassVar[bool] = True
+    @property
+    def keeps_optimizer(self) -> bool:
+        """Whether the optimizer state of Θ_{t−1}'s update carries over to this one."""
+        return True
 
     def after_update(self, ctx: UpdateContext) -> None:
         """Hook for stateful strategies (the replay reservoir absorbs D_t here)."""
@@ -168,7 +173,7 @@ class FullRetrain(UpdateStrategy):
         self.start = start
 
     @property
-    def keeps_optimizer(self) -> bool:  # type: ignore[override]
+    def keeps_optimizer(self) -> bool:
         return self.start == "previous"
 
     def training_rows(self, ctx: UpdateContext) -> PeriodTensors:

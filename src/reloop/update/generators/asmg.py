@@ -50,7 +50,7 @@ from __future__ import annotations
 from reloop.update.generators.asmg_gru import VARIANTS, ASMGGRU, loss_weights
 from reloop.update.generators.asmg_linear import ASMGLinear, LinearMix
 from reloop.update.generators.coordinate_gru import CoordinateGRU
-from reloop.update.generators.learned import INITS, _LearnedGenerator, _uniform
+from reloop.update.generators.learned import INITS
 from reloop.update.generators.param_layout import (Params, as_rows, module_key, n_coords, param_specs, snapshot,
                                                    zero_padding)
 

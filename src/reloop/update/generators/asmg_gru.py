@@ -14,9 +14,10 @@ import torch
 from torch import Tensor, nn
 
 from reloop.data.tensors import History
+from reloop.update.generators.base import LearnContext
 from reloop.update.generators.coordinate_gru import CoordinateGRU
 from reloop.update.generators.learned import INITS, _LearnedGenerator, _params_to
-from reloop.update.generators.param_layout import Params, as_rows, module_key, n_coords, zero_padding
+from reloop.update.generators.param_layout import Params, ParamSpec, as_rows, module_key, n_coords, zero_padding
 
 VARIANTS = ("multi", "single", "unif", "zero", "full")
 
@@ -81,7 +82,7 @@ class ASMGGRU(_LearnedGenerator):
     def _max_models(self) -> int | None:
         return None if self.variant == "full" else self.k
 
-    def _build_meta(self, specs: list[dict[str, Any]], generator: torch.Generator) -> nn.ModuleDict:
+    def _build_meta(self, specs: list[ParamSpec], generator: torch.Generator) -> nn.ModuleDict:
         return nn.ModuleDict({
             module_key(s["name"]): CoordinateGRU(n_coords(s), self.hidden, self.gate_bias, self.init, generator)
             for s in specs
@@ -110,9 +111,11 @@ class ASMGGRU(_LearnedGenerator):
         want = [n - 1] if outputs is None else list(outputs)
         outs: dict[int, Params] = {j: {} for j in want}
         states: list[Params] = [{} for _ in range(n)]
-        for spec in self._specs:
+        specs, meta = self._layout()
+        for spec in specs:
             name = spec["name"]
-            gru: CoordinateGRU = self.meta[module_key(name)]
+            gru = meta[module_key(name)]
+            assert isinstance(gru, CoordinateGRU)
             idx = rows.get(name) if rows is not None else None
             h = h0[name] if h0 is not None else None
             if idx is not None and h is not None:
@@ -137,7 +140,7 @@ class ASMGGRU(_LearnedGenerator):
         outs, _ = self.generate(models, self.initial_state())
         return outs[len(models) - 1]
 
-    def _fit(self, history: History, t_next: int, ctx: Any) -> None:
+    def _fit(self, history: History, t_next: int, ctx: LearnContext) -> None:
         window = self.window()
         models = [p for _, p in window]
         targets = [t + 1 for t, _ in window]

@@ -11,8 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from reloop.data.tensors import History
+from reloop.update.generators.base import LearnContext
 from reloop.update.generators.learned import _LearnedGenerator
-from reloop.update.generators.param_layout import Params, module_key, zero_padding
+from reloop.update.generators.param_layout import Params, ParamSpec, module_key, zero_padding
 
 
 class LinearMix(nn.Module):
@@ -49,7 +50,7 @@ class ASMGLinear(_LearnedGenerator):
     def _max_models(self) -> int | None:
         return self.k
 
-    def _build_meta(self, specs: list[dict[str, Any]], generator: torch.Generator) -> nn.ModuleDict:
+    def _build_meta(self, specs: list[ParamSpec], generator: torch.Generator) -> nn.ModuleDict:
         return nn.ModuleDict({
             module_key(s["name"]): LinearMix([s["shape"][1]] if s["kind"] == "embedding" else s["shape"], self.k)
             for s in specs
@@ -58,11 +59,12 @@ class ASMGLinear(_LearnedGenerator):
     def generate(self, models: Sequence[Params], rows: dict[str, Tensor] | None = None) -> Params:
         """The mix of ``models``; ``rows`` restricts embedding tables to those rows (see ``ASMGGRU.generate``)."""
         out = {}
-        for spec in self._specs:
+        specs, meta = self._layout()
+        for spec in specs:
             name = spec["name"]
             idx = rows.get(name) if rows is not None else None
             stacked = torch.stack([m[name] if idx is None else m[name][idx] for m in models], dim=-1)
-            y = self.meta[module_key(name)](stacked)
+            y = meta[module_key(name)](stacked)
             if idx is not None:
                 y = models[-1][name].index_put((idx,), y)
             out[name] = zero_padding(spec, y)
@@ -71,7 +73,7 @@ class ASMGLinear(_LearnedGenerator):
     def _serving_params(self) -> Params:
         return self.generate([p for _, p in self._models])
 
-    def _fit(self, history: History, t_next: int, ctx: Any) -> None:
+    def _fit(self, history: History, t_next: int, ctx: LearnContext) -> None:
         models = [p for _, p in self._models]
         self._train_on_targets(history, ctx, [t_next], torch.ones(1, dtype=torch.float64),
                                lambda active, rows: {0: self.generate(models, rows)})

@@ -11,7 +11,8 @@ A generator must never read D_{t+1} before step 4 (``History`` raises ``LookAhea
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal, Protocol, overload
 
 import torch
 from torch import Tensor
@@ -20,10 +21,40 @@ from reloop.data.tensors import Batch, History
 from reloop.models.base import CTRModel
 
 
+class TrainSettings(Protocol):
+    """The training setting a generator reads: the base update's batch size."""
+
+    @property
+    def batch_size(self) -> int: ...
+
+
+class LearnContext(Protocol):
+    """What ``ModelGenerator.learn`` reads of its context: ``UpdateContext`` (the engine's) is one;
+    ``train.batch_size`` sets the optimisation steps per epoch, ``on_batch`` reports progress."""
+
+    @property
+    def train(self) -> TrainSettings: ...
+
+    @property
+    def on_batch(self) -> Callable[[int], None] | None: ...
+
+
+@overload
+def functional_forward(model: CTRModel, params: dict[str, Tensor], batch: Batch,
+                       with_hidden: Literal[False] = False) -> Tensor: ...
+
+
+@overload
+def functional_forward(model: CTRModel, params: dict[str, Tensor], batch: Batch,
+                       with_hidden: Literal[True]) -> tuple[Tensor, Tensor]: ...
+
+
 def functional_forward(model: CTRModel, params: dict[str, Tensor], batch: Batch,
                        with_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Run ``model``'s architecture with substituted parameters (gradients flow into ``params``)."""
-    return torch.func.functional_call(model, params, (batch,), {"with_hidden": with_hidden}, strict=False)
+    out: Tensor | tuple[Tensor, Tensor] = torch.func.functional_call(
+        model, params, (batch,), {"with_hidden": with_hidden}, strict=False)
+    return out
 
 
 def materialize(model: CTRModel, params: dict[str, Tensor]) -> CTRModel:
@@ -49,7 +80,7 @@ class ModelGenerator:
         """Θ*_t, the model that serves D_{t+1}."""
         return model
 
-    def learn(self, history: History, t_next: int, ctx: Any) -> None:
+    def learn(self, history: History, t_next: int, ctx: LearnContext) -> None:
         """Called after D_{t_next} was served; may train on ``history.period(t_next)``."""
 
     def state_dict(self) -> dict[str, Any]:

@@ -78,10 +78,12 @@ GENERATORS: dict[str, tuple[type[_Strict], type[ModelGenerator]]] = {
 }
 
 
-def parse_generator(cfg: Any) -> tuple[str, _Strict]:
+def parse_generator(cfg: object) -> tuple[str, _Strict]:
     """``generator:`` value -> (name, validated options). ``None`` means identity."""
     if cfg is None:
         cfg = "identity"
+    name: object
+    options: object
     if isinstance(cfg, str):
         name, options = cfg, {}
     elif isinstance(cfg, dict):
@@ -89,11 +91,11 @@ def parse_generator(cfg: Any) -> tuple[str, _Strict]:
             raise ValueError(f"generator: expected one key among {sorted(GENERATORS)}, got {sorted(cfg)}")
         (name, options), = cfg.items()
         options = {} if options is None else options
-        if not isinstance(options, dict):
-            raise ValueError(f"generator.{name}: expected a mapping of options, got {options!r}")
     else:
         raise ValueError(f"generator: expected a name or a one-key mapping, got {cfg!r}")
-    if name not in GENERATORS:
+    if not isinstance(options, dict):
+        raise ValueError(f"generator.{name}: expected a mapping of options, got {options!r}")
+    if not isinstance(name, str) or name not in GENERATORS:
         raise ValueError(f"generator: unknown generator {name!r}; choose one of {sorted(GENERATORS)}")
     schema, _ = GENERATORS[name]
     try:
@@ -105,7 +107,7 @@ def parse_generator(cfg: Any) -> tuple[str, _Strict]:
     return name, parsed
 
 
-def build_generator(cfg: Any, run_seed: int = 0) -> ModelGenerator:
+def build_generator(cfg: object, run_seed: int = 0) -> ModelGenerator:
     """Build the generator described by a ``generator:`` config value.
 
     ``run_seed`` (the protocol's seed) is added to the configured ``seed``, so each protocol seed

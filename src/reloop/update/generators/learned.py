@@ -12,7 +12,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, overload
 
 import torch
 import torch.nn.functional as F
@@ -20,14 +20,22 @@ from torch import Tensor, nn
 
 from reloop.data.tensors import History, LookAheadError
 from reloop.models.base import CTRModel
-from reloop.update.generators.base import ModelGenerator, functional_forward, materialize
-from reloop.update.generators.param_layout import Params, param_specs, snapshot
+from reloop.update.generators.base import LearnContext, ModelGenerator, functional_forward, materialize
+from reloop.update.generators.param_layout import Params, ParamSpec, param_specs, snapshot
 
 INITS = ("identity", "glorot")
 
 
 def _uniform(shape: Sequence[int], limit: float, generator: torch.Generator) -> Tensor:
     return (torch.rand(*shape, generator=generator) * 2.0 - 1.0) * limit
+
+
+@overload
+def _params_to(params: Params, device: torch.device) -> Params: ...
+
+
+@overload
+def _params_to(params: None, device: torch.device) -> None: ...
 
 
 def _params_to(params: Params | None, device: torch.device) -> Params | None:
@@ -53,7 +61,7 @@ class _LearnedGenerator(ModelGenerator):
         self.lr, self.epochs, self.warmup, self.seed = lr, epochs, warmup, seed
         self.sparse_rows = sparse_rows
         self._sparse_ok: bool | None = None  # None: not checked yet (see _train_on_targets)
-        self._specs: list[dict[str, Any]] | None = None
+        self._specs: list[ParamSpec] | None = None
         self._models: list[tuple[int, Params]] = []
         self.meta: nn.ModuleDict | None = None
         self._optimizer: torch.optim.Optimizer | None = None
@@ -72,13 +80,13 @@ class _LearnedGenerator(ModelGenerator):
     def _max_models(self) -> int | None:
         return 1
 
-    def _build_meta(self, specs: list[dict[str, Any]], generator: torch.Generator) -> nn.ModuleDict:
+    def _build_meta(self, specs: list[ParamSpec], generator: torch.Generator) -> nn.ModuleDict:
         raise NotImplementedError
 
     def _serving_params(self) -> Params:
         raise NotImplementedError
 
-    def _fit(self, history: History, t_next: int, ctx: Any) -> None:
+    def _fit(self, history: History, t_next: int, ctx: LearnContext) -> None:
         raise NotImplementedError
 
     def _extra_state(self) -> dict[str, Any]:
@@ -97,9 +105,21 @@ class _LearnedGenerator(ModelGenerator):
     def observed_periods(self) -> list[int]:
         return [t for t, _ in self._models]
 
-    def _init_specs(self, specs: list[dict[str, Any]]) -> None:
+    def _init_specs(self, specs: list[ParamSpec]) -> nn.ModuleDict:
         self._specs = specs
         self.meta = self._build_meta(specs, torch.Generator().manual_seed(self.seed))
+        return self.meta
+
+    def _layout(self) -> tuple[list[ParamSpec], nn.ModuleDict]:
+        """The observed models' parameter specs and the meta modules (set by the first ``observe``)."""
+        if self._specs is None or self.meta is None:
+            raise RuntimeError(f"{self.name}: no model observed yet; call observe() first")
+        return self._specs, self.meta
+
+    def _require_template(self) -> CTRModel:
+        if self._template is None:
+            raise RuntimeError(f"{self.name}: no model template; call observe() first")
+        return self._template
 
     def _shuffle_rng(self) -> torch.Generator:
         """The generator's own shuffling RNG: drawing from the run's RNG (``ctx.generator``) would
@@ -150,7 +170,7 @@ class _LearnedGenerator(ModelGenerator):
             params = self._serving_params()
         return materialize(model, params)
 
-    def learn(self, history: History, t_next: int, ctx: Any) -> None:
+    def learn(self, history: History, t_next: int, ctx: LearnContext) -> None:
         start = time.perf_counter()
         try:
             if history.upto < t_next:
@@ -160,9 +180,7 @@ class _LearnedGenerator(ModelGenerator):
             last = self._models[-1][0]
             if t_next != last + 1:
                 raise ValueError(f"{self.name}: learn(t_next={t_next}) but the latest model is Θ_{last}")
-            if self._template is None:
-                raise RuntimeError(f"{self.name}: no model template; call observe() first")
-            self._place(self._template)
+            self._place(self._require_template())
             self._fit(history, t_next, ctx)
             self.n_trained += 1
         finally:
@@ -171,16 +189,17 @@ class _LearnedGenerator(ModelGenerator):
     # ---- training helper -------------------------------------------------------------------------
     def _optim(self) -> torch.optim.Optimizer:
         if self._optimizer is None:
-            self._optimizer = torch.optim.Adam(self.meta.parameters(), lr=self.lr)
+            self._optimizer = torch.optim.Adam(self._layout()[1].parameters(), lr=self.lr)
         return self._optimizer
 
     def _embedding_modules(self) -> dict[str, nn.Embedding]:
         """Embedding-kind parameters owned by an ``nn.Embedding`` of the template (rows can be captured)."""
         out = {}
-        for spec in self._specs:
+        template = self._require_template()
+        for spec in self._layout()[0]:
             if spec["kind"] != "embedding" or "." not in spec["name"]:
                 continue
-            owner = self._template.get_submodule(spec["name"].rpartition(".")[0])
+            owner = template.get_submodule(spec["name"].rpartition(".")[0])
             if isinstance(owner, nn.Embedding):
                 out[spec["name"]] = owner
         return out
@@ -191,10 +210,11 @@ class _LearnedGenerator(ModelGenerator):
         seen: dict[str, list[Tensor]] = {name: [] for name in tables}
         handles = [mod.register_forward_pre_hook(
             lambda _m, args, name=name: seen[name].append(args[0].reshape(-1))) for name, mod in tables.items()]
+        template = self._require_template()
         try:
             with torch.no_grad():
                 for batch in batches:
-                    self._template(batch)
+                    template(batch)
         finally:
             for h in handles:
                 h.remove()
@@ -206,7 +226,7 @@ class _LearnedGenerator(ModelGenerator):
                 out[name] = rows
         return out
 
-    def _train_on_targets(self, history: History, ctx: Any, targets: list[int], weights: Tensor,
+    def _train_on_targets(self, history: History, ctx: LearnContext, targets: list[int], weights: Tensor,
                           generate: Callable[[list[int], dict[str, Tensor] | None], dict[int, Params]]) -> None:
         """Minimise Σ_j weights[j] · BCE(Θ*_j | D_{targets[j]}) over the meta parameters.
 
@@ -222,13 +242,13 @@ class _LearnedGenerator(ModelGenerator):
         for good if they differ (a model that reads table weights outside ``forward``).
         """
         active = [j for j in range(len(targets)) if float(weights[j]) > 0.0]
-        device = next((p.device for p in self._template.parameters()), torch.device("cpu"))
+        template = self._require_template()
+        device = next((p.device for p in template.parameters()), torch.device("cpu"))
         data = {j: history.period(targets[j]).to(device) for j in active}  # no-op in the protocol
         last = data[active[-1]]
         n_batches = max(1, math.ceil(len(last) / ctx.train.batch_size))
         optimizer = self._optim()
-        template = self._template
-        on_batch = getattr(ctx, "on_batch", None)
+        on_batch = ctx.on_batch
         tables = self._embedding_modules() if self.sparse_rows and self._sparse_ok is not False else {}
         for _ in range(self.epochs):
             # drawn on the CPU (the same batches on every device), moved once per epoch
@@ -254,10 +274,13 @@ class _LearnedGenerator(ModelGenerator):
                         tables = {}
                         outs = generate(active, None)
                         logits = {j: functional_forward(template, outs[j], batch) for j, batch in batches.items()}
-                loss = sum(float(weights[j]) * F.binary_cross_entropy_with_logits(
-                    logits[j].float(), batch["label"].float()) for j, batch in batches.items())
+                terms = [float(weights[j]) * F.binary_cross_entropy_with_logits(
+                    logits[j].float(), batch["label"].float()) for j, batch in batches.items()]
+                loss = terms[0]  # sum(terms), left to right (``batches`` is not empty)
+                for term in terms[1:]:
+                    loss = loss + term
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]  # torch: Tensor.backward is unannotated
                 optimizer.step()
                 if on_batch is not None:
                     on_batch(sum(batch["label"].shape[0] for batch in batches.values()))
@@ -286,8 +309,7 @@ class _LearnedGenerator(ModelGenerator):
         state = copy.deepcopy(state)
         self._specs, self.meta, self._optimizer = None, None, None
         if state["specs"] is not None:
-            self._init_specs(state["specs"])
-            self.meta.load_state_dict(state["meta"])
+            self._init_specs(state["specs"]).load_state_dict(state["meta"])
         if state["optim"] is not None:
             self._optim().load_state_dict(state["optim"])
         self._models = [(int(t), params) for t, params in state["models"]]

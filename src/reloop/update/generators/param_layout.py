@@ -8,7 +8,7 @@ METHODS-notes §3.4: ASMG's generator is applied coordinate-wise).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TypedDict
 
 import torch
 from torch import Tensor
@@ -18,13 +18,22 @@ from reloop.models.base import CTRModel
 Params = dict[str, Tensor]
 
 
-def param_specs(model: CTRModel) -> list[dict[str, Any]]:
+class ParamSpec(TypedDict):
+    """One parameter of a model as the generators see it (a plain dict at run time)."""
+
+    name: str
+    kind: str  # "embedding" (rows indexed by id) | "dense"
+    shape: list[int]
+    padding_idx: int | None
+
+
+def param_specs(model: CTRModel) -> list[ParamSpec]:
     """One plain dict per parameter: ``name``, ``kind`` (``embedding`` | ``dense``), ``shape``, ``padding_idx``.
 
     Plain dicts (not dataclasses) so the generator's state loads with ``torch.load(weights_only=True)``.
     """
     groups = model.param_groups()
-    specs = []
+    specs: list[ParamSpec] = []
     for name, p in model.named_parameters():
         kind = groups.get(name, "dense")
         pad = None
@@ -42,7 +51,7 @@ def snapshot(model: CTRModel) -> Params:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def zero_padding(spec: dict[str, Any], value: Tensor) -> Tensor:
+def zero_padding(spec: ParamSpec, value: Tensor) -> Tensor:
     """Force the padding row of a generated embedding table to zero (differentiable elsewhere)."""
     pad = spec["padding_idx"]
     if spec["kind"] != "embedding" or pad is None:
@@ -50,12 +59,12 @@ def zero_padding(spec: dict[str, Any], value: Tensor) -> Tensor:
     return value.index_fill(0, torch.tensor([pad], device=value.device), 0.0)
 
 
-def as_rows(spec: dict[str, Any], value: Tensor) -> Tensor:
+def as_rows(spec: ParamSpec, value: Tensor) -> Tensor:
     """``[N, P]`` view: embedding tables as they are (P = d_e), dense tensors as one row (P = numel)."""
     return value if spec["kind"] == "embedding" else value.reshape(1, -1)
 
 
-def n_coords(spec: dict[str, Any]) -> int:
+def n_coords(spec: ParamSpec) -> int:
     """P: the number of coordinates that get their own generator weights."""
     return spec["shape"][1] if spec["kind"] == "embedding" else math.prod(spec["shape"])
 

@@ -35,9 +35,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reloop.data.tensors import History
-from reloop.update.generators.asmg import (INITS, Params, _LearnedGenerator, _uniform, as_rows, module_key,
-                                           zero_padding)
-from reloop.update.generators.learned import _params_to
+from reloop.models.base import CTRModel
+from reloop.update.generators.base import LearnContext
+from reloop.update.generators.learned import INITS, _LearnedGenerator, _params_to, _uniform
+from reloop.update.generators.param_layout import Params, ParamSpec, as_rows, module_key, zero_padding
 
 
 def _glorot(fan_in: int, fan_out: int, shape: tuple[int, ...], g: torch.Generator) -> Tensor:
@@ -100,7 +101,7 @@ class SML(_LearnedGenerator):
     def dense_l1(self, shape: list[int]) -> int:
         return self.dense[2] if self.dense[2] is not None else 2 * shape[-1]
 
-    def _build_meta(self, specs: list[dict[str, Any]], generator: torch.Generator) -> nn.ModuleDict:
+    def _build_meta(self, specs: list[ParamSpec], generator: torch.Generator) -> nn.ModuleDict:
         mods = {}
         for s in specs:
             if s["kind"] == "embedding":
@@ -112,7 +113,7 @@ class SML(_LearnedGenerator):
             mods[module_key(s["name"])] = TransferCNN(dim, n1, n2, l1, self.init, generator)
         return nn.ModuleDict(mods)
 
-    def observe(self, t: int, model) -> None:
+    def observe(self, t: int, model: CTRModel) -> None:
         super().observe(t, model)
         if self._prev is None:
             self._prev = {name: p.clone() for name, p in self._models[-1][1].items()}
@@ -121,23 +122,30 @@ class SML(_LearnedGenerator):
         """f(W_prev, W_hat) per tensor; ``rows`` restricts embedding tables to those rows (the others keep
         W_hat's values; training speed-up, see ``_train_on_targets`` in ``asmg.py``)."""
         out = {}
-        for spec in self._specs:
+        specs, meta = self._layout()
+        for spec in specs:
             name = spec["name"]
             idx = rows.get(name) if rows is not None else None
             p, h = as_rows(spec, prev[name]), as_rows(spec, hat[name])
             if idx is not None:
                 p, h = p[idx], h[idx]
-            y = self.meta[module_key(name)](p, h)
+            y = meta[module_key(name)](p, h)
             if idx is not None:
                 y = hat[name].index_put((idx,), y)
             out[name] = zero_padding(spec, y.reshape(spec["shape"]))
         return out
 
-    def _serving_params(self) -> Params:
-        return self.transfer(self._prev, self._models[-1][1])
+    def _previous(self) -> Params:
+        """W_prev (set by the first ``observe``)."""
+        if self._prev is None:
+            raise RuntimeError(f"{self.name}: no model observed yet; call observe() first")
+        return self._prev
 
-    def _fit(self, history: History, t_next: int, ctx: Any) -> None:
-        prev, hat = self._prev, self._models[-1][1]
+    def _serving_params(self) -> Params:
+        return self.transfer(self._previous(), self._models[-1][1])
+
+    def _fit(self, history: History, t_next: int, ctx: LearnContext) -> None:
+        prev, hat = self._previous(), self._models[-1][1]
         self._train_on_targets(history, ctx, [t_next], torch.ones(1, dtype=torch.float64),
                                lambda active, rows: {0: self.transfer(prev, hat, rows)})
         with torch.no_grad():
