@@ -1,9 +1,9 @@
 """One training pass over encoded rows, and batched prediction. Shared by every strategy."""
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import nullcontext
-from typing import Any, ClassVar, Literal
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, overload
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -12,6 +12,9 @@ from torch import Tensor
 from reloop.data.tensors import PeriodTensors
 from reloop.models.base import CTRModel
 from reloop.update.losses import Loss
+
+if TYPE_CHECKING:
+    from reloop.data.shards import ShardedPeriod
 
 
 class TrainConfig(BaseModel):
@@ -37,20 +40,20 @@ def make_optimizer(model: CTRModel, cfg: TrainConfig) -> torch.optim.Optimizer:
     if special is not None:
         return special
     params = list(model.parameters())
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **_fused(params))
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=_fused(params))
 
 
-def _fused(params: list[Tensor]) -> dict[str, bool]:
+def _fused(params: Sequence[Tensor]) -> bool | None:
     """Adam's update in one fused kernel per step instead of ~10 ``foreach`` passes over every
     parameter: the same update (up to float rounding), ~6x faster on CPU, where every step also
     updates every row of the (dense) embedding tables."""
     kinds = {p.device.type for p in params}
     if params and len(kinds) == 1 and kinds <= {"cpu", "cuda"} and all(p.is_floating_point() for p in params):
-        return {"fused": True}
-    return {}
+        return True
+    return None  # Adam's default
 
 
-def _autocast(precision: str, device: torch.device | str = "cpu"):
+def _autocast(precision: str, device: torch.device | str = "cpu") -> AbstractContextManager[None]:
     if precision == "bf16":
         return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return nullcontext()
@@ -67,7 +70,15 @@ def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def rows_on(rows, device: torch.device):
+@overload
+def rows_on(rows: PeriodTensors, device: torch.device) -> PeriodTensors: ...
+
+
+@overload
+def rows_on(rows: ShardedPeriod, device: torch.device) -> ShardedPeriod: ...
+
+
+def rows_on(rows: PeriodTensors | ShardedPeriod, device: torch.device) -> PeriodTensors | ShardedPeriod:
     """In-memory rows (``PeriodTensors``) moved to ``device`` once, so that batches need no copy;
     streaming rows (``ShardedPeriod``) are left as they are (each batch is moved when it is read)."""
     return rows.to(device) if isinstance(rows, PeriodTensors) else rows
@@ -117,7 +128,7 @@ def train_rows(model: CTRModel, optimizer: torch.optim.Optimizer, rows: PeriodTe
                 logits = model(batch)
             value = loss(logits.float(), batch)
             optimizer.zero_grad(set_to_none=True)
-            value.backward()
+            value.backward()  # type: ignore[no-untyped-call]  # torch: Tensor.backward is unannotated
             optimizer.step()
             n = batch["label"].shape[0]
             total += float(value.detach()) * n
@@ -128,8 +139,10 @@ def train_rows(model: CTRModel, optimizer: torch.optim.Optimizer, rows: PeriodTe
     return total / max(count, 1)
 
 
-def _train_rows_ddp(model, optimizer, rows, loss, cfg, generator, epochs, shuffle, on_batch, mode: str) -> float:
-    from torch.distributed.algorithms.join import Join
+def _train_rows_ddp(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rows: PeriodTensors, loss: Loss,
+                    cfg: TrainConfig, generator: torch.Generator, epochs: int | None, shuffle: bool,
+                    on_batch: Callable[[int], None] | None, mode: str) -> float:
+    from torch.distributed.algorithms.join import Join, Joinable
 
     from reloop import distributed as rd
 
@@ -155,7 +168,7 @@ def _train_rows_ddp(model, optimizer, rows, loss, cfg, generator, epochs, shuffl
         else:  # an empty share still joins the gradient all-reduce (with zero gradients)
             scaled = logits.float().sum() * 0.0
         optimizer.zero_grad(set_to_none=True)
-        scaled.backward()
+        scaled.backward()  # type: ignore[no-untyped-call]  # torch: Tensor.backward is unannotated
         optimizer.step()
         return n
 
@@ -173,6 +186,7 @@ def _train_rows_ddp(model, optimizer, rows, loss, cfg, generator, epochs, shuffl
                 if on_batch is not None:
                     on_batch(global_idx.shape[0])
         else:
+            assert isinstance(ddp, Joinable)  # the DDP wrapper
             with Join([ddp]):
                 for batch in rows.batches(cfg.batch_size, shuffle=shuffle, generator=generator):
                     n = step(batch, 1.0)
@@ -197,7 +211,9 @@ def predict_rows(model: CTRModel, rows: PeriodTensors, batch_size: int = 8192,
     """
     from reloop.distributed import unwrap
 
-    model = unwrap(model)
+    inner = unwrap(model)
+    assert isinstance(inner, CTRModel)  # a CTRModel, or the one a DDP wrapper holds
+    model = inner
     model.eval()
     device = _device_of(model)
     rows = rows_on(rows, device)
