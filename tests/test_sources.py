@@ -220,7 +220,7 @@ def test_parquet_datetime_time_and_single_file(tmp_path: Path) -> None:
     )
     assert log.frame["time"].to_list() == [1_700_000_000, 1_700_000_100]
     assert log.frame["label"].to_list() == [0, 1]
-    assert log.frame["item_id"].to_list() == ["2.0", "1.0"]
+    assert log.frame["item_id"].to_list() == ["2", "1"]  # an id is its value: 2.0 is the id 2 (reloop.data.values)
 
 
 def test_parquet_empty_directory(tmp_path: Path) -> None:

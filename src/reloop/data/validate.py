@@ -9,7 +9,8 @@ file-name order). If the bad share exceeds ``max_bad_share`` the load raises :cl
 A missing required column raises :class:`DataError` naming it and listing the columns present.
 
 Canonical types: label Int8 (0/1), time Int64 (unix seconds), categorical String (null = missing),
-numeric Float64 (null = missing; NaN becomes null), sequence List(String) (null becomes []).
+numeric Float64 (null = missing; NaN becomes null), sequence List(String) (null becomes []); feature
+values follow the rules of :mod:`reloop.data.values`, which the service applies too.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
+from reloop.data import values
 from reloop.data.schema import FeatureSchema
 
 N_EXAMPLES = 5
@@ -229,39 +231,30 @@ def parse_time(s: pl.Series) -> tuple[pl.Series, dict[str, pl.Series]]:
 
 
 def parse_numeric(s: pl.Series) -> tuple[pl.Series, dict[str, pl.Series]]:
-    """Float64 from numbers, booleans or strings; null/empty/NaN = missing; text or ±inf = bad."""
-    dtype = s.dtype
-    if dtype == pl.String:
-        val = _strip(s).cast(pl.Float64, strict=False)
-    elif dtype.is_numeric() or dtype == pl.Boolean:
-        val = s.cast(pl.Float64)
-    else:
-        raise DataError(f"numeric feature {s.name!r} has type {dtype}; expected numbers")
-    bad = (~s.is_null() & val.is_null()) | val.is_infinite().fill_null(False)
-    val = pl.select(pl.when(val.is_nan() | val.is_infinite()).then(None).otherwise(val)).to_series()
-    return val.cast(pl.Float64).alias(s.name), {"not a number": bad}
+    """Float64 by the number rule of :mod:`reloop.data.values` (numbers, booleans, numeric strings;
+    null, blank and NaN = missing; other text or ±inf = bad)."""
+    try:
+        val, bad = values.number_column(s)
+    except values.ColumnTypeError as e:
+        raise DataError(f"numeric feature {s.name!r} {e}") from None
+    return val, {values.NOT_A_NUMBER: bad}
 
 
 def parse_categorical(s: pl.Series) -> pl.Series:
-    """Any scalar cast to String; null stays null (= missing)."""
-    if isinstance(s.dtype, (pl.List, pl.Array, pl.Struct)):
-        raise DataError(f"categorical feature {s.name!r} has nested type {s.dtype}; declare it as a sequence")
-    return s.cast(pl.String)
+    """String ids by the id rule of :mod:`reloop.data.values` (null, NaN and "" = missing)."""
+    try:
+        return values.id_column(s)
+    except values.ColumnTypeError as e:
+        raise DataError(f"categorical feature {s.name!r} {e}; declare it as a sequence") from None
 
 
 def parse_sequence(s: pl.Series, separator: str) -> pl.Series:
-    """List(String) from a list column (as is) or a delimited string; null -> [], empty items dropped."""
-    dtype = s.dtype
-    if isinstance(dtype, (pl.List, pl.Array)):
-        val = s.cast(pl.List(pl.String))
-    elif dtype == pl.String:
-        val = s.str.split(separator)
-    else:
-        raise DataError(
-            f"sequence feature {s.name!r} has type {dtype}; expected a list column or {separator!r}-delimited strings"
-        )
-    val = val.list.eval(pl.element().filter(pl.element().is_not_null() & (pl.element() != "")))
-    return val.fill_null(pl.Series([[]], dtype=pl.List(pl.String))).alias(s.name)
+    """List(String) by the sequence rule of :mod:`reloop.data.values` (a list column, or strings split
+    on ``separator``; null -> [], empty items dropped)."""
+    try:
+        return values.sequence_column(s, separator)
+    except values.ColumnTypeError as e:
+        raise DataError(f"sequence feature {s.name!r} {e}") from None
 
 
 def sort_by_time(frame: pl.DataFrame, time: str = "time") -> pl.DataFrame:
