@@ -1,9 +1,16 @@
 """The online service: predict, feedback, durable log, model registry, retrain and hot swap.
 
-* :mod:`reloop.serve.app` — ``create_app(model_dir)``, the FastAPI app (``reloop serve``)
+* :mod:`reloop.serve.app` — ``create_app(model_dir)``, the FastAPI app (``reloop serve``): HTTP only
+* :mod:`reloop.serve.service` — what the routes do (predict, feedback, retrain, views; domain exceptions)
+* :mod:`reloop.serve.host` — the model host: versions, hot swap, compensation, the live encoder
+* :mod:`reloop.serve.records` — raw records by the offline loaders' value rules (``reloop.data.values``)
+* :mod:`reloop.serve.online` — the live encoder (bounded vocabularies)
+* :mod:`reloop.serve.guard` — bounds, admin token, rate limits, unexpected errors (ASGI middleware)
+* :mod:`reloop.serve.events` — structured log lines (``event=... key=value``)
 * :mod:`reloop.serve.log` — the durable SQLite log (WAL, ``synchronous=FULL``)
 * :mod:`reloop.serve.registry` — model versions on disk, atomic publish, bootstrap
-* :mod:`reloop.serve.retrain` — close a period, train, validate, publish (``reloop retrain``)
+* :mod:`reloop.serve.retrain` — close a period, train, validate, publish (``reloop retrain``); the
+  service's retrain scheduler
 * :mod:`reloop.serve.metrics` — Prometheus metrics
 * :mod:`reloop.serve.replay` — ``reloop serve --demo``: replay the synthetic stream over HTTP
 
@@ -13,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["create_app", "bootstrap", "ModelDir", "ServeLog", "RetrainOptions"]
+__all__ = ["ModelDir", "RetrainOptions", "ServeLog", "bootstrap", "create_app"]
 
 
 def __getattr__(name: str) -> Any:

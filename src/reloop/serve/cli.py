@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -92,19 +92,19 @@ def _setup_logging() -> None:
 
 
 def serve(
-    config: Annotated[Optional[Path], typer.Option("--config", help="Run config (YAML); needed to bootstrap an empty --model-dir.")] = None,
-    model_dir: Annotated[Optional[Path], typer.Option("--model-dir", help="Model directory (created and bootstrapped when empty).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="Run config (YAML); needed to bootstrap an empty --model-dir.")] = None,
+    model_dir: Annotated[Path | None, typer.Option("--model-dir", help="Model directory (created and bootstrapped when empty).")] = None,
     host: Annotated[str, typer.Option(help="Interface to bind (loopback by default; any other needs an admin token).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port (--demo picks a free one).")] = 8080,
-    run: Annotated[Optional[str], typer.Option("--run", help="Which run of the config composes the service (default: the first).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: a.b.c=<YAML value>.")] = None,
+    run: Annotated[str | None, typer.Option("--run", help="Which run of the config composes the service (default: the first).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key: a.b.c=<YAML value>.")] = None,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Largest records/events per request (413 above).")] = 4096,
     retrain_every: Annotated[int, typer.Option("--retrain-every", help="Retrain in the background every N feedback events (0: never; use `reloop retrain`).")] = 0,
     max_auc_drop: Annotated[float, typer.Option("--max-auc-drop", help="Reject a candidate whose held-out AUC is lower than the serving model's by more than this.")] = 0.01,
     holdout: Annotated[float, typer.Option("--holdout", help="Share of the period's last rows held out for validation.")] = 0.1,
     label_timeout: Annotated[float, typer.Option("--label-timeout", help="Seconds after which an unlabelled impression counts as a negative (<0: never).")] = 3600.0,
     poll_interval: Annotated[float, typer.Option("--poll-interval", help="Seconds between checks of the CURRENT pointer.")] = 0.5,
-    admin_token_file: Annotated[Optional[Path], typer.Option("--admin-token-file", help="File whose first line is the admin token (else RELOOP_ADMIN_TOKEN); /admin/* needs it as 'Authorization: Bearer <token>'.")] = None,
+    admin_token_file: Annotated[Path | None, typer.Option("--admin-token-file", help="File whose first line is the admin token (else RELOOP_ADMIN_TOKEN); /admin/* needs it as 'Authorization: Bearer <token>'.")] = None,
     max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", help="Largest request body (413 above).")] = 8 * 2**20,
     max_id_length: Annotated[int, typer.Option("--max-id-length", help="Longest id (categorical value, sequence item) in characters (422 above).")] = 256,
     body_timeout: Annotated[float, typer.Option("--body-timeout", help="Seconds to receive a whole request body (408 after).")] = 10.0,
@@ -112,7 +112,7 @@ def serve(
     max_connections: Annotated[int, typer.Option("--max-connections", help="Concurrent connections (503 above).")] = 64,
     demo: Annotated[bool, typer.Option("--demo", help="Replay the embedded synthetic stream through a live server; write OUT/live.png and live.json.")] = False,
     out: Annotated[Path, typer.Option("--out", help="Output directory of --demo.")] = Path("runs/serve-demo"),
-    demo_periods: Annotated[Optional[int], typer.Option("--demo-periods", help="--demo: replay only this many served periods.")] = None,
+    demo_periods: Annotated[int | None, typer.Option("--demo-periods", help="--demo: replay only this many served periods.")] = None,
 ) -> None:
     """Serve predictions over HTTP with feedback, a durable log and hot-swapped models."""
     from reloop.serve.retrain import RetrainOptions

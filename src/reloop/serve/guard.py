@@ -8,9 +8,10 @@
   instead of holding the connection.
 * **JSON** (``/predict``, ``/feedback``): the body is parsed here whatever its ``Content-Type`` (the
   quick-start ``curl -d`` sends ``application/x-www-form-urlencoded``) and checked before any route sees
-  it: nesting at most ``max_depth`` levels, strings at most ``max_string`` characters, no lone UTF-16
-  surrogate (``"\\ud800"``: valid JSON, but no UTF-8 encoding exists, so SQLite and polars fail on it).
-  Problems are 422 naming the field (``records[3].user_id``), the raw body quarantined.
+  it: no ``NaN`` / ``Infinity`` (not JSON), nesting at most ``max_depth`` levels, strings at most
+  ``max_string`` characters, no lone UTF-16 surrogate (``"\\ud800"``: valid JSON, but no UTF-8
+  encoding exists, so SQLite and polars fail on it). Problems are 422 naming the field
+  (``records[3].user_id``), the raw body quarantined.
 * **Admin** (``/admin/*``, and ``/docs``, ``/redoc``, ``/openapi.json`` when ``docs_need_token``): a
   token bucket per client address (``admin_burst`` requests at once, refilled at ``admin_per_minute``;
   429 with ``Retry-After`` beyond), then ``Authorization: Bearer <token>`` compared in constant time
@@ -33,6 +34,8 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+
+from reloop.serve.events import log_event
 
 logger = logging.getLogger("reloop.serve")
 
@@ -138,10 +141,17 @@ def _string_problem(text: str, max_len: int) -> str | None:
     return None
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value (a missing value is null)")
+
+
 def parse_json(body: bytes, limits: Limits) -> tuple[Any, dict[str, Any] | None]:
-    """The parsed body, or a 422 body naming the field."""
+    """The parsed body, or a 422 body naming the field.
+
+    ``NaN`` and ``±Infinity`` (which Python's ``json`` accepts) are refused: they are not JSON, and a
+    NaN would otherwise read as a missing value (``reloop.data.values``)."""
     try:
-        value = json.loads(body)
+        value = json.loads(body, parse_constant=_no_constant)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, >4300-digit ints, nesting
         msg = "JSON nested too deeply" if isinstance(e, RecursionError) else f"invalid JSON: {str(e)[:200]}"
         return None, problem_body(("body",), msg, "json_invalid")
@@ -224,11 +234,12 @@ class ErrorLog:
                     return
                 count, entry[0], entry[1] = int(entry[0]), 0.0, now
         if first:
-            logger.error("%s: internal error %s: %s (traceback shown once for this kind)", where,
-                         type(exc).__name__, message, exc_info=(type(exc), exc, exc.__traceback__))
+            log_event(logger, logging.ERROR, "internal_error", where=where, error=type(exc).__name__,
+                      message=message, traceback="below, once for this kind",
+                      exc_info=(type(exc), exc, exc.__traceback__))
         else:
-            logger.error("%s: internal error %s: %s (%d of this kind in the last %.0f s)", where,
-                         type(exc).__name__, message, count, self.interval)
+            log_event(logger, logging.ERROR, "internal_error", where=where, error=type(exc).__name__,
+                      message=message, count=count, seconds=round(self.interval))
 
 
 # -- the middleware -------------------------------------------------------------------------------

@@ -165,7 +165,7 @@ class ServeLog:
         conn = self.conn
         try:
             conn.execute("BEGIN IMMEDIATE")
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - every waiter of the batch gets the error
             for it in batch:
                 it.error, it.done = e, True
             return
@@ -180,7 +180,7 @@ class ServeLog:
                     conn.execute("RELEASE item")
                     it.error = e
             conn.execute("COMMIT")
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - rolled back, handed to every waiter
             try:
                 conn.execute("ROLLBACK")
             except sqlite3.Error:
@@ -393,7 +393,7 @@ class ServeLog:
 
 
 class _Pending:
-    __slots__ = ("work", "done", "result", "error")
+    __slots__ = ("done", "error", "result", "work")
 
     def __init__(self, work: Callable[[sqlite3.Connection], Any]) -> None:
         self.work = work

@@ -29,11 +29,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import math
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -43,10 +46,17 @@ from reloop.data.tensors import PeriodTensors, Stream
 from reloop.device import resolve_device
 from reloop.engine import RunEngine
 from reloop.protocol.metrics import auc
+from reloop.serve.events import log_event
+from reloop.serve.guard import ErrorLog
 from reloop.serve.log import RowCodec, ServeLog
-from reloop.serve.registry import ModelDir, composition
+from reloop.serve.registry import ModelDir, RegistryError, composition
 from reloop.update.strategies import NoUpdate
 from reloop.update.trainer import predict_rows
+
+if TYPE_CHECKING:  # prometheus_client loads only in a running server
+    from reloop.serve.metrics import ServiceMetrics
+
+logger = logging.getLogger("reloop.serve.retrain")
 
 
 @dataclass
@@ -79,8 +89,8 @@ class RetrainResult:
 
 
 @contextlib.contextmanager
-def _exclusive(path: Path):
-    fh = open(path, "a+")
+def _exclusive(path: Path) -> Iterator[bool]:
+    fh = open(path, "a+")  # noqa: SIM115 - held across the yield
     try:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -95,7 +105,7 @@ def _exclusive(path: Path):
         fh.close()
 
 
-def _update_periods(strategy, t: int) -> list[int]:
+def _update_periods(strategy: Any, t: int) -> list[int]:
     name = getattr(strategy, "name", "")
     if name == "incremental":
         return [t]
@@ -153,7 +163,7 @@ def build_history(md: ModelDir, slog: ServeLog, codec: RowCodec, new: dict[str, 
 
 
 def retrain(model_dir: str | Path, options: RetrainOptions | None = None, now: float | None = None,
-            log=None) -> RetrainResult:
+            log: Callable[[str], Any] | None = None) -> RetrainResult:
     """One retrain step (see the module docstring). Never raises for "nothing to do": returns a
     result whose ``outcome`` says what happened."""
     options = options or RetrainOptions()
@@ -286,3 +296,70 @@ def _retrain_locked(md: ModelDir, slog: ServeLog, options: RetrainOptions, now: 
 
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
+
+
+class RetrainScheduler:
+    """Retrains of a running service: every ``every`` accepted feedback events (0: never) in a
+    background thread, or on request; at most one at a time in this process (``retrain.lock`` keeps
+    other processes out). ``on_published`` runs after a retrain published a version (the service
+    swaps to it); ``serving_version`` names the version serving, for failed results."""
+
+    def __init__(self, model_dir: str | Path, options: RetrainOptions | None = None, every: int = 0,
+                 on_published: Callable[[], Any] | None = None, serving_version: Callable[[], int | None] | None = None,
+                 metrics: ServiceMetrics | None = None, errors: ErrorLog | None = None) -> None:
+        self.model_dir = Path(model_dir)
+        self.options = options or RetrainOptions()
+        self.every = every
+        self.on_published = on_published
+        self.serving_version = serving_version or (lambda: None)
+        self.metrics = metrics
+        self.errors = errors or ErrorLog()
+        self.last: dict[str, Any] | None = None  # the last in-process result
+        self._lock = threading.Lock()
+        self._since = 0
+        self._thread: threading.Thread | None = None
+
+    def running(self) -> bool:
+        with self._lock:
+            return self._thread is not None and self._thread.is_alive()
+
+    def feedback(self, n: int) -> None:
+        """``n`` more feedback events were accepted: start a retrain when ``every`` are due."""
+        if not self.every or not n:
+            return
+        with self._lock:
+            self._since += n
+            if self._since < self.every:
+                return
+        if self.start():
+            with self._lock:
+                self._since = 0
+
+    def start(self) -> bool:
+        """Run a retrain in the background; False when one is running."""
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return False
+            self._thread = threading.Thread(target=self.run, daemon=True, name="reloop-retrain")
+            self._thread.start()
+            return True
+
+    def run(self) -> RetrainResult:
+        """One retrain now, in this thread; never raises (a failure is a ``failed`` result, logged)."""
+        try:
+            result = retrain(self.model_dir, self.options)
+        except RegistryError as e:  # e.g. CURRENT names a broken version: one line, never a crash
+            log_event(logger, logging.WARNING, "retrain_failed", reason=str(e))
+            result = RetrainResult("failed", None, self.serving_version(), str(e))
+        except Exception as e:  # noqa: BLE001 - report, never crash the server
+            self.errors.report("retrain", e)
+            result = RetrainResult("failed", None, self.serving_version(), f"{type(e).__name__}: {e}"[:500])
+        if self.metrics is not None:
+            self.metrics.retrains.labels(result.outcome).inc()
+        self.last = result.to_dict()
+        if result.outcome != "failed":
+            log_event(logger, logging.INFO, "retrain", outcome=result.outcome, period=result.period,
+                      version=result.version, seconds=result.seconds, reason=result.reason or None)
+        if result.outcome == "published" and self.on_published is not None:
+            self.on_published()
+        return result
