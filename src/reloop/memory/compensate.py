@@ -28,6 +28,26 @@ DEFAULT_EPS = 1e-6
 DEFAULT_GRID: tuple[float, ...] = tuple(i / 10 for i in range(11))
 
 
+def rank_auc(scores: Tensor, labels: Tensor) -> float:
+    """ROC AUC by the Mann-Whitney rank sum (ties get their average rank); NaN without both classes.
+
+    ``AUC = (Σ_{i: y_i = 1} r_i − P(P + 1)/2) / (P·N)`` with ``r`` the 1-based ranks of ``scores``.
+    """
+    s = scores.detach().to(torch.float64).flatten()
+    y = labels.detach().flatten() > 0.5
+    n_pos = int(y.sum())
+    n_neg = int(y.numel()) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = torch.argsort(s)
+    _, inverse, counts = torch.unique_consecutive(s[order], return_inverse=True, return_counts=True)
+    ends = torch.cumsum(counts, 0).to(torch.float64)
+    avg = ends - (counts.to(torch.float64) - 1.0) / 2.0  # average 1-based rank of each tie group
+    ranks = torch.empty_like(s)
+    ranks[order] = avg[inverse]
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
 def compensate(y_hat: Tensor, e_hat: Tensor, lam: float, eps: float = DEFAULT_EPS) -> Tensor:
     """``clip(ŷ + λ·ê, ε, 1 − ε)``, strictly inside (0, 1).
 
@@ -52,27 +72,41 @@ class LambdaTuner:
         select: ``mix`` serves the mixture ``Σ_j w_j·clip(ŷ + λ_j·ê)`` (the Hedge guarantee applies to
             what is served); ``leader`` serves ``clip(ŷ + λ*·ê)`` with λ* the heaviest λ_j (ties: the
             smallest, so it starts at the smallest λ and is exactly off when λ* = 0; no worst-case bound).
+            ``auc`` (ours) serves ``clip(ŷ + λ*·ê)`` with λ* the λ_j that ranks the last ``window`` labelled
+            rows best (ROC AUC, the metric the protocol reports; ties: the smallest λ), kept at the
+            grid's smallest λ unless it beats it by ``margin`` AUC, and off until ``min_rows`` rows arrived. Log loss can favour a λ that calibrates while it
+            reorders rows; ``auc`` backs off whenever compensation hurt the ranking on recent feedback.
         eps: clip margin, the compensator's.
+        window, min_rows, margin: ``select: auc`` only (see above).
     """
 
     def __init__(self, grid: Sequence[float] = DEFAULT_GRID, eta: float = 1.0, share: float = 0.0,
-                 select: Literal["mix", "leader"] = "mix", eps: float = DEFAULT_EPS) -> None:
+                 select: Literal["mix", "leader", "auc"] = "mix", eps: float = DEFAULT_EPS,
+                 window: int = 8192, min_rows: int = 1024, margin: float = 0.001) -> None:
         values = sorted(float(v) for v in grid)
         if not values or any(not (0.0 <= v <= 1.0 and math.isfinite(v)) for v in values):
             raise ValueError(f"grid: expected values in [0, 1], got {list(grid)}")
         if len(set(values)) != len(values):
             raise ValueError(f"grid: values must be distinct, got {list(grid)}")
-        if select not in ("mix", "leader"):
-            raise ValueError(f"select: must be 'mix' or 'leader', got {select!r}")
+        if select not in ("mix", "leader", "auc"):
+            raise ValueError(f"select: must be 'mix', 'leader' or 'auc', got {select!r}")
+        if window < 1 or min_rows < 1:
+            raise ValueError(f"window and min_rows: must be >= 1, got {window}, {min_rows}")
         self.grid = tuple(values)
         self.select = select
         self.eps = float(eps)
         self.hedge = Hedge([f"lambda={v:g}" for v in self.grid], eta=eta, eps=eps, share=share)
         self._lams = torch.tensor(self.grid, dtype=torch.float64)
+        # select: auc — the last `window` labelled rows (ŷ, ê as served, y) and the λ they chose
+        self.window, self.min_rows, self.margin = int(window), int(min_rows), float(margin)
+        self._recent = torch.empty(3, 0, dtype=torch.float32)
+        self._chosen = 0.0
 
     @property
     def lam(self) -> float:
         """The λ being served: ``Σ_j w_j·λ_j`` (``mix``; exact where nothing is clipped) or λ* (``leader``)."""
+        if self.select == "auc":
+            return self._chosen
         w = self.hedge.weights
         if self.select == "leader":
             return self.grid[int(torch.argmax(w))]  # first maximum: the smallest λ among ties
@@ -88,28 +122,60 @@ class LambdaTuner:
 
     def serve(self, y_hat: Tensor, e_hat: Tensor) -> Tensor:
         """What the compensator serves for base predictions ``ŷ`` and estimates ``ê``; reads only."""
-        if self.select == "leader":
+        if self.select in ("leader", "auc"):
             return compensate(y_hat, e_hat, self.lam, self.eps)
         return self.hedge.predict(self.experts(y_hat, e_hat))
 
     def update(self, y_hat: Tensor, e_hat: Tensor, y: Tensor) -> None:
         """Charge every λ_j its log loss on labelled rows, ``ê`` being an estimate made before ``y`` existed."""
         self.hedge.update(self.experts(y_hat, e_hat), y)
+        if self.select == "auc":
+            self._choose_by_auc(y_hat, e_hat, y)
+
+    def _choose_by_auc(self, y_hat: Tensor, e_hat: Tensor, y: Tensor) -> None:
+        """``select: auc``: λ* = the grid λ whose compensated scores rank the last ``window`` labelled rows
+        best (ROC AUC; ties: the smallest λ). λ = 0 (off) until ``min_rows`` rows have arrived. Rows are
+        scored with the ê they were served with, so a batch's labels only move later batches' λ."""
+        rows = torch.stack([y_hat.detach().float().cpu().flatten(), e_hat.detach().float().cpu().flatten(),
+                            y.detach().float().cpu().flatten()])
+        self._recent = torch.cat([self._recent, rows], dim=1)[:, -self.window:]
+        if self._recent.shape[1] < self.min_rows:
+            return
+        p, e, labels = self._recent
+        aucs = [rank_auc(compensate(p, e, lam, self.eps), labels) for lam in self.grid]
+        if all(math.isnan(a) for a in aucs):
+            return
+        score = [a if not math.isnan(a) else -1.0 for a in aucs]
+        best = max(range(len(self.grid)), key=lambda j: (score[j], -j))
+        # switch compensation on (or up) only for a clear ranking gain over the smallest λ (the grid's off)
+        self._chosen = self.grid[best] if score[best] >= score[0] + self.margin else self.grid[0]
 
     def reset(self) -> None:
         self.hedge.reset()
+        self._recent = torch.empty(3, 0, dtype=torch.float32)
+        self._chosen = 0.0
 
     def config(self) -> dict[str, Any]:
-        return {"grid": list(self.grid), "eta": self.hedge.eta, "share": self.hedge.share, "select": self.select}
+        out: dict[str, Any] = {"grid": list(self.grid), "eta": self.hedge.eta, "share": self.hedge.share,
+                               "select": self.select}
+        if self.select == "auc":
+            out.update(window=self.window, min_rows=self.min_rows, margin=self.margin)
+        return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"select": self.select, "hedge": self.hedge.state_dict()}
+        state: dict[str, Any] = {"select": self.select, "hedge": self.hedge.state_dict()}
+        if self.select == "auc":
+            state.update(recent=self._recent.clone(), chosen=self._chosen)
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("select") != self.select:
             raise ValueError(f"LambdaTuner.load_state_dict: select: state has {state.get('select')!r}, "
                              f"this tuner has {self.select!r}")
         self.hedge.load_state_dict(state["hedge"])
+        if self.select == "auc":
+            self._recent = state["recent"].clone().float()
+            self._chosen = float(state["chosen"])
 
     def __repr__(self) -> str:
         return f"LambdaTuner(select={self.select!r}, lam={self.lam:.3f}, {self.hedge!r})"

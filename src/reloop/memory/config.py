@@ -75,7 +75,10 @@ class AdaptConfig(BaseModel):
     grid: list[float] = Field(default_factory=lambda: list(DEFAULT_GRID), min_length=1)
     eta: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
     share: float = Field(default=0.0, ge=0.0, lt=1.0)
-    select: Literal["mix", "leader"] = "mix"
+    select: Literal["mix", "leader", "auc"] = "mix"
+    window: int = Field(default=8192, ge=1)  # select: auc — the labelled rows λ* is chosen on
+    min_rows: int = Field(default=1024, ge=1)  # select: auc — λ = 0 until this many rows arrived
+    margin: float = Field(default=0.001, ge=0.0, le=1.0)  # select: auc — AUC gain needed over λ = 0
 
     @field_validator("grid")
     @classmethod
@@ -87,7 +90,8 @@ class AdaptConfig(BaseModel):
         return v
 
     def build(self, eps: float) -> LambdaTuner:
-        return LambdaTuner(self.grid, eta=self.eta, share=self.share, select=self.select, eps=eps)
+        return LambdaTuner(self.grid, eta=self.eta, share=self.share, select=self.select, eps=eps,
+                           window=self.window, min_rows=self.min_rows, margin=self.margin)
 
 
 class MemoryConfig(BaseModel):
