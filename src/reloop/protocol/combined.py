@@ -39,18 +39,19 @@ def experts_of(cfg: Config, name: str) -> list[str]:
 
 
 def combine_served(cfg: Config, stream: Stream, name: str, served: dict[str, Tensor], seed: int,
-                   options: CombineOptions) -> tuple[list[dict[str, Any]], Hedge, Tensor]:
+                   options: CombineOptions, last_period: int | None = None,
+                   ) -> tuple[list[dict[str, Any]], Hedge, Tensor]:
     """Per-period metric rows of the mixture of ``served[expert]`` (served probability per global row).
 
     Returns the rows (one per served period, as ``run_one``'s, with each expert's weight at the end of
     the period under ``weights``), the final ``Hedge`` and the mixture served per global row (NaN
-    outside the served periods).
+    outside the served periods). ``last_period`` stops early (e.g. at the last valid period).
     """
     names = list(served)
     hedge = options.build(names)
     p = cfg.protocol
     first = p.pretrain + 1
-    last = p.pretrain + p.served_periods + 1
+    last = p.pretrain + p.served_periods + 1 if last_period is None else last_period
     rows: list[dict[str, Any]] = []
     out = torch.full((len(stream.rows),), float("nan"))
     for period in range(first, last + 1):
