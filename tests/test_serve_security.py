@@ -345,3 +345,16 @@ def test_retrain_still_publishes_loadable_safe_versions(world, tmp_path):
     assert {p.name for p in ModelDir(md).version_path(2).iterdir()} >= {"serving.safetensors", "state.pt"}
     assert isinstance(ModelDir(md).load_state(2)["strategy"], dict)
     save_model(c.app.state.service.state.model, tmp_path / "m.safetensors")
+
+
+def test_a_combine_run_is_refused_by_the_service_naming_the_key(tmp_path):
+    """The service hosts one model: a ``combine:`` run is refused before any work, naming the key."""
+    from reloop.config import parse_config
+    from reloop.serve.registry import RegistryError, pick_run
+
+    cfg = parse_config({"data": {"source": "synthetic", "periods": {"count": 31, "by": "rows"}},
+                        "runs": {"IU": {"update": "incremental"},
+                                 "mix": {"update": "incremental", "combine": {"experts": ["IU"]}}}})
+    assert pick_run(cfg, None) == "IU"
+    with pytest.raises(RegistryError, match=r"runs\.mix\.combine"):
+        pick_run(cfg, "mix")

@@ -363,10 +363,15 @@ def _np_default(value: Any) -> Any:
 
 # -- bootstrap ---------------------------------------------------------------------------------
 def pick_run(cfg: Config, run: str | None) -> str:
+    """The run a service hosts: ``run``, or the config's first. A ``combine:`` run is refused: it mixes
+    several runs' models and the service hosts one (serve its stack without ``combine``, or an expert)."""
     if run is None:
-        return next(iter(cfg.runs))
+        run = next(iter(cfg.runs))
     if run not in cfg.runs:
         raise RegistryError(f"--run {run!r}: the config has no such run (runs: {', '.join(cfg.runs)})")
+    if cfg.runs[run].combine is not None:
+        raise RegistryError(f"runs.{run}.combine: reloop serve hosts one model, and a combine: run mixes "
+                            f"several; serve its stack without combine:, or one of its experts (--run NAME)")
     return run
 
 
