@@ -20,6 +20,7 @@ cells are shared by its ids), ``n_meta_params`` (counted on a built generator; w
 n_coordinates · (3d² + 7d + 1)). The last line: the least-squares fit of the multi variant's median time
 against k (slope, intercept, R²).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,21 +44,26 @@ MEASURED_PHASES = ("valid", "test")
 
 
 def config(data_cfg: dict, seeds: list[int]):
-    return parse_config({
-        "data": data_cfg, "model": EMB_MLP,
-        "train": {"epochs": 1, "pretrain_epochs": 5, "batch_size": 256, "lr": 1e-3},
-        "protocol": {"pretrain": 10, "warmup": 10, "valid": 3, "test": 7, "seeds": seeds},
-        "runs": {"IU": {"update": "incremental"}},
-    })
+    return parse_config(
+        {
+            "data": data_cfg,
+            "model": EMB_MLP,
+            "train": {"epochs": 1, "pretrain_epochs": 5, "batch_size": 256, "lr": 1e-3},
+            "protocol": {"pretrain": 10, "warmup": 10, "valid": 3, "test": 7, "seeds": seeds},
+            "runs": {"IU": {"update": "incremental"}},
+        }
+    )
 
 
 def sizes(theta0, hidden: int) -> dict[str, int]:
     specs = param_specs(theta0)
     gen = ASMGGRU(k=1, hidden=hidden)
     gen.observe(0, theta0)
-    return {"n_coordinates": sum(n_coords(s) for s in specs),
-            "n_base_params": sum(p.numel() for p in theta0.parameters()),
-            "n_meta_params": sum(p.numel() for p in gen.meta.parameters())}
+    return {
+        "n_coordinates": sum(n_coords(s) for s in specs),
+        "n_base_params": sum(p.numel() for p in theta0.parameters()),
+        "n_meta_params": sum(p.numel() for p in gen.meta.parameters()),
+    }
 
 
 def least_squares(xs: list[float], ys: list[float]) -> dict[str, float]:
@@ -98,32 +104,59 @@ def main() -> None:
         print(f"seed {seed}: Θ0 pretrained in {time.perf_counter() - started:.1f}s", file=sys.stderr)
         size = sizes(theta0, args.hidden)
         for variant, k in runs:
-            spec = RunSpec(update="incremental",
-                           generator={"asmg_gru": {"k": k, "hidden": args.hidden, "variant": variant}})
+            spec = RunSpec(
+                update="incremental", generator={"asmg_gru": {"k": k, "hidden": args.hidden, "variant": variant}}
+            )
             started = time.perf_counter()
-            rows = [r for r in run_one(cfg, stream, f"{variant}-k{k}", spec, seed, theta0, optim0)
-                    if r["phase"] in MEASURED_PHASES]
+            rows = [
+                r
+                for r in run_one(cfg, stream, f"{variant}-k{k}", spec, seed, theta0, optim0)
+                if r["phase"] in MEASURED_PHASES
+            ]
             timed[(variant, k)] += rows
             last[(variant, k)].append(rows[-1]["generator_fit_s"])
             print(f"seed {seed} {variant} k={k}: {time.perf_counter() - started:.1f}s", file=sys.stderr)
 
     medians: dict[tuple[str, int], float] = {}
     for (variant, k), rows in timed.items():
-        med = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
+
+        def med(key: str, rows: list = rows) -> float:
+            return statistics.median(r[key] for r in rows)
+
         medians[(variant, k)] = med("generator_fit_s")
         window = statistics.median(r["period"] - 1 - P for r in rows) if variant == "full" else k
-        print(json.dumps({
-            "variant": variant, "k": k, "hidden": args.hidden, "window_models": window,
-            "periods": len(rows) // len(seeds), "seeds": seeds,
-            "gen_train_s_per_period": round(medians[(variant, k)], 4),
-            "gen_train_s_last_period": round(statistics.mean(last[(variant, k)]), 4),
-            "base_update_s_per_period": round(med("update_s"), 4),
-            "generate_s_per_period": round(med("generate_s"), 4), "serve_s_per_period": round(med("serve_s"), 4),
-            **size, "dataset": dataset, "threads": args.threads, "loadavg_1m": round(os.getloadavg()[0], 2),
-        }))
+        print(
+            json.dumps(
+                {
+                    "variant": variant,
+                    "k": k,
+                    "hidden": args.hidden,
+                    "window_models": window,
+                    "periods": len(rows) // len(seeds),
+                    "seeds": seeds,
+                    "gen_train_s_per_period": round(medians[(variant, k)], 4),
+                    "gen_train_s_last_period": round(statistics.mean(last[(variant, k)]), 4),
+                    "base_update_s_per_period": round(med("update_s"), 4),
+                    "generate_s_per_period": round(med("generate_s"), 4),
+                    "serve_s_per_period": round(med("serve_s"), 4),
+                    **size,
+                    "dataset": dataset,
+                    "threads": args.threads,
+                    "loadavg_1m": round(os.getloadavg()[0], 2),
+                }
+            )
+        )
     fit = least_squares([float(k) for k in ks], [medians[("multi", k)] for k in ks])
-    print(json.dumps({"fit": "gen_train_s_per_period ~ intercept + slope * k (multi)", "ks": ks,
-                      **{key: round(v, 5) for key, v in fit.items()}, "dataset": dataset}))
+    print(
+        json.dumps(
+            {
+                "fit": "gen_train_s_per_period ~ intercept + slope * k (multi)",
+                "ks": ks,
+                **{key: round(v, 5) for key, v in fit.items()},
+                "dataset": dataset,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

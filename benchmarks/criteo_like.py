@@ -34,6 +34,7 @@ same CSVs in this run, just before reloop's runs of the same model, and adds ``f
 and ``vs_fuxictr_same_run_speed`` / ``vs_fuxictr_same_run_e2e`` (reloop's samples/s over FuxiCTR's;
 FuxiCTR's end-to-end time over reloop's) to each line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,10 @@ SPLITS = ("train", "valid", "test")
 CATEGORICAL_READ = os.environ.get("RELOOP_BENCH_STRINGS") != "1"
 
 # FuxiCTR's figures for the same data on these machines (the targets are relative to them).
-FUXICTR = {"deepfm": {"train_samples_per_s": 26_900, "test_auc": 0.7764, "preprocess_s": 32.7},
-           "dcn": {"train_samples_per_s": 25_800, "test_auc": 0.7760, "preprocess_s": 32.7}}
+FUXICTR = {
+    "deepfm": {"train_samples_per_s": 26_900, "test_auc": 0.7764, "preprocess_s": 32.7},
+    "dcn": {"train_samples_per_s": 25_800, "test_auc": 0.7760, "preprocess_s": 32.7},
+}
 
 
 def default_cache() -> Path:
@@ -77,8 +80,11 @@ def ensure_data(rows: int, seed: int, cache: Path | None = None, generator: Path
         raise SystemExit(f"data generator not found: {gen} (pass --generator)")
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"generating {rows:,} rows (seed {seed}) into {out} ...", file=sys.stderr)
-    subprocess.run([sys.executable, str(gen), "--rows", str(rows), "--seed", str(seed), "--out", str(out)],
-                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, str(gen), "--rows", str(rows), "--seed", str(seed), "--out", str(out)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return out
 
 
@@ -86,8 +92,14 @@ def source_config(data_dir: Path) -> dict:
     """The ``data:`` section describing these CSVs (26 categorical + 13 bucketised numeric fields)."""
     features: dict = {c: {"kind": "numeric", "numeric": "bucketize"} for c in NUMERIC}
     features.update({c: "categorical" for c in CATEGORICAL})
-    return {"source": "csv", "path": str(data_dir / "train.csv"), "label": "label", "time": "time",
-            "features": features, "max_bad_share": 0.01}
+    return {
+        "source": "csv",
+        "path": str(data_dir / "train.csv"),
+        "label": "label",
+        "time": "time",
+        "features": features,
+        "max_bad_share": 0.01,
+    }
 
 
 def read_split(path: Path, chunk_bytes: int = 16 << 20, categorical: bool = CATEGORICAL_READ):
@@ -142,8 +154,15 @@ def load_encode(data_dir: Path, int32: bool = True, headroom: float = 1.0):
         # reloop's checks and canonical types for label, time and the numeric columns; the id columns
         # are already strings (Categorical: clean_frame would cast them to String, doubling their memory)
         checked = {n: f for n, f in cfg.features.items() if f.kind != "categorical"}
-        frame, report = clean_frame(raw.drop(CATEGORICAL), time="time", label="label", user=None,
-                                    features=checked, max_bad_share=cfg.max_bad_share, source=f"{split}.csv")
+        frame, report = clean_frame(
+            raw.drop(CATEGORICAL),
+            time="time",
+            label="label",
+            user=None,
+            features=checked,
+            max_bad_share=cfg.max_bad_share,
+            source=f"{split}.csv",
+        )
         if report.rows_bad:  # the reference data has none; the id columns below could not be filtered to match
             raise SystemExit(f"unexpected bad rows in the benchmark data: {report.summary()}")
         frame = frame.with_columns(raw.select(CATEGORICAL))
@@ -220,25 +239,34 @@ def run_one(args: argparse.Namespace) -> dict:
     train_s = time.perf_counter() - t
     t = time.perf_counter()
     try:
-        logits, _ = predict_rows(model, test, batch_size=args.eval_batch_size, precision=args.precision,
-                                 hidden=False)
+        logits, _ = predict_rows(model, test, batch_size=args.eval_batch_size, precision=args.precision, hidden=False)
     except TypeError:  # reloop before predict_rows(hidden=...): to measure the unoptimised code
         logits, _ = predict_rows(model, test, batch_size=args.eval_batch_size, precision=args.precision)
     predict_s = time.perf_counter() - t
     p = torch.sigmoid(logits).numpy()
     y = test.data["label"].numpy()
     result = {
-        "model": args.model, "precision": args.precision, "threads": torch.get_num_threads(),
+        "model": args.model,
+        "precision": args.precision,
+        "threads": torch.get_num_threads(),
         "train_samples_per_s": round(n_train * args.epochs / train_s),
         "predict_samples_per_s": round(len(test) / predict_s),
         "end_to_end_s": round(time.perf_counter() - t_start, 2),
-        "preprocess_s": round(preprocess_s, 2), **{k: round(v, 2) for k, v in timings.items()},
+        "preprocess_s": round(preprocess_s, 2),
+        **{k: round(v, 2) for k, v in timings.items()},
         "train_s": round(train_s, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "test_auc": round(float(auc(y, p)), 4), "test_logloss": round(float(logloss(y, p)), 4),
-        "train_loss": round(train_loss, 4), "rows": len(rows), "train_rows": n_train,
-        "embedding_rows": sum(feature_map.tables.values()), "headroom": args.headroom, "epochs": args.epochs,
-        "batch_size": args.batch_size, "load_avg": round(load, 2), "cpus": os.cpu_count(),
+        "test_auc": round(float(auc(y, p)), 4),
+        "test_logloss": round(float(logloss(y, p)), 4),
+        "train_loss": round(train_loss, 4),
+        "rows": len(rows),
+        "train_rows": n_train,
+        "embedding_rows": sum(feature_map.tables.values()),
+        "headroom": args.headroom,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "load_avg": round(load, 2),
+        "cpus": os.cpu_count(),
         "torch": torch.__version__,
     }
     ref = FUXICTR.get(args.model)
@@ -260,11 +288,21 @@ def fuxictr_reference(python: Path, model: str, data_dir: Path, threads: int) ->
 
 def same_run_ratios(result: dict, reference: dict) -> dict:
     """FuxiCTR's key figures and reloop's ratios to them (> 1: reloop is faster)."""
-    keep = ("train_samples_per_s", "end_to_end_s", "preprocess_s", "test_auc", "test_logloss",
-            "peak_rss_mb", "peak_tree_pss_mb", "load_avg")
-    return {"fuxictr": {k: reference[k] for k in keep if k in reference},
-            "vs_fuxictr_same_run_speed": round(result["train_samples_per_s"] / reference["train_samples_per_s"], 2),
-            "vs_fuxictr_same_run_e2e": round(reference["end_to_end_s"] / result["end_to_end_s"], 2)}
+    keep = (
+        "train_samples_per_s",
+        "end_to_end_s",
+        "preprocess_s",
+        "test_auc",
+        "test_logloss",
+        "peak_rss_mb",
+        "peak_tree_pss_mb",
+        "load_avg",
+    )
+    return {
+        "fuxictr": {k: reference[k] for k in keep if k in reference},
+        "vs_fuxictr_same_run_speed": round(result["train_samples_per_s"] / reference["train_samples_per_s"], 2),
+        "vs_fuxictr_same_run_e2e": round(reference["end_to_end_s"] / result["end_to_end_s"], 2),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -273,20 +311,29 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=2024)
     ap.add_argument("--models", default="deepfm,dcn")
     ap.add_argument("--precisions", default="fp32,bf16")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                    help="torch intra-op threads (default: all cores)")
+    ap.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads (default: all cores)"
+    )
     ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--eval-batch-size", type=int, default=8192)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--headroom", type=float, default=1.0,
-                    help="encoder capacity = distinct train ids x headroom (protocol default: 2.0)")
+    ap.add_argument(
+        "--headroom",
+        type=float,
+        default=1.0,
+        help="encoder capacity = distinct train ids x headroom (protocol default: 2.0)",
+    )
     ap.add_argument("--cache", type=Path, default=None, help="where generated data sets are kept")
     ap.add_argument("--generator", type=Path, default=None, help="path of shared/bench/criteo_like.py")
     ap.add_argument("--out", type=Path, default=None, help="also append the JSON lines to this file")
     ap.add_argument("--in-process", action="store_true", help="run the configurations in this process")
-    ap.add_argument("--fuxictr-python", type=Path, default=None,
-                    help="python of a venv with fuxictr 2.3.10: run FuxiCTR on the same data in this run")
+    ap.add_argument(
+        "--fuxictr-python",
+        type=Path,
+        default=None,
+        help="python of a venv with fuxictr 2.3.10: run FuxiCTR on the same data in this run",
+    )
     # internal: one configuration in a child process
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", default="deepfm", help=argparse.SUPPRESS)
@@ -299,19 +346,43 @@ def main(argv: list[str] | None = None) -> None:
         return
     data_dir = ensure_data(args.rows, args.seed, args.cache, args.generator)
     for model in args.models.split(","):
-        reference = fuxictr_reference(args.fuxictr_python, model, data_dir, args.threads) \
-            if args.fuxictr_python else None
+        reference = (
+            fuxictr_reference(args.fuxictr_python, model, data_dir, args.threads) if args.fuxictr_python else None
+        )
         for precision in args.precisions.split(","):
             if args.in_process:
-                one = argparse.Namespace(**{**vars(args), "model": model, "precision": precision,
-                                            "data_dir": str(data_dir)})
+                one = argparse.Namespace(
+                    **{**vars(args), "model": model, "precision": precision, "data_dir": str(data_dir)}
+                )
                 result = run_one(one)
             else:
-                cmd = [sys.executable, __file__, "--one", "--model", model, "--precision", precision,
-                       "--data-dir", str(data_dir), "--rows", str(args.rows), "--seed", str(args.seed),
-                       "--threads", str(args.threads), "--batch-size", str(args.batch_size),
-                       "--eval-batch-size", str(args.eval_batch_size), "--lr", str(args.lr),
-                       "--epochs", str(args.epochs), "--headroom", str(args.headroom)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    "--model",
+                    model,
+                    "--precision",
+                    precision,
+                    "--data-dir",
+                    str(data_dir),
+                    "--rows",
+                    str(args.rows),
+                    "--seed",
+                    str(args.seed),
+                    "--threads",
+                    str(args.threads),
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--eval-batch-size",
+                    str(args.eval_batch_size),
+                    "--lr",
+                    str(args.lr),
+                    "--epochs",
+                    str(args.epochs),
+                    "--headroom",
+                    str(args.headroom),
+                ]
                 done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
                 result = json.loads(done.stdout.strip().splitlines()[-1])
             if reference is not None:

@@ -32,6 +32,7 @@ Usage::
     /tmp/fx/bin/python benchmarks/fuxictr_reference.py --models dcn --out runs/fuxictr.jsonl
     /tmp/fx/bin/python benchmarks/fuxictr_reference.py --models deepfm --rows-limit 50000   # smoke
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,17 +46,32 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 DATA_DIR = Path.home() / ".cache" / "reloop" / "bench" / "criteo_like-1000000-2024"
 WORK_ROOT = Path(tempfile.gettempdir()) / "fuxictr_ref"
 SEED = 2024
-PARAMS = dict(embedding_dim=16, hidden_units=[400, 400, 400], learning_rate=1e-3, batch_size=4096,
-              epochs=1, optimizer="adam", loss="binary_crossentropy", metrics=["AUC", "logloss"],
-              monitor="AUC", monitor_mode="max", net_dropout=0, batch_norm=False,
-              embedding_regularizer=None, net_regularizer=None, gpu=-1, seed=SEED,
-              verbose=0)  # verbose > 0 puts tqdm bars on stdout
+PARAMS = dict(
+    embedding_dim=16,
+    hidden_units=[400, 400, 400],
+    learning_rate=1e-3,
+    batch_size=4096,
+    epochs=1,
+    optimizer="adam",
+    loss="binary_crossentropy",
+    metrics=["AUC", "logloss"],
+    monitor="AUC",
+    monitor_mode="max",
+    net_dropout=0,
+    batch_norm=False,
+    embedding_regularizer=None,
+    net_regularizer=None,
+    gpu=-1,
+    seed=SEED,
+    verbose=0,
+)  # verbose > 0 puts tqdm bars on stdout
 
 
 def _kb(text: str, key: str) -> int:
@@ -97,12 +113,14 @@ class TreeSampler(threading.Thread):
 
 def timed(fn: Callable, acc: dict[str, float], key: str) -> Callable:
     """``fn`` with its wall time accumulated into ``acc[key]``."""
+
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
             acc[key] = acc.get(key, 0.0) + time.perf_counter() - start
+
     return wrapper
 
 
@@ -114,13 +132,26 @@ def build_model(name: str, feature_map: Any, params: dict) -> Any:
     class Net(BaseModel):
         """model_zoo DeepFM (FM: LR + pairwise products, + MLP logit) or DCN (CrossNet || MLP -> linear)."""
 
-        def __init__(self, feature_map: Any, embedding_dim: int, hidden_units: list[int],
-                     learning_rate: float, net_dropout: float, batch_norm: bool, **kwargs: Any) -> None:
+        def __init__(
+            self,
+            feature_map: Any,
+            embedding_dim: int,
+            hidden_units: list[int],
+            learning_rate: float,
+            net_dropout: float,
+            batch_norm: bool,
+            **kwargs: Any,
+        ) -> None:
             super().__init__(feature_map, model_id={"deepfm": "DeepFM", "dcn": "DCN"}[name], **kwargs)
             self.embedding_layer = FeatureEmbedding(feature_map, embedding_dim)
             in_dim = feature_map.sum_emb_out_dim()
-            mlp = dict(input_dim=in_dim, hidden_units=hidden_units, hidden_activations="ReLU",
-                       dropout_rates=net_dropout, batch_norm=batch_norm)
+            mlp = dict(
+                input_dim=in_dim,
+                hidden_units=hidden_units,
+                hidden_activations="ReLU",
+                dropout_rates=net_dropout,
+                batch_norm=batch_norm,
+            )
             if name == "deepfm":
                 self.fm = FactorizationMachine(feature_map)
                 self.mlp = MLP_Block(output_dim=1, **mlp)
@@ -171,14 +202,35 @@ def run_one(name: str, data_dir: Path, threads: int, rows_limit: int | None) -> 
 
     t = time.perf_counter()  # BARS Criteo dataset config: numerics filled with 0, log-squared buckets
     processor = CustomizedFeatureProcessor(
-        feature_cols=[{"name": [f"I{i}" for i in range(1, 14)], "active": True, "dtype": "float",
-                       "type": "categorical", "preprocess": "convert_to_bucket", "fill_na": 0},
-                      {"name": [f"C{i}" for i in range(1, 27)], "active": True, "dtype": "str",
-                       "type": "categorical", "fill_na": ""}],
-        label_col={"name": "label", "dtype": "float"}, dataset_id="criteo_like", data_root=str(work / "data"))
+        feature_cols=[
+            {
+                "name": [f"I{i}" for i in range(1, 14)],
+                "active": True,
+                "dtype": "float",
+                "type": "categorical",
+                "preprocess": "convert_to_bucket",
+                "fill_na": 0,
+            },
+            {
+                "name": [f"C{i}" for i in range(1, 27)],
+                "active": True,
+                "dtype": "str",
+                "type": "categorical",
+                "fill_na": "",
+            },
+        ],
+        label_col={"name": "label", "dtype": "float"},
+        dataset_id="criteo_like",
+        data_root=str(work / "data"),
+    )
     train_data, valid_data, test_data = build_dataset(
-        processor, train_data=str(src["train"]), valid_data=str(src["valid"]), test_data=str(src["test"]),
-        data_format="csv", min_categr_count=1)
+        processor,
+        train_data=str(src["train"]),
+        valid_data=str(src["valid"]),
+        test_data=str(src["test"]),
+        data_format="csv",
+        min_categr_count=1,
+    )
     preprocess_s = time.perf_counter() - t
 
     params = dict(PARAMS, model_root=str(work / "ckpt"), **({"num_cross_layers": 3} if name == "dcn" else {}))
@@ -188,8 +240,9 @@ def run_one(name: str, data_dir: Path, threads: int, rows_limit: int | None) -> 
     model = build_model(name, feature_map, params)
     os.makedirs(model.model_dir, exist_ok=True)  # run_expid's set_logger would have made it
     loader = dict(batch_size=params["batch_size"], data_format="parquet")
-    train_gen, valid_gen = RankDataLoader(feature_map, stage="train", train_data=train_data,
-                                          valid_data=valid_data, shuffle=True, **loader)
+    train_gen, valid_gen = RankDataLoader(
+        feature_map, stage="train", train_data=train_data, valid_data=valid_data, shuffle=True, **loader
+    )
     acc: dict[str, float] = {}
     train_step, first = timed(model.train_step, acc, "train_step"), []
 
@@ -197,6 +250,7 @@ def run_one(name: str, data_dir: Path, threads: int, rows_limit: int | None) -> 
         if not first:
             first.append(time.perf_counter())
         return train_step(batch)
+
     # instance attributes shadow the methods that fit() calls through self
     model.train_step = first_step
     model.eval_step = timed(model.eval_step, acc, "eval_step")
@@ -207,29 +261,46 @@ def run_one(name: str, data_dir: Path, threads: int, rows_limit: int | None) -> 
     train_s = fit_s - acc.get("eval_step", 0.0) - acc.get("load_weights", 0.0)
 
     t = time.perf_counter()
-    test_logs = model.evaluate(RankDataLoader(feature_map, stage="test", test_data=test_data,
-                                              shuffle=False, **loader))
+    test_logs = model.evaluate(RankDataLoader(feature_map, stage="test", test_data=test_data, shuffle=False, **loader))
     test_eval_s, end_to_end_s = time.perf_counter() - t, time.perf_counter() - t0
     n_train = train_gen.num_samples
     ray.shutdown()  # reaps Ray's direct children so that RUSAGE_CHILDREN covers them
     sampler.done.set()
     sampler.join()
-    self_mb, kids_mb = (resource.getrusage(w).ru_maxrss / 1024
-                        for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    self_mb, kids_mb = (
+        resource.getrusage(w).ru_maxrss / 1024 for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    )
     return {
-        "library": "fuxictr", "fuxictr_version": fuxictr.__version__, "model": name, "precision": "fp32",
-        "threads": torch.get_num_threads(), "train_rows": n_train, "preprocess_s": round(preprocess_s, 2),
-        "train_s": round(train_s, 2), "train_samples_per_s": round(n_train / train_s),
-        "first_batch_s": round(first[0] - fit_start, 2), "train_step_s": round(acc["train_step"], 2),
-        "fit_s": round(fit_s, 2), "valid_eval_s": round(acc.get("eval_step", 0.0), 2),
-        "test_auc": round(test_logs["AUC"], 4), "test_logloss": round(test_logs["logloss"], 4),
-        "test_eval_s": round(test_eval_s, 2), "end_to_end_s": round(end_to_end_s, 2),
-        "peak_rss_mb": round(max(self_mb, kids_mb)), "rss_self_mb": round(self_mb),
-        "rss_children_mb": round(kids_mb), "peak_tree_rss_mb": round(sampler.rss / 1024),
-        "peak_tree_pss_mb": round(sampler.pss / 1024), "peak_self_anon_mb": round(sampler.self_anon / 1024),
-        "load_avg": round(load_start, 2), "load_avg_end": round(os.getloadavg()[0], 2),
-        "torch": torch.__version__, "ray": ray.__version__, "polars": pl.__version__,
-        "cpus": os.cpu_count(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "library": "fuxictr",
+        "fuxictr_version": fuxictr.__version__,
+        "model": name,
+        "precision": "fp32",
+        "threads": torch.get_num_threads(),
+        "train_rows": n_train,
+        "preprocess_s": round(preprocess_s, 2),
+        "train_s": round(train_s, 2),
+        "train_samples_per_s": round(n_train / train_s),
+        "first_batch_s": round(first[0] - fit_start, 2),
+        "train_step_s": round(acc["train_step"], 2),
+        "fit_s": round(fit_s, 2),
+        "valid_eval_s": round(acc.get("eval_step", 0.0), 2),
+        "test_auc": round(test_logs["AUC"], 4),
+        "test_logloss": round(test_logs["logloss"], 4),
+        "test_eval_s": round(test_eval_s, 2),
+        "end_to_end_s": round(end_to_end_s, 2),
+        "peak_rss_mb": round(max(self_mb, kids_mb)),
+        "rss_self_mb": round(self_mb),
+        "rss_children_mb": round(kids_mb),
+        "peak_tree_rss_mb": round(sampler.rss / 1024),
+        "peak_tree_pss_mb": round(sampler.pss / 1024),
+        "peak_self_anon_mb": round(sampler.self_anon / 1024),
+        "load_avg": round(load_start, 2),
+        "load_avg_end": round(os.getloadavg()[0], 2),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "polars": pl.__version__,
+        "cpus": os.cpu_count(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
@@ -243,8 +314,9 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)  # internal: MODEL:RESULT_FILE, one run
     args = ap.parse_args()
     if args.child:
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                            format="%(asctime)s %(levelname)s %(message)s")  # FuxiCTR's own timeline
+        logging.basicConfig(
+            level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s"
+        )  # FuxiCTR's own timeline
         name, result_file = args.child.split(":", 1)
         Path(result_file).write_text(json.dumps(run_one(name, args.data_dir, args.threads, args.rows_limit)))
         return
@@ -253,8 +325,17 @@ def main() -> None:
             raise SystemExit(f"unknown model {name!r} (deepfm, dcn)")
         fd, result_file = tempfile.mkstemp(suffix=".json")
         os.close(fd)
-        cmd = [sys.executable, __file__, "--child", f"{name}:{result_file}", "--data-dir", str(args.data_dir),
-               "--threads", str(args.threads), *(["--rows-limit", str(args.rows_limit)] * bool(args.rows_limit))]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            f"{name}:{result_file}",
+            "--data-dir",
+            str(args.data_dir),
+            "--threads",
+            str(args.threads),
+            *(["--rows-limit", str(args.rows_limit)] * bool(args.rows_limit)),
+        ]
         # the child's stdout (Ray's echo of worker output) goes to stderr: stdout stays JSON only
         rc = subprocess.run(cmd, stdout=sys.stderr).returncode
         text = Path(result_file).read_text().strip()

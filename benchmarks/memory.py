@@ -8,6 +8,7 @@ second over batches of ``--batch``; ``nbytes`` after construction and ``nbytes_a
 ``*_per_cpu_s`` divide by this process's CPU time instead of the wall clock (robust to other
 processes on a shared machine); ``loadavg_1m`` tells how busy the machine was.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,10 +52,8 @@ def bench(name: str, mem: ErrorMemory, batch: int, dim: int, total: int, min_tim
     nbytes = mem.nbytes
     shapes = {k: tuple(v.shape) for k, v in mem.state_dict().items() if isinstance(v, torch.Tensor)}
 
-    writes, writes_cpu = _rate(lambda i: mem.write(hs[i % pool], ys[i % pool], yhs[i % pool]),
-                               batch, min_time, 10_000)
-    reads, reads_cpu = _rate(lambda i: mem.estimate(hs[i % pool], yhs[i % pool]),
-                             batch, min_time, 10_000)
+    writes, writes_cpu = _rate(lambda i: mem.write(hs[i % pool], ys[i % pool], yhs[i % pool]), batch, min_time, 10_000)
+    reads, reads_cpu = _rate(lambda i: mem.estimate(hs[i % pool], yhs[i % pool]), batch, min_time, 10_000)
 
     t0 = time.perf_counter()
     i = 0
@@ -63,12 +62,22 @@ def bench(name: str, mem: ErrorMemory, batch: int, dim: int, total: int, min_tim
         i += 1
     fill_s = time.perf_counter() - t0
     after = {k: tuple(v.shape) for k, v in mem.state_dict().items() if isinstance(v, torch.Tensor)}
-    return {"memory": name, "dim": dim, "batch": batch, "threads": torch.get_num_threads(),
-            "writes_per_s": round(writes), "reads_per_s": round(reads),
-            "writes_per_cpu_s": round(writes_cpu), "reads_per_cpu_s": round(reads_cpu),
-            "nbytes": nbytes, "n_written": mem.n_written, "nbytes_after": mem.nbytes,
-            "nbytes_constant": mem.nbytes == nbytes and after == shapes,
-            "fill_s": round(fill_s, 2), "loadavg_1m": os.getloadavg()[0]}
+    return {
+        "memory": name,
+        "dim": dim,
+        "batch": batch,
+        "threads": torch.get_num_threads(),
+        "writes_per_s": round(writes),
+        "reads_per_s": round(reads),
+        "writes_per_cpu_s": round(writes_cpu),
+        "reads_per_cpu_s": round(reads_cpu),
+        "nbytes": nbytes,
+        "n_written": mem.n_written,
+        "nbytes_after": mem.nbytes,
+        "nbytes_constant": mem.nbytes == nbytes and after == shapes,
+        "fill_s": round(fill_s, 2),
+        "loadavg_1m": os.getloadavg()[0],
+    }
 
 
 def main() -> None:
@@ -85,13 +94,10 @@ def main() -> None:
     bf16 = torch.bfloat16
     cases = [
         ("sketch K=64 L=8 density", lambda: SketchMemory(d, arrays=64, bits=8)),
-        ("sketch K=64 L=8 density bf16-hash",
-         lambda: SketchMemory(d, arrays=64, bits=8, hash_dtype=bf16)),
+        ("sketch K=64 L=8 density bf16-hash", lambda: SketchMemory(d, arrays=64, bits=8, hash_dtype=bf16)),
         ("sketch K=180 L=12 density", lambda: SketchMemory(d, arrays=180, bits=12)),
-        ("sketch K=180 L=12 density bf16-hash",
-         lambda: SketchMemory(d, arrays=180, bits=12, hash_dtype=bf16)),
-        ("sketch K=64 L=8 centroid", lambda: SketchMemory(d, arrays=64, bits=8,
-                                                          similarity="centroid")),
+        ("sketch K=180 L=12 density bf16-hash", lambda: SketchMemory(d, arrays=180, bits=12, hash_dtype=bf16)),
+        ("sketch K=64 L=8 centroid", lambda: SketchMemory(d, arrays=64, bits=8, similarity="centroid")),
         ("exact M=10000 k=64", lambda: ExactMemory(d, size=10_000, top_k=64)),
     ]
     for name, make in cases:

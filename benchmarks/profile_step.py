@@ -6,6 +6,7 @@ Trains ``--model`` (embedding 16, MLP [400, 400, 400]) on the Criteo-like table 
 then profiles ``--steps`` shuffled batches of 4,096 and groups the operators' self CPU time into
 matmuls, Adam, embedding forward/backward, copies/casts and the rest, in ms per step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--seed", type=int, default=2024)
-    p.add_argument("--top", type=int, default=0, help="also print the N operators with most self CPU time "
-                   "(to stderr)")
+    p.add_argument("--top", type=int, default=0, help="also print the N operators with most self CPU time (to stderr)")
     args = p.parse_args(argv)
 
     import torch
@@ -53,18 +53,20 @@ def main(argv: list[str] | None = None) -> None:
     from reloop.update.losses import CrossEntropy
     from reloop.update.trainer import TrainConfig, make_optimizer, train_rows
 
-    blob = torch.load(throughput.encoded_table(args.rows, args.seed, None, None), map_location="cpu",
-                      weights_only=False, mmap=True)
+    blob = torch.load(
+        throughput.encoded_table(args.rows, args.seed, None, None), map_location="cpu", weights_only=False, mmap=True
+    )
     rows = PeriodTensors(blob["columns"])
     torch.manual_seed(0)
-    model = build_model({"name": args.model, "embedding_dim": 16, "hidden_units": [400, 400, 400]},
-                        FeatureMap(**blob["feature_map"]))
+    model = build_model(
+        {"name": args.model, "embedding_dim": 16, "hidden_units": [400, 400, 400]}, FeatureMap(**blob["feature_map"])
+    )
     cfg = TrainConfig(batch_size=4096, precision=args.precision)
     opt = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(0)
     perm = torch.randperm(blob["sizes"]["train"], generator=gen)
-    train_rows(model, opt, rows.take(perm[:3 * 4096]), CrossEntropy(), cfg, gen)  # warm-up
-    timed = rows.take(perm[3 * 4096:(3 + args.steps) * 4096])
+    train_rows(model, opt, rows.take(perm[: 3 * 4096]), CrossEntropy(), cfg, gen)  # warm-up
+    timed = rows.take(perm[3 * 4096 : (3 + args.steps) * 4096])
     with profile(activities=[ProfilerActivity.CPU], record_shapes=args.top > 0) as prof:
         train_rows(model, opt, timed, CrossEntropy(), cfg, gen)
     if args.top:
@@ -73,8 +75,18 @@ def main(argv: list[str] | None = None) -> None:
     for evt in prof.key_averages():
         per_group[group_of(evt.key)] = per_group.get(group_of(evt.key), 0.0) + evt.self_cpu_time_total
     ms = {g: round(us / 1000 / args.steps, 1) for g, us in sorted(per_group.items(), key=lambda kv: -kv[1])}
-    print(json.dumps({"model": args.model, "precision": args.precision, "threads": args.threads,
-                      "steps": args.steps, "ms_per_step": ms, "total_ms_per_step": round(sum(ms.values()), 1)}))
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "precision": args.precision,
+                "threads": args.threads,
+                "steps": args.steps,
+                "ms_per_step": ms,
+                "total_ms_per_step": round(sum(ms.values()), 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ valid AUC and its imp% vs IU, then the mean imp% over regimes per candidate.
 
     python benchmarks/recommended_valid.py --jobs 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from robustness import REGIMES, ROOT, regime_config
 
 MEM = {"sketch": {"arrays": 64, "bits": 10}}
@@ -27,15 +27,22 @@ CANDIDATES: dict[str, Any] = {
     "ReLoop a=0.1": {"update": "incremental", "loss": {"self_correction": 0.1}},
     "ReLoop a=0.3": {"update": "incremental", "loss": {"self_correction": 0.3}},
     "ReLoop2 sketch auto-mix": {"update": "incremental", "memory": {**MEM, "lambda": "auto"}},
-    "ReLoop2 sketch auto-auc": {"update": "incremental",
-                                "memory": {**MEM, "lambda": "auto", "adapt": {"select": "auc"}}},
-    "ReLoop2 exact-kept auto-auc": {"update": "incremental",
-                                    "memory": {**EXACT, "lambda": "auto", "adapt": {"select": "auc"},
-                                               "reset_on_update": False}},
+    "ReLoop2 sketch auto-auc": {
+        "update": "incremental",
+        "memory": {**MEM, "lambda": "auto", "adapt": {"select": "auc"}},
+    },
+    "ReLoop2 exact-kept auto-auc": {
+        "update": "incremental",
+        "memory": {**EXACT, "lambda": "auto", "adapt": {"select": "auc"}, "reset_on_update": False},
+    },
     "ASMG k=3 multi": {"update": "incremental", "generator": {"asmg_gru": {"k": 3, "hidden": 4, "variant": "multi"}}},
 }
-HEDGES = [{"eta": 0.01, "share": 0.0}, {"eta": 0.01, "share": 0.01}, {"eta": 0.001, "share": 0.0},
-          {"eta": 0.1, "share": 0.01}]
+HEDGES = [
+    {"eta": 0.01, "share": 0.0},
+    {"eta": 0.01, "share": 0.01},
+    {"eta": 0.001, "share": 0.0},
+    {"eta": 0.1, "share": 0.01},
+]
 EXPERTS = ["IU", "ReLoop a=0.1", "ReLoop2 sketch auto-auc", "ASMG k=3 multi"]
 
 
@@ -65,12 +72,23 @@ def _one(job: tuple[str, str]) -> list[dict[str, Any]]:
         scores[name] = valid_score(rows)[0]
     # the Hedge on the valid periods only: rows of the test periods are never mixed nor scored
     for h in HEDGES:
-        rows, _, _ = combine_served(cfg, stream, "hedge", {e: served[e] for e in EXPERTS}, 0,
-                                    CombineOptions(experts=None, hedge=h), last_period=last_valid_step(cfg) + 1)
+        rows, _, _ = combine_served(
+            cfg,
+            stream,
+            "hedge",
+            {e: served[e] for e in EXPERTS},
+            0,
+            CombineOptions(experts=None, hedge=h),
+            last_period=last_valid_step(cfg) + 1,
+        )
         scores[f"hedge eta={h['eta']} share={h['share']}"] = valid_score(rows)[0]
     for name, auc in scores.items():
-        line = {"regime": regime, "candidate": name, "valid_auc": round(auc, 5),
-                "imp_pct": round((auc - scores["IU"]) / scores["IU"] * 100, 3)}
+        line = {
+            "regime": regime,
+            "candidate": name,
+            "valid_auc": round(auc, 5),
+            "imp_pct": round((auc - scores["IU"]) / scores["IU"] * 100, 3),
+        }
         print(json.dumps(line), flush=True)
         lines.append(line)
     return lines
@@ -89,8 +107,17 @@ def main() -> None:
     for line in results:
         by.setdefault(line["candidate"], []).append(line["imp_pct"])
     for name, vals in by.items():
-        print(json.dumps({"candidate": name, "regimes": len(vals), "mean_imp_pct": round(float(np.mean(vals)), 3),
-                          "worst_imp_pct": round(float(min(vals)), 3)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "candidate": name,
+                    "regimes": len(vals),
+                    "mean_imp_pct": round(float(np.mean(vals)), 3),
+                    "worst_imp_pct": round(float(min(vals)), 3),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

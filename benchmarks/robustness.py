@@ -16,11 +16,11 @@ std, plus ``runs/robustness/table.md`` (``--table``).
     python benchmarks/robustness.py --stage paper tuned recommended --jobs 2        # all regimes
     python benchmarks/robustness.py --table                                          # the Markdown table
 """
+
 from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
 import multiprocessing as mp
 import os
@@ -34,20 +34,34 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 ML100K = ROOT.parent / "shared" / "data" / "movielens-100k"
 
-ML_MODEL = {"model": {"name": "deepfm", "embedding_dim": 16, "hidden_units": [256, 128]},
-            "train": {"epochs": 1, "batch_size": 1024, "lr": 0.001}}
-SYN_MODEL = {"model": {"name": "deepfm", "embedding_dim": 16, "hidden_units": [64, 32]},
-             "train": {"epochs": 1, "pretrain_epochs": 3, "batch_size": 1024, "lr": 0.005}}
+ML_MODEL = {
+    "model": {"name": "deepfm", "embedding_dim": 16, "hidden_units": [256, 128]},
+    "train": {"epochs": 1, "batch_size": 1024, "lr": 0.001},
+}
+SYN_MODEL = {
+    "model": {"name": "deepfm", "embedding_dim": 16, "hidden_units": [64, 32]},
+    "train": {"epochs": 1, "pretrain_epochs": 3, "batch_size": 1024, "lr": 0.005},
+}
 
 
 def _syn(**kw: Any) -> dict[str, Any]:
-    return {"data": {"source": "synthetic", "synthetic": {"seed": 0, "rows_per_period": 2000, **kw},
-                     "periods": {"count": 31, "by": "rows"}}, **SYN_MODEL}
+    return {
+        "data": {
+            "source": "synthetic",
+            "synthetic": {"seed": 0, "rows_per_period": 2000, **kw},
+            "periods": {"count": 31, "by": "rows"},
+        },
+        **SYN_MODEL,
+    }
 
 
 def _ml(**kw: Any) -> dict[str, Any]:
-    data = {"source": "movielens", "path": str(ML100K), "label": {"rating_at_least": 4},
-            "periods": {"count": 31, "by": "rows"}}
+    data = {
+        "source": "movielens",
+        "path": str(ML100K),
+        "label": {"rating_at_least": 4},
+        "periods": {"count": 31, "by": "rows"},
+    }
     data.update(kw)
     return {"data": data, **ML_MODEL}
 
@@ -57,8 +71,7 @@ REGIMES: dict[str, dict[str, Any]] = {
     "ml100k-time": _ml(periods={"count": 31, "by": "time"}),
     "ml100k-implicit": _ml(implicit={"negatives": 1}),
     "synth-gradual": _syn(),
-    "synth-none": _syn(drift_sigma=0.0, switch_share=0.0, context_amplitude=0.0, item_lifetime=1000.0,
-                       novelty=0.0),
+    "synth-none": _syn(drift_sigma=0.0, switch_share=0.0, context_amplitude=0.0, item_lifetime=1000.0, novelty=0.0),
     "synth-abrupt": _syn(drift_sigma=0.05, switch_share=0.3),
     "synth-recurring": _syn(drift_sigma=0.05, switch_share=0.0, context_amplitude=2.0, context_cycle=4.0),
     "synth-noise": _syn(label_noise=0.2),
@@ -73,9 +86,12 @@ PAPER_RUNS: dict[str, Any] = {
     "ASMG": {"update": "incremental", "generator": {"asmg_gru": {"k": 3, "hidden": 4, "variant": "multi"}}},
     "SML": {"update": "incremental", "generator": "sml"},
     "BU-3": {"update": {"batch": 3}},
-    "all-three": {"update": "incremental", "loss": {"self_correction": 0.5},
-                  "generator": {"asmg_gru": {"k": 3}},
-                  "memory": {"sketch": {"arrays": 64, "bits": 10}, "lambda": 0.3}},
+    "all-three": {
+        "update": "incremental",
+        "loss": {"self_correction": 0.5},
+        "generator": {"asmg_gru": {"k": 3}},
+        "memory": {"sketch": {"arrays": 64, "bits": 10}, "lambda": 0.3},
+    },
 }
 
 
@@ -115,8 +131,9 @@ def _run(job: tuple[str, str, list[int], list[int], str]) -> list[dict[str, Any]
         result = tune(tcfg, stream, pretrain_dir=out / regime / "pretrain")
         write_trials(result.trials, where / "tune.csv")
         cfg = result.config.model_copy(update={"protocol": cfg.protocol})
-        (where / "tuned.yaml").write_text(yaml.safe_dump(json.loads(cfg.model_dump_json(by_alias=True,
-                                                                                        exclude_none=True))))
+        (where / "tuned.yaml").write_text(
+            yaml.safe_dump(json.loads(cfg.model_dump_json(by_alias=True, exclude_none=True)))
+        )
     rows: list[dict[str, Any]] = []
     for seed in cfg.protocol.seeds:
         theta0, optim0 = pretrain(cfg, stream, seed, out=out / regime / "pretrain")
@@ -143,10 +160,17 @@ def summarize(rows: list[dict[str, Any]], regime: str, stage: str) -> list[dict[
     out = []
     for run in runs:
         imps = [(mean_auc(run, s) - mean_auc("IU", s)) / mean_auc("IU", s) * 100 for s in seeds]
-        out.append({"regime": regime, "stage": stage, "run": run, "seeds": len(seeds),
-                    "auc": round(float(np.mean([mean_auc(run, s) for s in seeds])), 5),
-                    "auc_imp_pct": round(float(np.mean(imps)), 3),
-                    "auc_imp_std": round(float(np.std(imps, ddof=1)) if len(imps) > 1 else 0.0, 3)})
+        out.append(
+            {
+                "regime": regime,
+                "stage": stage,
+                "run": run,
+                "seeds": len(seeds),
+                "auc": round(float(np.mean([mean_auc(run, s) for s in seeds])), 5),
+                "auc_imp_pct": round(float(np.mean(imps)), 3),
+                "auc_imp_std": round(float(np.std(imps, ddof=1)) if len(imps) > 1 else 0.0, 3),
+            }
+        )
     return out
 
 
@@ -176,8 +200,9 @@ def table(out: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--stage", nargs="*", default=["paper", "tuned", "recommended"],
-                    choices=["paper", "tuned", "recommended"])
+    ap.add_argument(
+        "--stage", nargs="*", default=["paper", "tuned", "recommended"], choices=["paper", "tuned", "recommended"]
+    )
     ap.add_argument("--regimes", nargs="*", default=list(REGIMES))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--tune-seeds", type=int, default=1, help="seeds the tuning trials use (the first N)")

@@ -21,6 +21,7 @@ shared layer mixed concurrent requests up (3.5% of the keys, with 0 failed reque
 Every acknowledged request is a durable SQLite commit (WAL, synchronous=FULL), so the figures include
 an fsync per request. Client and server share the machine's cores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,25 +48,39 @@ from reloop.serve.replay import start_server
 from reloop.serve.retrain import RetrainOptions, retrain
 
 CONFIG = {
-    "data": {"source": "synthetic",
-             "synthetic": {"users": 2000, "items": 1000, "rows_per_period": 4000, "periods": 8, "seed": 0},
-             "periods": {"count": 8, "by": "rows"}},
+    "data": {
+        "source": "synthetic",
+        "synthetic": {"users": 2000, "items": 1000, "rows_per_period": 4000, "periods": 8, "seed": 0},
+        "periods": {"count": 8, "by": "rows"},
+    },
     "model": {"name": "deepfm", "embedding_dim": 16, "hidden_units": [64, 32]},
     "train": {"epochs": 1, "pretrain_epochs": 1, "batch_size": 256, "lr": 0.001},
     "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2, "seeds": [0]},
-    "runs": {"IU": {"update": "incremental"},
-             "IU+mem": {"update": "incremental", "memory": {"sketch": {"arrays": 64, "bits": 8}, "lambda": 0.5}}},
+    "runs": {
+        "IU": {"update": "incremental"},
+        "IU+mem": {"update": "incremental", "memory": {"sketch": {"arrays": 64, "bits": 8}, "lambda": 0.5}},
+    },
 }
 
 
-def _summary(name: str, batch: int, memory: bool, lat: list[float], failed: int, seconds: float,
-             concurrency: int, **extra) -> dict:
+def _summary(
+    name: str, batch: int, memory: bool, lat: list[float], failed: int, seconds: float, concurrency: int, **extra
+) -> dict:
     arr = np.asarray(lat) * 1000 if lat else np.asarray([np.nan])
     n = len(lat) + failed
-    return {"scenario": name, "batch": batch, "memory": memory, "requests": n, "concurrency": concurrency,
-            "rps": round(n / seconds, 1), "rows_per_s": round(len(lat) * batch / seconds, 1),
-            "p50_ms": round(float(np.percentile(arr, 50)), 2), "p99_ms": round(float(np.percentile(arr, 99)), 2),
-            "failed_requests": failed, **extra}
+    return {
+        "scenario": name,
+        "batch": batch,
+        "memory": memory,
+        "requests": n,
+        "concurrency": concurrency,
+        "rps": round(n / seconds, 1),
+        "rows_per_s": round(len(lat) * batch / seconds, 1),
+        "p50_ms": round(float(np.percentile(arr, 50)), 2),
+        "p99_ms": round(float(np.percentile(arr, 99)), 2),
+        "failed_requests": failed,
+        **extra,
+    }
 
 
 def wrong_keys(md: Path, ids: list[str]) -> int:
@@ -80,9 +95,10 @@ def wrong_keys(md: Path, ids: list[str]) -> int:
     conn = sqlite3.connect(f"file:{mdir.log_path}?mode=ro", uri=True)
     rows = []
     for i in range(0, len(ids), 500):
-        chunk = ids[i:i + 500]
-        rows += conn.execute(f"SELECT features, h, model_version FROM impressions WHERE id IN "
-                             f"({','.join('?' * len(chunk))})", chunk).fetchall()
+        chunk = ids[i : i + 500]
+        rows += conn.execute(
+            f"SELECT features, h, model_version FROM impressions WHERE id IN ({','.join('?' * len(chunk))})", chunk
+        ).fetchall()
     conn.close()
     if len(rows) != len(set(ids)):
         raise RuntimeError(f"{len(set(ids)) - len(rows)} acknowledged impressions are missing from the log")
@@ -109,6 +125,7 @@ async def _drive(url: str, path: str, bodies: list[dict], concurrency: int) -> t
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=60.0, limits=limits) as client:
+
         async def one(i: int, body: dict) -> None:
             nonlocal failed
             async with sem:
@@ -123,13 +140,15 @@ async def _drive(url: str, path: str, bodies: list[dict], concurrency: int) -> t
                     return
                 lat.append(time.perf_counter() - t0)
                 out[i] = r.json()
+
         start = time.perf_counter()
         await asyncio.gather(*(one(i, b) for i, b in enumerate(bodies)))
         return lat, failed, time.perf_counter() - start, out
 
 
-async def _swap_phase(url: str, records: list[dict], labels: list[int], concurrency: int, seconds: float,
-                      md: Path) -> dict:
+async def _swap_phase(
+    url: str, records: list[dict], labels: list[int], concurrency: int, seconds: float, md: Path
+) -> dict:
     """Mixed predict(1)/feedback(1) traffic; a retrain publishes mid-way; the server swaps by polling."""
     lat: list[float] = []
     failed = 0
@@ -148,6 +167,7 @@ async def _swap_phase(url: str, records: list[dict], labels: list[int], concurre
     start = time.perf_counter()
     stop_at = [start + seconds]
     async with httpx.AsyncClient(base_url=url, timeout=60.0, limits=limits) as client:
+
         async def worker(w: int) -> None:
             nonlocal failed
             k = w
@@ -168,8 +188,12 @@ async def _swap_phase(url: str, records: list[dict], labels: list[int], concurre
                     if publish_at and v == result.get("version") and not first_new:
                         first_new.append(time.perf_counter())
                     t0 = time.perf_counter()
-                    r = await client.post("/feedback", json={"events": [
-                        {"impression_id": body["predictions"][0]["impression_id"], "label": labels[i]}]})
+                    r = await client.post(
+                        "/feedback",
+                        json={
+                            "events": [{"impression_id": body["predictions"][0]["impression_id"], "label": labels[i]}]
+                        },
+                    )
                     if r.status_code != 200:
                         failed += 1
                         continue
@@ -188,10 +212,15 @@ async def _swap_phase(url: str, records: list[dict], labels: list[int], concurre
         await asyncio.gather(trigger(), *(worker(w) for w in range(concurrency)))
     wall = time.perf_counter() - start
     swap_delay = (first_new[0] - publish_at[0]) if first_new and publish_at else None
-    return {"lat": lat, "failed": failed, "wall": wall, "impressions": impressions,
-            "versions_seen": {str(k): v for k, v in sorted(versions.items())},
-            "retrain": {k: result.get(k) for k in ("outcome", "version", "n_train", "seconds")},
-            "swap_delay_s": None if swap_delay is None else round(swap_delay, 3)}
+    return {
+        "lat": lat,
+        "failed": failed,
+        "wall": wall,
+        "impressions": impressions,
+        "versions_seen": {str(k): v for k, v in sorted(versions.items())},
+        "retrain": {k: result.get(k) for k in ("outcome", "version", "n_train", "seconds")},
+        "swap_delay_s": None if swap_delay is None else round(swap_delay, 3),
+    }
 
 
 def bench_variant(md: Path, memory: bool, records: list[dict], labels: list[int], args, emit) -> None:
@@ -211,11 +240,14 @@ def bench_variant(md: Path, memory: bool, records: list[dict], labels: list[int]
         bodies = [{"records": [records[i % len(records)]]} for i in range(n1)]
         lat, failed, wall, resp1 = asyncio.run(_drive(server.url, "/predict", bodies, c))
         emit(_summary("predict", 1, memory, lat, failed, wall, c, **checked(_ids(resp1))))
-        bodies = [{"records": records[(i * 256) % (len(records) - 256):][:256]} for i in range(n256)]
+        bodies = [{"records": records[(i * 256) % (len(records) - 256) :][:256]} for i in range(n256)]
         lat, failed, wall, resp256 = asyncio.run(_drive(server.url, "/predict", bodies, c))
         emit(_summary("predict", 256, memory, lat, failed, wall, c, **checked(_ids(resp256))))
-        fb1 = [{"events": [{"impression_id": r["predictions"][0]["impression_id"], "label": labels[i % len(labels)]}]}
-               for i, r in enumerate(resp1) if r]
+        fb1 = [
+            {"events": [{"impression_id": r["predictions"][0]["impression_id"], "label": labels[i % len(labels)]}]}
+            for i, r in enumerate(resp1)
+            if r
+        ]
         lat, failed, wall, done = asyncio.run(_drive(server.url, "/feedback", fb1, c))
         labelled = [e["impression_id"] for b, r in zip(fb1, done) if r for e in b["events"]]
         emit(_summary("feedback", 1, memory, lat, failed, wall, c, **checked(labelled)))
@@ -224,20 +256,45 @@ def bench_variant(md: Path, memory: bool, records: list[dict], labels: list[int]
             if not r:
                 continue
             off = (i * 256) % (len(records) - 256)
-            fb256.append({"events": [{"impression_id": p["impression_id"], "label": labels[off + j]}
-                                     for j, p in enumerate(r["predictions"])]})
+            fb256.append(
+                {
+                    "events": [
+                        {"impression_id": p["impression_id"], "label": labels[off + j]}
+                        for j, p in enumerate(r["predictions"])
+                    ]
+                }
+            )
         lat, failed, wall, done = asyncio.run(_drive(server.url, "/feedback", fb256, c))
         labelled = [e["impression_id"] for b, r in zip(fb256, done) if r for e in b["events"]]
         emit(_summary("feedback", 256, memory, lat, failed, wall, c, **checked(labelled)))
         swap = asyncio.run(_swap_phase(server.url, records, labels, c, args.swap_seconds, md))
-        emit(_summary("swap (predict 1 + feedback 1, retrain + hot swap mid-run)", 1, memory, swap["lat"],
-                      swap["failed"], swap["wall"], c, versions_seen=swap["versions_seen"],
-                      retrain=swap["retrain"], swap_delay_s=swap["swap_delay_s"], **checked(swap["impressions"])))
+        emit(
+            _summary(
+                "swap (predict 1 + feedback 1, retrain + hot swap mid-run)",
+                1,
+                memory,
+                swap["lat"],
+                swap["failed"],
+                swap["wall"],
+                c,
+                versions_seen=swap["versions_seen"],
+                retrain=swap["retrain"],
+                swap_delay_s=swap["swap_delay_s"],
+                **checked(swap["impressions"]),
+            )
+        )
         metrics = httpx.get(server.url + "/metrics").text
         mem_line = next((line for line in metrics.splitlines() if line.startswith("reloop_memory_bytes ")), "")
         if memory:
-            emit({"scenario": "memory", "memory": True, "nbytes": float(mem_line.split()[-1]) if mem_line else None,
-                  "impressions_checked": len(set(all_ids)), "wrong_keys": wrong_keys(md, sorted(set(all_ids)))})
+            emit(
+                {
+                    "scenario": "memory",
+                    "memory": True,
+                    "nbytes": float(mem_line.split()[-1]) if mem_line else None,
+                    "impressions_checked": len(set(all_ids)),
+                    "wrong_keys": wrong_keys(md, sorted(set(all_ids))),
+                }
+            )
     finally:
         server.stop()
 

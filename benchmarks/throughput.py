@@ -18,6 +18,7 @@ Usage::
     python benchmarks/throughput.py                    # 1M-row reference table, all cores
     python benchmarks/throughput.py --rows 200000 --steps 10 --threads 1   # quick
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,10 +89,14 @@ def run_model(args: argparse.Namespace) -> dict:
     t = time.perf_counter()
     predict_rows(model, test, args.batch_size, args.precision, hidden=False)
     infer_s = time.perf_counter() - t
-    return {"train_samples_per_s": round(len(timed) / train_s), "infer_samples_per_s": round(len(test) / infer_s),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "params": sum(p.numel() for p in model.parameters()), "train_rows_timed": len(timed),
-            "infer_rows": len(test)}
+    return {
+        "train_samples_per_s": round(len(timed) / train_s),
+        "infer_samples_per_s": round(len(test) / infer_s),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "params": sum(p.numel() for p in model.parameters()),
+        "train_rows_timed": len(timed),
+        "infer_rows": len(test),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,12 +125,19 @@ def main(argv: list[str] | None = None) -> None:
     load = os.getloadavg()[0]
     table = encoded_table(args.rows, args.seed, args.cache, args.generator)
     names = args.models.split(",") if args.models else sorted(MODELS)
-    result: dict = {"table": f"criteo_like rows={args.rows} seed={args.seed} (26 categorical + 13 bucketised numeric, "
-                             "no sequence field)",
-                    "threads": args.threads, "load_avg_start": round(load, 2), "cpus": os.cpu_count(),
-                    "batch_size": args.batch_size, "precision": args.precision,
-                    "timed_steps": args.steps, "options": {"embedding_dim": 16, "others": "model defaults"},
-                    "models": {}, "skipped": {}}
+    result: dict = {
+        "table": f"criteo_like rows={args.rows} seed={args.seed} (26 categorical + 13 bucketised numeric, "
+        "no sequence field)",
+        "threads": args.threads,
+        "load_avg_start": round(load, 2),
+        "cpus": os.cpu_count(),
+        "batch_size": args.batch_size,
+        "precision": args.precision,
+        "timed_steps": args.steps,
+        "options": {"embedding_dim": 16, "others": "model defaults"},
+        "models": {},
+        "skipped": {},
+    }
     import torch
 
     from reloop.data.schema import FeatureMap
@@ -136,16 +148,35 @@ def main(argv: list[str] | None = None) -> None:
         if reason:
             result["skipped"][name] = reason
             continue
-        cmd = [sys.executable, __file__, "--one", "--model", name, "--table", str(table),
-               "--threads", str(args.threads), "--batch-size", str(args.batch_size),
-               "--precision", args.precision, "--warmup", str(args.warmup), "--steps", str(args.steps)]
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            "--model",
+            name,
+            "--table",
+            str(table),
+            "--threads",
+            str(args.threads),
+            "--batch-size",
+            str(args.batch_size),
+            "--precision",
+            args.precision,
+            "--warmup",
+            str(args.warmup),
+            "--steps",
+            str(args.steps),
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            result["skipped"][name] = f"failed: {done.stderr.strip().splitlines()[-1] if done.stderr else done.returncode}"
+            result["skipped"][name] = (
+                f"failed: {done.stderr.strip().splitlines()[-1] if done.stderr else done.returncode}"
+            )
         else:
             result["models"][name] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(json.dumps({name: result["models"].get(name) or result["skipped"].get(name)}), file=sys.stderr,
-              flush=True)
+        print(
+            json.dumps({name: result["models"].get(name) or result["skipped"].get(name)}), file=sys.stderr, flush=True
+        )
     result["load_avg_end"] = round(os.getloadavg()[0], 2)
     text = json.dumps(result, indent=1)
     print(text)

@@ -5,6 +5,7 @@
 Prints one JSON object per model: name, parameters, auc_mean/std, gauc_mean, logloss_mean, seconds.
 Sequence models (din, dien, bst) get the MovieLens `history` feature (last 30 positives).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,14 +32,23 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     for name in args.models.split(","):
-        data = {"source": "movielens", "path": args.data, "label": {"rating_at_least": 4},
-                "periods": {"count": 31, "by": "rows"}}
+        data = {
+            "source": "movielens",
+            "path": args.data,
+            "label": {"rating_at_least": 4},
+            "periods": {"count": 31, "by": "rows"},
+        }
         if name in SEQUENCE_MODELS:
             data["history"] = 30
-        cfg = parse_config({"data": data, "model": {"name": name, "embedding_dim": 16},
-                            "train": {"epochs": 1, "batch_size": 1024, "lr": 1e-3},
-                            "protocol": {"seeds": list(range(args.seeds))},
-                            "runs": {"IU": {"update": "incremental"}}})
+        cfg = parse_config(
+            {
+                "data": data,
+                "model": {"name": name, "embedding_dim": 16},
+                "train": {"epochs": 1, "batch_size": 1024, "lr": 1e-3},
+                "protocol": {"seeds": list(range(args.seeds))},
+                "runs": {"IU": {"update": "incremental"}},
+            }
+        )
         started = time.time()
         with tempfile.TemporaryDirectory() as tmp:
             res = run_experiment(cfg, Path(tmp), show_progress=False)
@@ -48,10 +58,22 @@ def main() -> None:
             fmap = prepare_stream(cfg.data, cfg.protocol.pretrain).stream.feature_map
             params = sum(p.numel() for p in build_model(cfg.model, fmap).parameters())
         s = res.summary[0]
-        print(json.dumps({"model": name, "parameters": params, "auc_mean": round(s["auc_mean"], 4),
-                          "auc_std": round(s["auc_std"], 4), "gauc_mean": round(s["gauc_mean"], 4),
-                          "logloss_mean": round(s["logloss_mean"], 4), "seeds": args.seeds,
-                          "seconds": round(time.time() - started, 1), "threads": args.threads}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "model": name,
+                    "parameters": params,
+                    "auc_mean": round(s["auc_mean"], 4),
+                    "auc_std": round(s["auc_std"], 4),
+                    "gauc_mean": round(s["gauc_mean"], 4),
+                    "logloss_mean": round(s["logloss_mean"], 4),
+                    "seeds": args.seeds,
+                    "seconds": round(time.time() - started, 1),
+                    "threads": args.threads,
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ test-then-train protocol over any object with ``predict`` and ``fit``; ``reloop.
 Run: ``python examples/custom_model_asmg.py [OUT_DIR]`` (seconds on a CPU; writes periods.png to
 OUT_DIR when given).
 """
+
 from __future__ import annotations
 
 import sys
@@ -38,8 +39,9 @@ class TwoTower(nn.Module):
         for table in (self.user, self.hour, self.item, self.category):
             nn.init.normal_(table.weight, std=0.05)
 
-    def forward(self, user: torch.Tensor, item: torch.Tensor, category: torch.Tensor,
-                hour: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, user: torch.Tensor, item: torch.Tensor, category: torch.Tensor, hour: torch.Tensor
+    ) -> torch.Tensor:
         u = self.user_tower(torch.cat([self.user(user), self.hour(hour)], dim=1))
         v = self.item_tower(torch.cat([self.item(item), self.category(category)], dim=1))
         return 3.0 * (u * v).sum(-1) + self.bias
@@ -73,9 +75,10 @@ class TwoTowerLearner:
         for _ in range(self.epochs):
             order = torch.randperm(len(labels), generator=self.rng)
             for start in range(0, len(labels), 256):
-                idx = order[start:start + 256]
+                idx = order[start : start + 256]
                 loss = nn.functional.binary_cross_entropy_with_logits(
-                    self.model(**{k: v[idx] for k, v in inputs.items()}), labels[idx])
+                    self.model(**{k: v[idx] for k, v in inputs.items()}), labels[idx]
+                )
                 self.optimizer.zero_grad()
                 loss.backward()
                 self.optimizer.step()
@@ -85,8 +88,9 @@ class TwoTowerLearner:
 
 
 def main(out: Path | None = None) -> None:
-    periods = reloop.synthetic_periods(periods=12, rows_per_period=2500, users=USERS, items=ITEMS,
-                                       categories=CATEGORIES, seed=2)
+    periods = reloop.synthetic_periods(
+        periods=12, rows_per_period=2500, users=USERS, items=ITEMS, categories=CATEGORIES, seed=2
+    )
     protocol: dict[str, Any] = {"pretrain": 2, "warmup": 4, "valid": 2}
     rows = []
     generators = {}
@@ -108,8 +112,12 @@ def main(out: Path | None = None) -> None:
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         reloop.write_periods(rows, out / "periods.csv")
-        reloop.plot_periods(rows, out / "periods.png", oracle=reloop.oracle_auc(periods),
-                            title="Two-tower model: IU vs ASMG-GRU (k = 2)")
+        reloop.plot_periods(
+            rows,
+            out / "periods.png",
+            oracle=reloop.oracle_auc(periods),
+            title="Two-tower model: IU vs ASMG-GRU (k = 2)",
+        )
         print(f"wrote {out / 'periods.png'}")
     print("ok")
 

@@ -7,6 +7,7 @@ on similar requests and corrects the prediction; no gradient step, no retraining
 
 Run: ``python examples/online_serving.py`` (a few seconds on a CPU; no data files needed).
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -34,12 +35,14 @@ class Ranker(nn.Module):
         for table in (self.user, self.item, self.category, self.hour):
             nn.init.normal_(table.weight, std=0.01)
 
-    def forward(self, user: torch.Tensor, item: torch.Tensor, category: torch.Tensor,
-                hour: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, user: torch.Tensor, item: torch.Tensor, category: torch.Tensor, hour: torch.Tensor
+    ) -> torch.Tensor:
         return self.score_with_key(user, item, category, hour)[0]
 
-    def score_with_key(self, user: torch.Tensor, item: torch.Tensor, category: torch.Tensor,
-                       hour: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def score_with_key(
+        self, user: torch.Tensor, item: torch.Tensor, category: torch.Tensor, hour: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, key): the key is the field embeddings (reloop's default ``key: embeddings``); the
         input of ``out`` works too: ``CompensatedModel(model, memory, key_layer="out")``."""
         x = torch.cat([self.user(user), self.item(item), self.category(category), self.hour(hour)], dim=1)
@@ -53,9 +56,10 @@ def train(model: nn.Module, periods: list[reloop.Period], epochs: int = 4) -> No
         for p in periods:
             order = torch.randperm(len(p), generator=g)
             for s in range(0, len(p), 256):
-                idx = order[s:s + 256]
+                idx = order[s : s + 256]
                 loss = nn.functional.binary_cross_entropy_with_logits(
-                    model(**{k: v[idx] for k, v in p.inputs.items()}), p.labels[idx])
+                    model(**{k: v[idx] for k, v in p.inputs.items()}), p.labels[idx]
+                )
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -80,8 +84,9 @@ class Service:
 
 
 def main() -> None:
-    periods = reloop.synthetic_periods(periods=8, rows_per_period=3000, users=USERS, items=ITEMS,
-                                       categories=CATEGORIES, seed=3, drift_sigma=0.4)
+    periods = reloop.synthetic_periods(
+        periods=8, rows_per_period=3000, users=USERS, items=ITEMS, categories=CATEGORIES, seed=3, drift_sigma=0.4
+    )
     torch.manual_seed(0)
     model = Ranker()
     train(model, periods[:3])  # trained once, on the first three periods
@@ -93,8 +98,8 @@ def main() -> None:
     request_id = 0
     for period in periods[3:]:
         for s in range(0, len(period), 100):  # request batches of 100 impressions
-            features = {k: v[s:s + 100] for k, v in period.inputs.items()}
-            clicks = period.labels[s:s + 100]
+            features = {k: v[s : s + 100] for k, v in period.inputs.items()}
+            clicks = period.labels[s : s + 100]
             served.append(service.handle(request_id, features))
             base.append(service.waiting[request_id].base)
             labels.append(clicks)
@@ -105,8 +110,10 @@ def main() -> None:
     y, p_base, p_served = torch.cat(labels).numpy(), torch.cat(base).numpy(), torch.cat(served).numpy()
     ll_base, ll_served = reloop.logloss(y, p_base), reloop.logloss(y, p_served)
     auc_base, auc_served = reloop.auc(y, p_base), reloop.auc(y, p_served)
-    print(f"{request_id} request batches, {len(y):,} impressions, memory holds "
-          f"{service.served.memory.n_written:,} labelled rows")
+    print(
+        f"{request_id} request batches, {len(y):,} impressions, memory holds "
+        f"{service.served.memory.n_written:,} labelled rows"
+    )
     print(f"base model       : AUC {auc_base:.4f}  LogLoss {ll_base:.4f}")
     print(f"with error memory: AUC {auc_served:.4f}  LogLoss {ll_served:.4f}")
     assert ll_served < ll_base and auc_served > auc_base, "compensation did not help"

@@ -7,6 +7,7 @@ penalises the new model only where it does worse than that.
 
 Run: ``python examples/own_training_loop.py`` (a few seconds on a CPU; no data files needed).
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,20 +32,28 @@ class MyCTRModel(nn.Module):
         for table in (self.user, self.item, self.category, self.hour):
             nn.init.normal_(table.weight, std=0.01)
 
-    def forward(self, user: torch.Tensor, item: torch.Tensor, category: torch.Tensor,
-                hour: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, user: torch.Tensor, item: torch.Tensor, category: torch.Tensor, hour: torch.Tensor
+    ) -> torch.Tensor:
         x = torch.cat([self.user(user), self.item(item), self.category(category), self.hour(hour)], dim=1)
         return self.mlp(x).squeeze(-1)
 
 
-def train_one_period(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
-                     inputs: dict[str, torch.Tensor], labels: torch.Tensor, served: torch.Tensor,
-                     batch_size: int = 256, generator: torch.Generator | None = None) -> None:
+def train_one_period(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    served: torch.Tensor,
+    batch_size: int = 256,
+    generator: torch.Generator | None = None,
+) -> None:
     """One pass over a period. The only ReLoop-specific part: ``served`` goes to the loss as y_last."""
     model.train()
     order = torch.randperm(len(labels), generator=generator)
     for start in range(0, len(labels), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         logits = model(**{k: v[idx] for k, v in inputs.items()})
         loss = loss_fn(logits, labels[idx], served[idx])  # SelfCorrectionLoss(logits, labels, y_last)
         optimizer.zero_grad()
@@ -77,8 +86,9 @@ def run(alpha: float, periods: list[reloop.Period], pretrain: int = 3) -> list[f
 
 
 def main() -> None:
-    periods = reloop.synthetic_periods(periods=10, rows_per_period=3000, users=USERS, items=ITEMS,
-                                       categories=CATEGORIES, seed=1)
+    periods = reloop.synthetic_periods(
+        periods=10, rows_per_period=3000, users=USERS, items=ITEMS, categories=CATEGORIES, seed=1
+    )
     # The loss itself: α = 0 is BCE exactly; the self-correction term only adds where the model is worse.
     logits, labels = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([1.0, 0.0, 0.0])
     y_last = torch.tensor([0.95, 0.1, 0.7])  # the last model was better on rows 0 and 1, worse on row 2

@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny drifting stream built in memory (no files, runs everywhere)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,8 +21,9 @@ from reloop.data.tensors import PeriodTensors, Stream
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 ML100K = SHARED_DATA / "movielens-100k"
-needs_ml100k = pytest.mark.skipif(not (ML100K / "u.data").exists(),
-                                  reason="needs ../shared/data/movielens-100k (the shared real data)")
+needs_ml100k = pytest.mark.skipif(
+    not (ML100K / "u.data").exists(), reason="needs ../shared/data/movielens-100k (the shared real data)"
+)
 
 
 def tiny_frame(n: int = 3000, periods: int = 8, seed: int = 0) -> pl.DataFrame:
@@ -35,17 +37,27 @@ def tiny_frame(n: int = 3000, periods: int = 8, seed: int = 0) -> pl.DataFrame:
     logit = w_user[users] + np.where(half, -w_item[items], w_item[items])
     label = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.int8)
     tags = [[f"t{(i + j) % 7}" for j in range(1 + i % 3)] for i in items]
-    return pl.DataFrame({
-        "label": label, "time": np.arange(n, dtype=np.int64) * 10,
-        "user_id": [f"u{u}" for u in users], "item_id": [f"i{i}" for i in items],
-        "price": rng.normal(10, 3, n), "tags": tags,
-    })
+    return pl.DataFrame(
+        {
+            "label": label,
+            "time": np.arange(n, dtype=np.int64) * 10,
+            "user_id": [f"u{u}" for u in users],
+            "item_id": [f"i{i}" for i in items],
+            "price": rng.normal(10, 3, n),
+            "tags": tags,
+        }
+    )
 
 
-TINY_SCHEMA = FeatureSchema(features=[
-    FeatureSpec(name="user_id"), FeatureSpec(name="item_id"),
-    FeatureSpec(name="price", kind="numeric"), FeatureSpec(name="tags", kind="sequence", max_len=3),
-], user="user_id")
+TINY_SCHEMA = FeatureSchema(
+    features=[
+        FeatureSpec(name="user_id"),
+        FeatureSpec(name="item_id"),
+        FeatureSpec(name="price", kind="numeric"),
+        FeatureSpec(name="tags", kind="sequence", max_len=3),
+    ],
+    user="user_id",
+)
 
 
 def tiny_stream(n: int = 3000, periods: int = 8, pretrain: int = 3, seed: int = 0) -> Stream:
@@ -61,12 +73,13 @@ def tiny_stream(n: int = 3000, periods: int = 8, pretrain: int = 3, seed: int = 
 
 
 def tiny_config(**runs):
-    raw = {"data": {"source": "synthetic", "periods": {"count": 8}},
-           "model": {"name": "emb_mlp", "embedding_dim": 4, "hidden_units": [8]},
-           "train": {"epochs": 1, "pretrain_epochs": 2, "batch_size": 128, "lr": 0.01},
-           "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2, "seeds": [0],
-                        "serve_batch_size": 128},
-           "runs": runs or {"IU": {"update": "incremental"}}}
+    raw = {
+        "data": {"source": "synthetic", "periods": {"count": 8}},
+        "model": {"name": "emb_mlp", "embedding_dim": 4, "hidden_units": [8]},
+        "train": {"epochs": 1, "pretrain_epochs": 2, "batch_size": 128, "lr": 0.01},
+        "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2, "seeds": [0], "serve_batch_size": 128},
+        "runs": runs or {"IU": {"update": "incremental"}},
+    }
     return parse_config(raw)
 
 

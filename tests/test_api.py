@@ -1,5 +1,6 @@
 """The public API (``reloop.__all__``, ``reloop.api``): what it declares, and that each wrapper does what
 the internal class it wraps does."""
+
 from __future__ import annotations
 
 import doctest
@@ -25,10 +26,29 @@ from reloop.memory.sketch import SketchMemory
 from reloop.update.losses import self_correction_term
 
 ROOT = Path(__file__).resolve().parents[1]
-PUBLIC = ["CompensatedModel", "Compensator", "DistillationLoss", "ErrorMemory", "ExactMemory", "Learner",
-          "MetaGenerator", "Period", "Prediction", "SelfCorrectionLoss", "SketchMemory", "__version__", "auc",
-          "error_memory", "logloss", "oracle_auc", "plot_periods", "prequential", "summarize",
-          "synthetic_periods", "write_periods"]
+PUBLIC = [
+    "CompensatedModel",
+    "Compensator",
+    "DistillationLoss",
+    "ErrorMemory",
+    "ExactMemory",
+    "Learner",
+    "MetaGenerator",
+    "Period",
+    "Prediction",
+    "SelfCorrectionLoss",
+    "SketchMemory",
+    "__version__",
+    "auc",
+    "error_memory",
+    "logloss",
+    "oracle_auc",
+    "plot_periods",
+    "prequential",
+    "summarize",
+    "synthetic_periods",
+    "write_periods",
+]
 
 
 # ------------------------------------------------------------------------------------ declaration
@@ -66,8 +86,13 @@ def test_docstring_examples_run() -> None:
 # ------------------------------------------------------------------------------------------ losses
 
 vectors = st.integers(min_value=1, max_value=40).flatmap(
-    lambda n: st.tuples(*(st.lists(st.floats(lo, hi, allow_nan=False, width=32), min_size=n, max_size=n)
-                          for lo, hi in ((-8, 8), (0, 1), (0, 1)))))
+    lambda n: st.tuples(
+        *(
+            st.lists(st.floats(lo, hi, allow_nan=False, width=32), min_size=n, max_size=n)
+            for lo, hi in ((-8, 8), (0, 1), (0, 1))
+        )
+    )
+)
 
 
 @settings(max_examples=40, deadline=None)
@@ -103,7 +128,8 @@ def test_distillation_loss_is_the_incctr_formula() -> None:
     y = (torch.rand(50, generator=g) > 0.5).float()
     beta, temp = 0.3, 2.0
     expected = (1 - beta) * F.binary_cross_entropy_with_logits(z, y) + beta * F.binary_cross_entropy_with_logits(
-        z / temp, torch.sigmoid(zt / temp))
+        z / temp, torch.sigmoid(zt / temp)
+    )
     torch.testing.assert_close(reloop.DistillationLoss(beta, temp)(z, y, zt), expected)
     torch.testing.assert_close(reloop.DistillationLoss(0.0)(z, y, zt), F.binary_cross_entropy_with_logits(z, y))
     with pytest.raises(ValueError, match="temperature"):
@@ -222,8 +248,9 @@ def _train(model: nn.Module, data: dict[str, torch.Tensor], steps: int = 20) -> 
         opt.step()
 
 
-@pytest.mark.parametrize("spec", [{"asmg_gru": {"k": 2, "lr": 0.05}}, {"asmg_linear": {"k": 2, "lr": 0.05}},
-                                  {"sml": {"lr": 0.01}}])
+@pytest.mark.parametrize(
+    "spec", [{"asmg_gru": {"k": 2, "lr": 0.05}}, {"asmg_linear": {"k": 2, "lr": 0.05}}, {"sml": {"lr": 0.01}}]
+)
 def test_meta_generator_learns_from_the_period_it_served(spec: dict[str, Any]) -> None:
     """Trained on a period where every row is a click, the generated model predicts more clicks than
     the base model it was generated from; before it is trained it serves the base model itself."""
@@ -305,8 +332,11 @@ def _fake_periods(n: int) -> list[reloop.Period]:
     out = []
     for t in range(1, n + 1):
         x = rng.random(50)
-        out.append(reloop.Period({"t": t, "x": x}, (rng.random(50) < x).astype(np.float32), users=rng.integers(0, 5, 50),
-                                 truth=x))
+        out.append(
+            reloop.Period(
+                {"t": t, "x": x}, (rng.random(50) < x).astype(np.float32), users=rng.integers(0, 5, 50), truth=x
+            )
+        )
     return out
 
 

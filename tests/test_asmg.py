@@ -1,4 +1,5 @@
 """ASMG-GRU / ASMG-Linear generators and the ``generator:`` config."""
+
 from __future__ import annotations
 
 import copy
@@ -20,15 +21,20 @@ from reloop.update.losses import CrossEntropy
 from reloop.update.strategies import Incremental, UpdateContext
 from reloop.update.trainer import TrainConfig, predict_rows, train_rows
 
-
-
-
 # ---------------------------------------------------------------------------------------------------
 # a tiny drifting stream
 
 
-def make_stream(n_periods: int = 10, rows: int = 300, n_users: int = 12, n_items: int = 15,
-                n_genres: int = 5, drift: float = 0.0, trend: float = 0.0, seed: int = 0) -> Stream:
+def make_stream(
+    n_periods: int = 10,
+    rows: int = 300,
+    n_users: int = 12,
+    n_items: int = 15,
+    n_genres: int = 5,
+    drift: float = 0.0,
+    trend: float = 0.0,
+    seed: int = 0,
+) -> Stream:
     """Planted logistic truth: user + item effects (item effects and the intercept move linearly in t)."""
     g = torch.Generator().manual_seed(seed)
     user_eff = torch.randn(n_users, generator=g) * 0.7
@@ -53,32 +59,49 @@ def make_stream(n_periods: int = 10, rows: int = 300, n_users: int = 12, n_items
         start += rows
     data = {k: torch.cat(v) for k, v in cols.items()}
     data["row"] = torch.arange(start, dtype=torch.int64)
-    fmap = FeatureMap(fields=[
-        EncodedField(name="user", kind="categorical", table="user", size=n_users + 2),
-        EncodedField(name="item", kind="categorical", table="item", size=n_items + 2),
-        EncodedField(name="genre", kind="sequence", table="genre", size=n_genres + 2, max_len=2),
-    ], user_field="user")
+    fmap = FeatureMap(
+        fields=[
+            EncodedField(name="user", kind="categorical", table="user", size=n_users + 2),
+            EncodedField(name="item", kind="categorical", table="item", size=n_items + 2),
+            EncodedField(name="genre", kind="sequence", table="genre", size=n_genres + 2, max_len=2),
+        ],
+        user_field="user",
+    )
     return Stream(feature_map=fmap, rows=PeriodTensors(data), bounds=bounds)
 
 
 def make_model(stream: Stream, seed: int = 0, dim: int = 4, hidden: list[int] | None = None):
     torch.manual_seed(seed)
-    return build_model({"name": "emb_mlp", "embedding_dim": dim, "hidden_units": hidden or [6],
-                        "init_std": 0.1}, stream.feature_map)
+    return build_model(
+        {"name": "emb_mlp", "embedding_dim": dim, "hidden_units": hidden or [6], "init_std": 0.1}, stream.feature_map
+    )
 
 
-def ctx_for(stream: Stream, t: int, g: torch.Generator, history: History | None = None,
-            batch_size: int = 64, lr: float = 1e-2) -> UpdateContext:
-    return UpdateContext(history=history or History(stream, t), t=t, loss=CrossEntropy(),
-                         train=TrainConfig(batch_size=batch_size, lr=lr), generator=g,
-                         fresh_model=lambda: make_model(stream))
+def ctx_for(
+    stream: Stream, t: int, g: torch.Generator, history: History | None = None, batch_size: int = 64, lr: float = 1e-2
+) -> UpdateContext:
+    return UpdateContext(
+        history=history or History(stream, t),
+        t=t,
+        loss=CrossEntropy(),
+        train=TrainConfig(batch_size=batch_size, lr=lr),
+        generator=g,
+        fresh_model=lambda: make_model(stream),
+    )
 
 
 def pretrain(stream: Stream, P: int, g: torch.Generator, epochs: int = 5, lr: float = 1e-2):
     model = make_model(stream)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    train_rows(model, opt, History(stream, P).periods(1, P), CrossEntropy(), TrainConfig(batch_size=64, lr=lr),
-               g, epochs=epochs)
+    train_rows(
+        model,
+        opt,
+        History(stream, P).periods(1, P),
+        CrossEntropy(),
+        TrainConfig(batch_size=64, lr=lr),
+        g,
+        epochs=epochs,
+    )
     return model, opt.state_dict()
 
 
@@ -87,8 +110,7 @@ def bce(model, rows) -> float:
     return float(F.binary_cross_entropy_with_logits(logits, rows.data["label"]))
 
 
-def drive(stream: Stream, gen: ModelGenerator, P: int, T: int, seed: int = 0, base_lr: float = 1e-2,
-          hook=None):
+def drive(stream: Stream, gen: ModelGenerator, P: int, T: int, seed: int = 0, base_lr: float = 1e-2, hook=None):
     """The protocol: IU, observe, serve D_{t+1}, learn. Returns per-period (serving, base) next-period BCE."""
     g = torch.Generator().manual_seed(seed)
     model, opt_state = pretrain(stream, P, g, lr=base_lr)
@@ -155,7 +177,7 @@ def test_vectorised_gru_matches_hand_written_cell(kind, init):
     with torch.no_grad():
         h_new = gru.step(x, h)
         y = gru.output(x, h_new)
-    for n, p in ([(0, 2), (0, 6)] if kind == "dense" else [(3, 1), (5, 3), (0, 0)]):
+    for n, p in [(0, 2), (0, 6)] if kind == "dense" else [(3, 1), (5, 3), (0, 0)]:
         ref_h, ref_y = hand_gru(float(x[n, p]), [float(v) for v in h[n, p]], gru, p)
         assert torch.allclose(h_new[n, p].double(), torch.tensor(ref_h, dtype=torch.float64), atol=1e-6)
         assert abs(float(y[n, p]) - ref_y) < 1e-5
@@ -249,6 +271,7 @@ def test_warmup_serves_base_model():
     def hook(stage, t, gen, model):
         if stage == "before_learn":
             seen.append((t, gen.ready, gen.n_trained))
+
     drive(stream, ASMGGRU(k=3, warmup=1), P=3, T=8, hook=hook)
     # models observed from t=4: k=3 models at t=6, first training at learn(7), first generated serve at t=7
     assert seen == [(4, False, 0), (5, False, 0), (6, False, 0), (7, True, 1)]
@@ -272,8 +295,10 @@ def test_hidden_state_carry_and_zero_variant():
 
     def hook(stage, t, gen, model):
         if stage == "before_learn":
-            record[t] = {"window": [copy.deepcopy(p) for _, p in gen.window()],
-                         "h0": copy.deepcopy(gen.initial_state())}
+            record[t] = {
+                "window": [copy.deepcopy(p) for _, p in gen.window()],
+                "h0": copy.deepcopy(gen.initial_state()),
+            }
         else:
             record[t]["h_after"] = copy.deepcopy(gen._h)
             record[t]["gen"] = copy.deepcopy(gen)
@@ -310,8 +335,15 @@ class RecordingHistory(History):
         return super().periods(first, last)
 
 
-@pytest.mark.parametrize("make", [lambda: ASMGGRU(k=2, variant="multi"), lambda: ASMGGRU(k=2, variant="full"),
-                                  lambda: ASMGLinear(k=2), lambda: SML()])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ASMGGRU(k=2, variant="multi"),
+        lambda: ASMGGRU(k=2, variant="full"),
+        lambda: ASMGLinear(k=2),
+        lambda: SML(),
+    ],
+)
 def test_no_look_ahead(make):
     stream = make_stream(n_periods=7, rows=120)
     gen = make()
@@ -369,8 +401,12 @@ def run_periods(stream: Stream, gen: ModelGenerator, around_learn=None):
 
 def test_state_dict_round_trip():
     stream = make_stream(n_periods=9, rows=150)
-    for make in (lambda: ASMGGRU(k=2, variant="multi"), lambda: ASMGGRU(k=2, variant="full"),
-                 lambda: ASMGLinear(k=2), lambda: SML()):
+    for make in (
+        lambda: ASMGGRU(k=2, variant="multi"),
+        lambda: ASMGGRU(k=2, variant="full"),
+        lambda: ASMGLinear(k=2),
+        lambda: SML(),
+    ):
         gen, model, opt_state, _ = run_periods(stream, make())
         copied = copy.deepcopy(gen)
         buf = io.BytesIO()
@@ -392,8 +428,9 @@ def test_state_dict_round_trip():
             for a, b in zip(results[0], res):
                 assert all(torch.equal(a[n], b[n]) for n in a), gen.name
         with pytest.raises(ValueError):
-            ASMGGRU(k=5).load_state_dict(gen.state_dict()) if gen.name == "asmg_gru" else \
-                type(gen)(warmup=3).load_state_dict(gen.state_dict())
+            ASMGGRU(k=5).load_state_dict(gen.state_dict()) if gen.name == "asmg_gru" else type(gen)(
+                warmup=3
+            ).load_state_dict(gen.state_dict())
 
 
 def test_functional_forward_of_generated_params_has_gradients():
@@ -419,31 +456,56 @@ def test_generator_config_forms():
     assert type(build_generator(None)) is ModelGenerator
     assert isinstance(build_generator("sml"), SML)
     assert build_generator({"sml": {"lr": 0.01}}).lr == 0.01
-    gru = build_generator({"asmg_gru": {"k": 4, "hidden": 2, "variant": "unif", "lr": 0.001, "epochs": 2,
-                                        "gate_bias": False, "init": "glorot", "warmup": 0}})
+    gru = build_generator(
+        {
+            "asmg_gru": {
+                "k": 4,
+                "hidden": 2,
+                "variant": "unif",
+                "lr": 0.001,
+                "epochs": 2,
+                "gate_bias": False,
+                "init": "glorot",
+                "warmup": 0,
+            }
+        }
+    )
     assert isinstance(gru, ASMGGRU)
-    assert (gru.k, gru.hidden, gru.variant, gru.lr, gru.epochs, gru.gate_bias, gru.init, gru.warmup) == \
-        (4, 2, "unif", 0.001, 2, False, "glorot", 0)
+    assert (gru.k, gru.hidden, gru.variant, gru.lr, gru.epochs, gru.gate_bias, gru.init, gru.warmup) == (
+        4,
+        2,
+        "unif",
+        0.001,
+        2,
+        False,
+        "glorot",
+        0,
+    )
     lin = build_generator({"asmg_linear": {"k": 2, "lr": 0.05}})
     assert isinstance(lin, ASMGLinear) and lin.k == 2 and lin.lr == 0.05
     assert parse_generator({"asmg_gru": None})[0] == "asmg_gru"
 
 
-@pytest.mark.parametrize("cfg, key", [
-    ({"asmg_gru": {"kk": 3}}, "generator.asmg_gru.kk"),
-    ({"asmg_gru": {"variant": "half"}}, "generator.asmg_gru.variant"),
-    ({"asmg_gru": {"k": 0}}, "generator.asmg_gru.k"),
-    ({"asmg_linear": {"hidden": 3}}, "generator.asmg_linear.hidden"),
-    ({"sml": {"init": "zeros"}}, "generator.sml.init"),
-    ("asmg", "generator"),
-])
+@pytest.mark.parametrize(
+    "cfg, key",
+    [
+        ({"asmg_gru": {"kk": 3}}, "generator.asmg_gru.kk"),
+        ({"asmg_gru": {"variant": "half"}}, "generator.asmg_gru.variant"),
+        ({"asmg_gru": {"k": 0}}, "generator.asmg_gru.k"),
+        ({"asmg_linear": {"hidden": 3}}, "generator.asmg_linear.hidden"),
+        ({"sml": {"init": "zeros"}}, "generator.sml.init"),
+        ("asmg", "generator"),
+    ],
+)
 def test_generator_config_errors_name_the_key(cfg, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         build_generator(cfg)
 
 
-@pytest.mark.parametrize("make", [lambda s: ASMGGRU(k=2, sparse_rows=s), lambda s: ASMGLinear(k=2, sparse_rows=s),
-                                  lambda s: SML(sparse_rows=s)])
+@pytest.mark.parametrize(
+    "make",
+    [lambda s: ASMGGRU(k=2, sparse_rows=s), lambda s: ASMGLinear(k=2, sparse_rows=s), lambda s: SML(sparse_rows=s)],
+)
 def test_sparse_rows_training_equals_full_tables(make):
     stream = make_stream(n_periods=7, rows=200, n_users=400, n_items=500, drift=0.5, trend=0.1)
     results = []
@@ -479,13 +541,16 @@ def test_runner_rows_carry_per_period_seconds(stream):
     from conftest import tiny_config
 
     from reloop.config import RunSpec
-    from reloop.protocol.runner import pretrain as pretrain_theta0, run_one
+    from reloop.protocol.runner import pretrain as pretrain_theta0
+    from reloop.protocol.runner import run_one
 
     cfg = tiny_config()
     theta0, opt0 = pretrain_theta0(cfg, stream, 0)
     keys = ("update_s", "generate_s", "serve_s", "generator_fit_s")
-    runs = {name: run_one(cfg, stream, name, RunSpec(**spec), 0, theta0, opt0)
-            for name, spec in (("gru", {"generator": {"asmg_gru": {"k": 2}}}), ("IU", {}))}
+    runs = {
+        name: run_one(cfg, stream, name, RunSpec(**spec), 0, theta0, opt0)
+        for name, spec in (("gru", {"generator": {"asmg_gru": {"k": 2}}}), ("IU", {}))
+    }
     for rows in runs.values():
         first, *rest = rows
         assert not any(k in first for k in keys)  # Θ0 serving period P+1: no step of the loop ran
@@ -498,6 +563,7 @@ def test_runner_rows_carry_per_period_seconds(stream):
 @pytest.mark.parametrize("make", [lambda: ASMGGRU(k=2), lambda: ASMGLinear(k=2), lambda: SML()])
 def test_learning_leaves_the_run_rng_alone(make):
     """Base models of an ASMG run must be the IU run's: the generator shuffles with its own RNG."""
+
     def unchanged(g, learn):
         before = g.get_state()
         learn()

@@ -1,4 +1,5 @@
 """`reloop bench paper`: section selection, config validation and the report, on a tiny synthetic stream."""
+
 from __future__ import annotations
 
 import os
@@ -6,13 +7,21 @@ import os
 import pytest
 from typer.testing import CliRunner
 
-from reloop.bench.paper import SECTIONS, select_sections, section_config
+from reloop.bench.paper import SECTIONS, section_config, select_sections
 from reloop.cli import app
 from reloop.config import ConfigError
 
 runner = CliRunner()
-TINY = ["--set", "data.synthetic.rows_per_period=300", "--set", "data.synthetic.users=200",
-        "--set", "data.synthetic.items=100", "--set", "train.pretrain_epochs=1"]
+TINY = [
+    "--set",
+    "data.synthetic.rows_per_period=300",
+    "--set",
+    "data.synthetic.users=200",
+    "--set",
+    "data.synthetic.items=100",
+    "--set",
+    "train.pretrain_epochs=1",
+]
 
 
 def test_select_sections_by_name_and_group():
@@ -34,17 +43,56 @@ def test_every_section_config_is_valid():
 def test_bad_set_fails_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="synthetic.rows"):
         section_config(SECTIONS[0], "synthetic", [0], overrides={"data.synthetic.rows": 5})
-    res = runner.invoke(app, ["--threads", "1", "bench", "paper", "--data", "synthetic", "--seeds", "1",
-                              "--section", "asmg", "--out", str(tmp_path), "--set", "data.synthetic.rows=5"])
+    res = runner.invoke(
+        app,
+        [
+            "--threads",
+            "1",
+            "bench",
+            "paper",
+            "--data",
+            "synthetic",
+            "--seeds",
+            "1",
+            "--section",
+            "asmg",
+            "--out",
+            str(tmp_path),
+            "--set",
+            "data.synthetic.rows=5",
+        ],
+    )
     assert res.exit_code == 2 and "config error" in res.output
     assert not (tmp_path / "asmg").exists()
 
 
 @pytest.mark.slow
 def test_report_with_two_workers(tmp_path):
-    res = runner.invoke(app, ["--threads", "1", "bench", "paper", "--data", "synthetic", "--seeds", "1",
-                              "--section", "zoo-lr", "--section", "zoo-din", "--section", "reloop2-delay1",
-                              "--jobs", "2", "--no-progress", "--out", str(tmp_path), *TINY])
+    res = runner.invoke(
+        app,
+        [
+            "--threads",
+            "1",
+            "bench",
+            "paper",
+            "--data",
+            "synthetic",
+            "--seeds",
+            "1",
+            "--section",
+            "zoo-lr",
+            "--section",
+            "zoo-din",
+            "--section",
+            "reloop2-delay1",
+            "--jobs",
+            "2",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+            *TINY,
+        ],
+    )
     assert res.exit_code == 0, res.output
     report = (tmp_path / "report.md").read_text()
     assert "## ReLoop2 with labels one serving batch late" in report
@@ -64,10 +112,33 @@ def test_sigterm_takes_the_workers_down(tmp_path):
     import sys
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "reloop.cli", "--threads", "1", "bench", "paper", "--data",
-                             "synthetic", "--seeds", "3", "--section", "asmg", "--section", "combos", "--jobs", "2",
-                             "--no-progress", "--out", str(tmp_path), *TINY],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "reloop.cli",
+            "--threads",
+            "1",
+            "bench",
+            "paper",
+            "--data",
+            "synthetic",
+            "--seeds",
+            "3",
+            "--section",
+            "asmg",
+            "--section",
+            "combos",
+            "--jobs",
+            "2",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+            *TINY,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
     def children() -> list[int]:
         kids = []

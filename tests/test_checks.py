@@ -3,6 +3,7 @@
 Each rule is also checked against what the protocol really does: a run the check says cannot act gives
 exactly the metrics of the same run without the component, and one it passes does not.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from reloop.preflight import check_before_run, preflight
 from reloop.cli import app
 from reloop.config import ConfigError, RunSpec, parse_config
+from reloop.preflight import check_before_run, preflight
 from reloop.protocol.runner import pretrain, run_one
 
 EXACT = {"exact": {"size": 256, "top_k": 8}, "lambda": 0.5}
@@ -24,12 +25,21 @@ runner = CliRunner()
 
 
 def _cfg(runs: dict, **protocol):
-    raw = {"data": {"source": "synthetic", "periods": {"count": 8}},
-           "model": {"name": "emb_mlp", "embedding_dim": 4, "hidden_units": [8]},
-           "train": {"epochs": 1, "pretrain_epochs": 2, "batch_size": 128, "lr": 0.01},
-           "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2, "seeds": [0], "serve_batch_size": 128,
-                        **protocol},
-           "runs": runs}
+    raw = {
+        "data": {"source": "synthetic", "periods": {"count": 8}},
+        "model": {"name": "emb_mlp", "embedding_dim": 4, "hidden_units": [8]},
+        "train": {"epochs": 1, "pretrain_epochs": 2, "batch_size": 128, "lr": 0.01},
+        "protocol": {
+            "pretrain": 3,
+            "warmup": 1,
+            "valid": 1,
+            "test": 2,
+            "seeds": [0],
+            "serve_batch_size": 128,
+            **protocol,
+        },
+        "runs": runs,
+    }
     return parse_config(raw)
 
 
@@ -44,8 +54,9 @@ def _metrics(cfg, stream, spec: dict) -> list[tuple[int, float, float]]:
 
 def test_memory_that_is_never_read_is_named_with_the_settings_to_change():
     """ReLoop2 equal to IU (issue 17): periods of 375 rows served in one batch of 1024, memory reset per update."""
-    cfg = _cfg({"IU": {"update": "incremental"}, "ReLoop2": {"update": "incremental", "memory": EXACT}},
-               serve_batch_size=1024)
+    cfg = _cfg(
+        {"IU": {"update": "incremental"}, "ReLoop2": {"update": "incremental", "memory": EXACT}}, serve_batch_size=1024
+    )
     found = preflight(cfg, [375] * 8)
     assert len(found) == 1
     f = found[0]
@@ -54,8 +65,11 @@ def test_memory_that_is_never_read_is_named_with_the_settings_to_change():
     assert "protocol.serve_batch_size <= 374" in f.message and "runs.ReLoop2.memory.reset_on_update: false" in f.message
 
 
-@pytest.mark.parametrize("fix", [{"serve_batch_size": 187}, {"memory": {**EXACT, "reset_on_update": False}}],
-                         ids=["smaller batches", "kept memory"])
+@pytest.mark.parametrize(
+    "fix",
+    [{"serve_batch_size": 187}, {"memory": {**EXACT, "reset_on_update": False}}],
+    ids=["smaller batches", "kept memory"],
+)
 def test_either_named_fix_clears_the_finding(fix):
     memory = fix.get("memory", EXACT)
     protocol = {"serve_batch_size": fix.get("serve_batch_size", 1024)}
@@ -94,20 +108,31 @@ def test_the_memory_rule_matches_the_protocol():
     assert all(a != b for a, b in zip(compensated, _metrics(fixed, stream, {"update": "incremental"})))
 
 
-@given(rows=st.lists(st.integers(1, 3000), min_size=8, max_size=8), batch=st.integers(1, 2048),
-       delay=st.integers(0, 4), reset=st.booleans())
+@given(
+    rows=st.lists(st.integers(1, 3000), min_size=8, max_size=8),
+    batch=st.integers(1, 2048),
+    delay=st.integers(0, 4),
+    reset=st.booleans(),
+)
 @settings(max_examples=200, deadline=None)
 def test_memory_finding_iff_a_served_period_has_too_few_batches(rows, batch, delay, reset):
-    cfg = _cfg({"M": {"update": "incremental", "memory": {**EXACT, "reset_on_update": reset}}},
-               serve_batch_size=batch, feedback_delay=delay)
+    cfg = _cfg(
+        {"M": {"update": "incremental", "memory": {**EXACT, "reset_on_update": reset}}},
+        serve_batch_size=batch,
+        feedback_delay=delay,
+    )
     served = rows[3:]  # periods 4..8: Θ0's period and the 4 updates
     blind = reset and any(-(-r // batch) < delay + 2 for r in served)
     assert bool(preflight(cfg, rows)) == blind
 
 
 def test_lambda_zero_and_unwritable_memory():
-    cfg = _cfg({"A": {"update": "incremental", "memory": {**EXACT, "lambda": 0.0}},
-                "B": {"update": "incremental", "memory": {**EXACT, "write": "errors", "error_threshold": 1.0}}})
+    cfg = _cfg(
+        {
+            "A": {"update": "incremental", "memory": {**EXACT, "lambda": 0.0}},
+            "B": {"update": "incremental", "memory": {**EXACT, "write": "errors", "error_threshold": 1.0}},
+        }
+    )
     found = {f.key: f for f in preflight(cfg, [375] * 8)}
     assert found["runs.A.memory.lambda"].level == "warning"
     assert found["runs.B.memory.error_threshold"].level == "error"
@@ -137,14 +162,22 @@ def test_generator_late_in_the_test_periods_is_a_warning():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("gen", [{"asmg_linear": {"k": 2, "warmup": 0}}, {"asmg_linear": {"k": 3, "warmup": 1}},
-                                 {"sml": {"warmup": 0}}, {"sml": {"warmup": 2}}, {"sml": {"warmup": 0, "init": "glorot"}},
-                                 {"asmg_gru": {"k": 2, "warmup": 0}}], ids=str)
+@pytest.mark.parametrize(
+    "gen",
+    [
+        {"asmg_linear": {"k": 2, "warmup": 0}},
+        {"asmg_linear": {"k": 3, "warmup": 1}},
+        {"sml": {"warmup": 0}},
+        {"sml": {"warmup": 2}},
+        {"sml": {"warmup": 0, "init": "glorot"}},
+        {"asmg_gru": {"k": 2, "warmup": 0}},
+    ],
+    ids=str,
+)
 def test_the_generator_rule_matches_the_protocol(gen):
     """The first period the generated model is served (metrics differ from IU) is the one the rule predicts."""
     # guard_margin inf: a generated model that is worse on the latest period is still served
-    cfg = _cfg({"G": {"update": "incremental", "generator": gen}}, warmup=1, valid=1, test=2,
-               guard_margin=float("inf"))
+    cfg = _cfg({"G": {"update": "incremental", "generator": gen}}, warmup=1, valid=1, test=2, guard_margin=float("inf"))
     stream = tiny_stream()
     iu = _metrics(cfg, stream, {"update": "incremental"})
     generated = _metrics(cfg, stream, {"update": "incremental", "generator": gen})
@@ -153,8 +186,9 @@ def test_the_generator_rule_matches_the_protocol(gen):
     identity = "asmg_linear" not in gen and options.get("init", "identity") == "identity"  # serves Θ_t untrained
     first_update = options.get("k", 1) + max(options["warmup"], int(identity))  # the rule in reloop.checks
     assert first_served == cfg.protocol.pretrain + 1 + first_update
-    assert any(f.level == "warning" for f in preflight(cfg, [b - a for a, b in stream.bounds])) == \
-        (first_update > cfg.protocol.warmup + cfg.protocol.valid + 1)
+    assert any(f.level == "warning" for f in preflight(cfg, [b - a for a, b in stream.bounds])) == (
+        first_update > cfg.protocol.warmup + cfg.protocol.valid + 1
+    )
 
 
 # ------------------------------------------------------------------------------------- losses, updates
@@ -167,13 +201,21 @@ def test_training_loss_without_training_is_an_error():
 
 
 def test_zero_weights_and_no_op_options_are_warnings():
-    cfg = _cfg({"A": {"update": "incremental", "loss": {"self_correction": 0.0}},
-                "B": {"update": "incremental", "loss": {"distill": 0.0}},
-                "C": {"update": "incremental", "loss": {"self_correction": 0.5, "y_last": "compensated"}},
-                "D": {"update": {"replay": {"reservoir": 0.3, "ratio": 0.0}}}})
+    cfg = _cfg(
+        {
+            "A": {"update": "incremental", "loss": {"self_correction": 0.0}},
+            "B": {"update": "incremental", "loss": {"distill": 0.0}},
+            "C": {"update": "incremental", "loss": {"self_correction": 0.5, "y_last": "compensated"}},
+            "D": {"update": {"replay": {"reservoir": 0.3, "ratio": 0.0}}},
+        }
+    )
     keys = {f.key for f in preflight(cfg, [375] * 8) if f.level == "warning"}
-    assert keys == {"runs.A.loss.self_correction", "runs.B.loss.distill", "runs.C.loss.y_last",
-                    "runs.D.update.replay.ratio"}
+    assert keys == {
+        "runs.A.loss.self_correction",
+        "runs.B.loss.distill",
+        "runs.C.loss.y_last",
+        "runs.D.update.replay.ratio",
+    }
 
 
 def test_default_and_demo_configs_pass():
@@ -188,20 +230,25 @@ def test_default_and_demo_configs_pass():
 
 
 def _write(tmp_path: Path, runs: dict, **protocol) -> Path:
-    cfg = {"data": {"source": "synthetic", "synthetic": {"users": 60, "items": 40, "rows_per_period": 120,
-                                                        "periods": 8, "seed": 1},
-                    "periods": {"count": 8, "by": "rows"}, "cache": str(tmp_path / "cache")},
-           "model": {"name": "lr"}, "train": {"epochs": 1, "pretrain_epochs": 1, "batch_size": 64},
-           "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2, "seeds": [0], **protocol},
-           "runs": runs}
+    cfg = {
+        "data": {
+            "source": "synthetic",
+            "synthetic": {"users": 60, "items": 40, "rows_per_period": 120, "periods": 8, "seed": 1},
+            "periods": {"count": 8, "by": "rows"},
+            "cache": str(tmp_path / "cache"),
+        },
+        "model": {"name": "lr"},
+        "train": {"epochs": 1, "pretrain_epochs": 1, "batch_size": 64},
+        "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2, "seeds": [0], **protocol},
+        "runs": runs,
+    }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
 def test_run_warns_before_training_and_refuses_errors(tmp_path):
-    path = _write(tmp_path, {"IU": {"update": "incremental"},
-                             "ReLoop2": {"update": "incremental", "memory": EXACT}})
+    path = _write(tmp_path, {"IU": {"update": "incremental"}, "ReLoop2": {"update": "incremental", "memory": EXACT}})
     res = runner.invoke(app, ["--threads", "1", "run", str(path), "--out", str(tmp_path / "o"), "--no-progress"])
     assert res.exit_code == 0, res.output
     text = " ".join(res.output.split())

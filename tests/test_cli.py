@@ -1,4 +1,5 @@
 """End to end: the `reloop` command on the synthetic stream, a CSV log and MovieLens-100K."""
+
 from __future__ import annotations
 
 import csv
@@ -22,12 +23,18 @@ SMALL_SYNTH = {"users": 300, "items": 200, "rows_per_period": 1500, "seed": 3}
 
 
 def _write_config(tmp_path: Path, runs: dict, **over) -> Path:
-    cfg = {"data": {"source": "synthetic", "synthetic": SMALL_SYNTH, "periods": {"count": 31, "by": "rows"},
-                    "cache": str(tmp_path / "cache")},
-           "model": {"name": "emb_mlp", "embedding_dim": 8, "hidden_units": [32, 16]},
-           "train": {"epochs": 1, "pretrain_epochs": 3, "batch_size": 256, "lr": 0.005},
-           "protocol": {"pretrain": 10, "warmup": 10, "valid": 3, "test": 7, "seeds": [0, 1]},
-           "runs": runs}
+    cfg = {
+        "data": {
+            "source": "synthetic",
+            "synthetic": SMALL_SYNTH,
+            "periods": {"count": 31, "by": "rows"},
+            "cache": str(tmp_path / "cache"),
+        },
+        "model": {"name": "emb_mlp", "embedding_dim": 8, "hidden_units": [32, 16]},
+        "train": {"epochs": 1, "pretrain_epochs": 3, "batch_size": 256, "lr": 0.005},
+        "protocol": {"pretrain": 10, "warmup": 10, "valid": 3, "test": 7, "seeds": [0, 1]},
+        "runs": runs,
+    }
     cfg.update(over)
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -95,13 +102,22 @@ def _write_clicks(path: Path, n: int = 3100, bad: int = 0) -> None:
     items = rng.integers(0, 50, n)
     w = rng.normal(0, 1.5, 50)
     label = (rng.random(n) < 1 / (1 + np.exp(-w[items]))).astype(int)
-    df = pl.DataFrame({"ts": 1_700_000_000 + np.arange(n) * 60, "label": label,
-                       "user_id": [f"u{u}" for u in rng.integers(0, 80, n)], "item_id": [f"i{i}" for i in items],
-                       "item_cat": [f"c{i % 5}" for i in items], "device": rng.choice(["ios", "android"], n),
-                       "hour": [str(h) for h in rng.integers(0, 24, n)]})
+    df = pl.DataFrame(
+        {
+            "ts": 1_700_000_000 + np.arange(n) * 60,
+            "label": label,
+            "user_id": [f"u{u}" for u in rng.integers(0, 80, n)],
+            "item_id": [f"i{i}" for i in items],
+            "item_cat": [f"c{i % 5}" for i in items],
+            "device": rng.choice(["ios", "android"], n),
+            "hour": [str(h) for h in rng.integers(0, 24, n)],
+        }
+    )
     df = df.with_columns(pl.col("label").cast(pl.String))
     if bad:
-        df = df.with_columns(pl.when(pl.int_range(pl.len()) < bad).then(pl.lit("x")).otherwise(pl.col("label")).alias("label"))
+        df = df.with_columns(
+            pl.when(pl.int_range(pl.len()) < bad).then(pl.lit("x")).otherwise(pl.col("label")).alias("label")
+        )
     df.write_csv(path)
 
 
@@ -111,12 +127,29 @@ def test_csv_example_config_runs_as_shipped(tmp_path, monkeypatch):
     shipped configs/data/clicks.csv (only the model and seeds are made smaller here, for time)."""
     repo = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(tmp_path)
-    res = runner.invoke(app, ["--threads", "1", "run", str(repo / "configs" / "csv_example.yaml"), "--out", "out",
-                              "--no-progress", "--set", "model={name: fm, embedding_dim: 4}",
-                              "--set", "train.pretrain_epochs=1", "--set", "protocol.seeds=[0]"])
+    res = runner.invoke(
+        app,
+        [
+            "--threads",
+            "1",
+            "run",
+            str(repo / "configs" / "csv_example.yaml"),
+            "--out",
+            "out",
+            "--no-progress",
+            "--set",
+            "model={name: fm, embedding_dim: 4}",
+            "--set",
+            "train.pretrain_epochs=1",
+            "--set",
+            "protocol.seeds=[0]",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "warning" not in res.output  # every run of the example can act
-    assert set(_summary(tmp_path / "out")) == set(yaml.safe_load((repo / "configs" / "csv_example.yaml").read_text())["runs"])
+    assert set(_summary(tmp_path / "out")) == set(
+        yaml.safe_load((repo / "configs" / "csv_example.yaml").read_text())["runs"]
+    )
 
 
 def test_shipped_example_data_is_what_its_script_writes():
@@ -137,8 +170,18 @@ def test_bad_rows_fail_with_line_numbers(tmp_path, monkeypatch):
     repo = Path(__file__).resolve().parents[1]
     _write_clicks(tmp_path / "clicks.csv", bad=100)
     monkeypatch.chdir(tmp_path)
-    res = runner.invoke(app, ["run", str(repo / "configs" / "csv_example.yaml"), "--out", "out", "--no-progress",
-                              "--set", "data.path=clicks.csv"])
+    res = runner.invoke(
+        app,
+        [
+            "run",
+            str(repo / "configs" / "csv_example.yaml"),
+            "--out",
+            "out",
+            "--no-progress",
+            "--set",
+            "data.path=clicks.csv",
+        ],
+    )
     assert res.exit_code == 1
     assert "label" in res.output and "1, 2, 3" in res.output
 
@@ -148,10 +191,24 @@ def test_bad_rows_fail_with_line_numbers(tmp_path, monkeypatch):
 def test_movielens100k_config_runs_and_iu_beats_no_update(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "ml"
-    res = runner.invoke(app, ["run", str(repo / "configs" / "movielens100k.yaml"), "--out", str(out), "--no-progress",
-                              "--set", f"data.path={ML100K}", "--set", "protocol.seeds=[0]",
-                              "--set", "model.hidden_units=[64]",
-                              "--set", "runs={no-update: {update: none}, IU: {update: incremental}}"])
+    res = runner.invoke(
+        app,
+        [
+            "run",
+            str(repo / "configs" / "movielens100k.yaml"),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--set",
+            f"data.path={ML100K}",
+            "--set",
+            "protocol.seeds=[0]",
+            "--set",
+            "model.hidden_units=[64]",
+            "--set",
+            "runs={no-update: {update: none}, IU: {update: incremental}}",
+        ],
+    )
     assert res.exit_code == 0, res.output
     s = _summary(out)
     assert s["IU"]["auc_mean"] > s["no-update"]["auc_mean"] + 0.005, s
@@ -195,9 +252,12 @@ def test_help_shows_no_type_placeholders():
 
 
 def test_every_option_and_argument_has_help_text():
-    missing = [f"reloop {' '.join(path)} {getattr(p, 'opts', [p.name])[0]}"
-               for path, cmd in _commands() for p in cmd.params
-               if not (getattr(p, "help", None) or "").strip()]
+    missing = [
+        f"reloop {' '.join(path)} {getattr(p, 'opts', [p.name])[0]}"
+        for path, cmd in _commands()
+        for p in cmd.params
+        if not (getattr(p, "help", None) or "").strip()
+    ]
     assert not missing, f"options or arguments without help text: {missing}"
 
 
@@ -210,8 +270,9 @@ def test_version():
 
 def test_a_typo_in_set_is_reported_against_the_flag(tmp_path):
     cfg = _write_config(tmp_path, {"IU": {"update": "incremental"}})
-    res = runner.invoke(app, ["run", str(cfg), "--set", "protocol.seeds=[0]", "--set", "train.lrr=0.1",
-                              "--out", str(tmp_path / "o")])
+    res = runner.invoke(
+        app, ["run", str(cfg), "--set", "protocol.seeds=[0]", "--set", "train.lrr=0.1", "--out", str(tmp_path / "o")]
+    )
     assert res.exit_code == 2
     assert "config error --set train.lrr=0.1: train.lrr: Extra inputs are not permitted" in " ".join(res.output.split())
     assert str(cfg) not in res.output
@@ -220,9 +281,13 @@ def test_a_typo_in_set_is_reported_against_the_flag(tmp_path):
     res = runner.invoke(app, ["run", str(bad), "--set", "train.lr=0.1", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and f"config error {bad}: runs.IU.updat" in " ".join(res.output.split())
     # a --set that replaces a whole section owns the errors inside it
-    res = runner.invoke(app, ["run", str(cfg), "--set", "runs={IU: {update: {batch: x}}}", "--out", str(tmp_path / "o")])
-    assert res.exit_code == 2 and "config error --set runs={IU: {update: {batch: x}}}: runs.IU.update.batch" in \
-        " ".join(res.output.split())
+    res = runner.invoke(
+        app, ["run", str(cfg), "--set", "runs={IU: {update: {batch: x}}}", "--out", str(tmp_path / "o")]
+    )
+    assert (
+        res.exit_code == 2
+        and "config error --set runs={IU: {update: {batch: x}}}: runs.IU.update.batch" in " ".join(res.output.split())
+    )
 
 
 def test_blame_override_matches_keys_not_substrings():
@@ -238,16 +303,23 @@ def test_blame_override_matches_keys_not_substrings():
 
 def test_results_line_log_lines_and_progress(tmp_path):
     """The final line lists oracle.json when it is written; log lines carry no file:line."""
-    cfg = {"data": {"source": "synthetic", "synthetic": {"users": 40, "items": 30, "rows_per_period": 60,
-                                                        "periods": 8, "seed": 1},
-                    "periods": {"count": 8, "by": "rows"}, "cache": str(tmp_path / "cache")},
-           "model": {"name": "lr"}, "train": {"epochs": 1, "pretrain_epochs": 1, "batch_size": 64},
-           "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2, "seeds": [0]},
-           "runs": {"IU": {"update": "incremental"}}}
+    cfg = {
+        "data": {
+            "source": "synthetic",
+            "synthetic": {"users": 40, "items": 30, "rows_per_period": 60, "periods": 8, "seed": 1},
+            "periods": {"count": 8, "by": "rows"},
+            "cache": str(tmp_path / "cache"),
+        },
+        "model": {"name": "lr"},
+        "train": {"epochs": 1, "pretrain_epochs": 1, "batch_size": 64},
+        "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2, "seeds": [0]},
+        "runs": {"IU": {"update": "incremental"}},
+    }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp_path / "o"
-    res = runner.invoke(app, ["--threads", "1", "run", str(tmp_path / "c.yaml"), "--out", str(out)],
-                        env={"COLUMNS": "300"})
+    res = runner.invoke(
+        app, ["--threads", "1", "run", str(tmp_path / "c.yaml"), "--out", str(out)], env={"COLUMNS": "300"}
+    )
     assert res.exit_code == 0, res.output
     assert (out / "oracle.json").exists()
     last = [line for line in res.output.splitlines() if "results in" in line][-1]
@@ -257,13 +329,22 @@ def test_results_line_log_lines_and_progress(tmp_path):
     assert "seed 0: IU" in res.output and "?" not in res.output.split("seed 0: IU")[1].splitlines()[0]
 
 
-@pytest.mark.parametrize("spec", [{"update": "incremental"}, {"update": "none"}, {"update": {"batch": 2}},
-                                  {"update": "full"}, {"update": {"full": {"start": "scratch"}}},
-                                  {"update": "incremental", "generator": {"asmg_gru": {"k": 2, "variant": "multi"}}},
-                                  {"update": "incremental", "generator": {"asmg_gru": {"k": 2, "variant": "full"}}},
-                                  {"update": "incremental", "generator": {"asmg_gru": {"k": 3, "variant": "single"}}},
-                                  {"update": "incremental", "generator": {"asmg_linear": {"k": 2}}},
-                                  {"update": "incremental", "generator": "sml"}], ids=str)
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"update": "incremental"},
+        {"update": "none"},
+        {"update": {"batch": 2}},
+        {"update": "full"},
+        {"update": {"full": {"start": "scratch"}}},
+        {"update": "incremental", "generator": {"asmg_gru": {"k": 2, "variant": "multi"}}},
+        {"update": "incremental", "generator": {"asmg_gru": {"k": 2, "variant": "full"}}},
+        {"update": "incremental", "generator": {"asmg_gru": {"k": 3, "variant": "single"}}},
+        {"update": "incremental", "generator": {"asmg_linear": {"k": 2}}},
+        {"update": "incremental", "generator": "sml"},
+    ],
+    ids=str,
+)
 def test_progress_total_is_the_rows_a_run_trains_on(spec, stream):
     """The progress bar of a run has a known total (ASMG's had none): the rows its update and generator
     train on, equal to what the trainer reports."""
@@ -275,8 +356,9 @@ def test_progress_total_is_the_rows_a_run_trains_on(spec, stream):
     cfg = tiny_config()
     theta0, optim0 = pretrain(cfg, stream, 0, device="cpu")
     counted = []
-    run_one(cfg, stream, "x", RunSpec(**spec), 0, theta0, optim0, progress=lambda _run, n: counted.append(n),
-            device="cpu")
+    run_one(
+        cfg, stream, "x", RunSpec(**spec), 0, theta0, optim0, progress=lambda _run, n: counted.append(n), device="cpu"
+    )
     assert expected_rows(cfg, RunSpec(**spec), [b - a for a, b in stream.bounds]) == sum(counted)
 
 
@@ -302,10 +384,17 @@ def test_csv_without_a_time_column_runs_in_file_order(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _write_clicks(tmp_path / "clicks.csv")
     pl.read_csv(tmp_path / "clicks.csv").drop("ts").write_csv(tmp_path / "order.csv")
+
     def run(out: str, **sets: str):
-        common = {"data.periods": "{count: 31, by: rows}", "model": "{name: lr}", "protocol.seeds": "[0]",
-                  "protocol.serve_batch_size": "16", "runs": "{IU: {update: incremental}}",
-                  "train.pretrain_epochs": "1", **sets}
+        common = {
+            "data.periods": "{count: 31, by: rows}",
+            "model": "{name: lr}",
+            "protocol.seeds": "[0]",
+            "protocol.serve_batch_size": "16",
+            "runs": "{IU: {update: incremental}}",
+            "train.pretrain_epochs": "1",
+            **sets,
+        }
         args = ["--threads", "1", "run", str(repo / "configs" / "csv_example.yaml"), "--no-progress", "--out", out]
         for key, value in common.items():
             args += ["--set", f"{key}={value}"]

@@ -1,4 +1,5 @@
 """Hedge / exponentially weighted averaging of experts' probabilities (reloop.combine)."""
+
 from __future__ import annotations
 
 import math
@@ -97,11 +98,19 @@ def test_state_round_trip_is_exact():
         Hedge(["x", "z", "y"], eta=0.7, share=0.05).load_state_dict(a.state_dict())
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"names": []}, "names"), ({"names": ["a", "a"]}, "unique"), ({"eta": 0.0}, "eta"),
-    ({"eta": math.inf}, "eta"), ({"eps": 0.5}, "eps"), ({"share": 1.0}, "share"),
-    ({"prior": [1.0, 0.0]}, "prior"), ({"prior": [1.0]}, "prior"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"names": []}, "names"),
+        ({"names": ["a", "a"]}, "unique"),
+        ({"eta": 0.0}, "eta"),
+        ({"eta": math.inf}, "eta"),
+        ({"eps": 0.5}, "eps"),
+        ({"share": 1.0}, "share"),
+        ({"prior": [1.0, 0.0]}, "prior"),
+        ({"prior": [1.0]}, "prior"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Hedge(**{"names": ["a", "b"], **kwargs})
@@ -182,8 +191,11 @@ def test_any_eta_any_batch_stays_under_the_stated_guarantee(case, eta, share, ep
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(2, 6), st.floats(1e3, 1e9), st.lists(st.sampled_from(
-    [0.0, 1.0, math.nan, math.inf, -math.inf, 1e-320]), min_size=2, max_size=12))
+@given(
+    st.integers(2, 6),
+    st.floats(1e3, 1e9),
+    st.lists(st.sampled_from([0.0, 1.0, math.nan, math.inf, -math.inf, 1e-320]), min_size=2, max_size=12),
+)
 def test_weights_stay_finite_with_extreme_inputs(k, eta, values):
     """Certain-and-wrong experts, NaN/inf scores (a diverged model) and a huge η keep the weights a
     finite distribution and the mixture strictly inside (0, 1)."""
@@ -268,7 +280,14 @@ def test_options_parse_and_build():
     h = opts.build(opts.experts)
     assert (h.names, h.eta, h.share, h.eps) == (("IU", "ReLoop2"), 0.5, 0.01, 1e-6)
     assert CombineOptions.model_validate({}).hedge == HedgeOptions()
-    for bad in ({"hedge": {"etta": 1}}, {"hedge": {"eta": 0}}, {"hedge": {"eps": 0.5}}, {"experts": []},
-                {"experts": ["IU", "IU"]}, {"weights": 1}, {"hedge": {"eta": "inf"}}):
+    for bad in (
+        {"hedge": {"etta": 1}},
+        {"hedge": {"eta": 0}},
+        {"hedge": {"eps": 0.5}},
+        {"experts": []},
+        {"experts": ["IU", "IU"]},
+        {"weights": 1},
+        {"hedge": {"eta": "inf"}},
+    ):
         with pytest.raises(ValueError):
             CombineOptions.model_validate(bad)

@@ -3,6 +3,7 @@
 The compensator learns λ by Hedge over a grid of candidate λ (λ = 0, the bare model, included) from
 the labelled rows it is fed, scoring each row with an ê that existed before its label did.
 """
+
 from __future__ import annotations
 
 import copy
@@ -129,8 +130,13 @@ def _memory(kind: str, seed: int):
 
 
 @settings(max_examples=12, deadline=None)
-@given(st.integers(0, 10_000), st.sampled_from(["exact", "sketch"]), st.sampled_from(["mix", "leader"]),
-       st.sampled_from([16, 32]), st.booleans())
+@given(
+    st.integers(0, 10_000),
+    st.sampled_from(["exact", "sketch"]),
+    st.sampled_from(["mix", "leader"]),
+    st.sampled_from([16, 32]),
+    st.booleans(),
+)
 def test_harmful_memory_switches_itself_off(seed, kind, select, b, pass_e_hat):
     """Pure-noise ê: λ goes to ~0; the served loss is within 0.02 nats a row of the base model's (an
     empirical margin: fixed share keeps ≥ 1% of the weight on every λ, so the cost does not vanish),
@@ -260,29 +266,37 @@ def test_config_auto_and_adapt():
     comp = build_memory(cfg, dim=4, seed=0)
     assert comp.adaptive and comp.tuner.grid == DEFAULT_GRID and comp.tuner.select == "mix"
     assert (comp.tuner.hedge.eta, comp.tuner.hedge.share) == (1.0, 0.0)
-    cfg = MemoryConfig.parse({"exact": {}, "lambda": "auto",
-                              "adapt": {"grid": [0, 0.3], "eta": 0.5, "share": 0.0, "select": "leader"}})
+    cfg = MemoryConfig.parse(
+        {"exact": {}, "lambda": "auto", "adapt": {"grid": [0, 0.3], "eta": 0.5, "share": 0.0, "select": "leader"}}
+    )
     comp = build_memory(cfg, dim=4, seed=0)
-    assert (comp.tuner.grid, comp.tuner.hedge.eta, comp.tuner.hedge.share, comp.tuner.select) == \
-        ((0.0, 0.3), 0.5, 0.0, "leader")
+    assert (comp.tuner.grid, comp.tuner.hedge.eta, comp.tuner.hedge.share, comp.tuner.select) == (
+        (0.0, 0.3),
+        0.5,
+        0.0,
+        "leader",
+    )
     assert cfg.to_dict()["lambda"] == "auto" and cfg.to_dict()["adapt"]["grid"] == [0.0, 0.3]
     assert MemoryConfig.parse({"exact": {}, "lambda": 1}).lam == 1.0
 
 
-@pytest.mark.parametrize("data, key", [
-    ({"exact": {}, "lambda": "automatic"}, "memory.lambda"),
-    ({"exact": {}, "lambda": True}, "memory.lambda"),
-    ({"exact": {}, "lambda": -0.1}, "memory.lambda"),
-    ({"exact": {}, "adapt": {}}, "memory.adapt: only with lambda: auto"),
-    ({"exact": {}, "lambda": 0.4, "adapt": {"eta": 1}}, "memory.adapt: only with lambda: auto"),
-    ({"exact": {}, "lambda": "auto", "adapt": {"grid": [0, 1.2]}}, "memory.adapt.grid"),
-    ({"exact": {}, "lambda": "auto", "adapt": {"grid": [0, 0]}}, "memory.adapt.grid"),
-    ({"exact": {}, "lambda": "auto", "adapt": {"grid": []}}, "memory.adapt.grid"),
-    ({"exact": {}, "lambda": "auto", "adapt": {"eta": 0}}, "memory.adapt.eta"),
-    ({"exact": {}, "lambda": "auto", "adapt": {"share": 1}}, "memory.adapt.share"),
-    ({"exact": {}, "lambda": "auto", "adapt": {"select": "best"}}, "memory.adapt.select"),
-    ({"exact": {}, "lambda": "auto", "adapt": {"halflife": 3}}, "memory.adapt.halflife"),
-])
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"exact": {}, "lambda": "automatic"}, "memory.lambda"),
+        ({"exact": {}, "lambda": True}, "memory.lambda"),
+        ({"exact": {}, "lambda": -0.1}, "memory.lambda"),
+        ({"exact": {}, "adapt": {}}, "memory.adapt: only with lambda: auto"),
+        ({"exact": {}, "lambda": 0.4, "adapt": {"eta": 1}}, "memory.adapt: only with lambda: auto"),
+        ({"exact": {}, "lambda": "auto", "adapt": {"grid": [0, 1.2]}}, "memory.adapt.grid"),
+        ({"exact": {}, "lambda": "auto", "adapt": {"grid": [0, 0]}}, "memory.adapt.grid"),
+        ({"exact": {}, "lambda": "auto", "adapt": {"grid": []}}, "memory.adapt.grid"),
+        ({"exact": {}, "lambda": "auto", "adapt": {"eta": 0}}, "memory.adapt.eta"),
+        ({"exact": {}, "lambda": "auto", "adapt": {"share": 1}}, "memory.adapt.share"),
+        ({"exact": {}, "lambda": "auto", "adapt": {"select": "best"}}, "memory.adapt.select"),
+        ({"exact": {}, "lambda": "auto", "adapt": {"halflife": 3}}, "memory.adapt.halflife"),
+    ],
+)
 def test_config_errors_name_the_key(data, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         MemoryConfig.parse({"memory": data})
@@ -384,8 +398,9 @@ def test_auc_select_never_uses_a_batch_labels_for_its_own_prediction_and_resumes
 
 
 def test_auc_select_from_the_config():
-    mem = MemoryConfig.parse({"exact": {"size": 64, "top_k": 8}, "lambda": "auto",
-                              "adapt": {"select": "auc", "window": 256, "min_rows": 32}})
+    mem = MemoryConfig.parse(
+        {"exact": {"size": 64, "top_k": 8}, "lambda": "auto", "adapt": {"select": "auc", "window": 256, "min_rows": 32}}
+    )
     comp = build_memory(mem, dim=8, seed=0)
     assert comp.tuner is not None and comp.tuner.select == "auc" and comp.tuner.window == 256
     assert comp.lam == 0.0

@@ -1,10 +1,10 @@
 """Every registered run component passes the contract suite (reloop.checks)."""
+
 import pytest
+from conftest import tiny_config
 
 from reloop.checks import ALL_CHECKS, CONTRACT_CASES
 from reloop.config import RunSpec
-
-from conftest import tiny_config
 
 
 @pytest.mark.parametrize("check", ALL_CHECKS, ids=lambda c: c.__name__)
@@ -41,7 +41,11 @@ def test_every_known_component_has_a_contract_case():
     from reloop.components import LOSS_NAMES, UPDATE_NAMES
     from reloop.update.generators.config import GENERATORS
 
-    known = {"update": set(UPDATE_NAMES), "loss": set(LOSS_NAMES), "generator": set(GENERATORS),
-             "memory": {"sketch", "exact", "adaptive", "fixed"}}
+    known = {
+        "update": set(UPDATE_NAMES),
+        "loss": set(LOSS_NAMES),
+        "generator": set(GENERATORS),
+        "memory": {"sketch", "exact", "adaptive", "fixed"},
+    }
     missing = {kind: sorted(names - _cases_using(kind)) for kind, names in known.items()}
     assert not any(missing.values()), f"components without a contract case in reloop.checks: {missing}"

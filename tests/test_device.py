@@ -12,6 +12,7 @@ Everything but the last tests runs on a CPU-only machine:
 The ``needs a CUDA GPU`` tests run a tiny protocol on CUDA for each component type; they are skipped
 here and have not been run on a GPU yet.
 """
+
 from __future__ import annotations
 
 import copy
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from typer.testing import CliRunner
 
 import reloop.device as rdev
@@ -33,8 +35,6 @@ from reloop.protocol.experiment import run_experiment
 from reloop.protocol.runner import pretrain, run_one
 from reloop.update import strategies as pstrategies
 from reloop.update.trainer import predict_rows
-
-from conftest import tiny_config
 
 SENTINEL = torch.device("cpu", 0)  # computes on the CPU, but is not torch.device("cpu")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -89,8 +89,11 @@ def test_resolver_on_a_machine_without_cuda(monkeypatch):
     assert resolve_device(torch.device("cpu")) == torch.device("cpu")
     assert runtime_device("auto") == torch.device("cpu")  # no process group: the resolver's answer
     for spec in ("cuda", "cuda:0", "cuda:1"):
-        with pytest.raises(ConfigError, match=rf"^device: '{spec}' requested but "
-                                              r"torch\.cuda\.is_available\(\) is False"):
+        with pytest.raises(
+            ConfigError,
+            match=rf"^device: '{spec}' requested but "
+            r"torch\.cuda\.is_available\(\) is False",
+        ):
             resolve_device(spec)
 
 
@@ -98,15 +101,20 @@ def test_resolver_on_a_machine_without_cuda(monkeypatch):
 def test_resolver_rejects_malformed_specs_naming_the_field(bad):
     with pytest.raises(ConfigError, match=r"^device: expected 'auto', 'cpu', 'cuda' or 'cuda:N'"):
         resolve_device(bad)
-    raw = {"data": {"source": "synthetic", "periods": {"count": 8}},
-           "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2}, "device": bad}
+    raw = {
+        "data": {"source": "synthetic", "periods": {"count": 8}},
+        "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2},
+        "device": bad,
+    }
     with pytest.raises(ConfigError, match=r"(^|; )device: expected 'auto', 'cpu', 'cuda' or 'cuda:N'"):
         parse_config(raw)
 
 
 def test_config_accepts_every_form_and_defaults_to_cpu(monkeypatch):
-    raw = {"data": {"source": "synthetic", "periods": {"count": 8}},
-           "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2}}
+    raw = {
+        "data": {"source": "synthetic", "periods": {"count": 8}},
+        "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2},
+    }
     assert parse_config(raw).device == "cpu"
     for spec in ("auto", "cpu", "cuda", "cuda:1", "CUDA:0", " auto "):
         # the form is checked when the config is read; the GPU only when a run starts
@@ -146,10 +154,12 @@ def test_init_distributed_resolves_the_config_device(monkeypatch):
 def test_cli_run_names_device_when_cuda_is_missing(tmp_path, monkeypatch):
     _no_cuda(monkeypatch)
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text("data: {source: synthetic, periods: {count: 8}}\n"
-                   "protocol: {pretrain: 3, warmup: 1, valid: 1, test: 2}\n")
-    res = CliRunner().invoke(app, ["run", str(cfg), "--out", str(tmp_path / "o"), "--no-progress",
-                                   "--set", "device=cuda"])
+    cfg.write_text(
+        "data: {source: synthetic, periods: {count: 8}}\nprotocol: {pretrain: 3, warmup: 1, valid: 1, test: 2}\n"
+    )
+    res = CliRunner().invoke(
+        app, ["run", str(cfg), "--out", str(tmp_path / "o"), "--no-progress", "--set", "device=cuda"]
+    )
     assert res.exit_code == 2, res.output
     assert "device: 'cuda' requested but torch.cuda.is_available() is False" in " ".join(res.output.split())
     assert not (tmp_path / "o").exists()  # refused before any work
@@ -210,14 +220,18 @@ def test_bf16_autocast_follows_the_device_type():
 
 
 def _experiment_config(tmp_path: Path, **extra) -> dict:
-    raw = {"data": {"source": "synthetic", "periods": {"count": 8, "by": "rows"},
-                    "synthetic": {"users": 120, "items": 80, "rows_per_period": 400, "seed": 5},
-                    "cache": str(tmp_path / "cache")},
-           "model": {"name": "emb_mlp", "embedding_dim": 4, "hidden_units": [8]},
-           "train": {"epochs": 1, "pretrain_epochs": 2, "batch_size": 128, "lr": 0.01},
-           "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2, "seeds": [0],
-                        "serve_batch_size": 128},
-           "runs": {"IU+sketch": RUNS["IU+sketch"], "SC+exact": RUNS["SC+exact"]}}
+    raw = {
+        "data": {
+            "source": "synthetic",
+            "periods": {"count": 8, "by": "rows"},
+            "synthetic": {"users": 120, "items": 80, "rows_per_period": 400, "seed": 5},
+            "cache": str(tmp_path / "cache"),
+        },
+        "model": {"name": "emb_mlp", "embedding_dim": 4, "hidden_units": [8]},
+        "train": {"epochs": 1, "pretrain_epochs": 2, "batch_size": 128, "lr": 0.01},
+        "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2, "seeds": [0], "serve_batch_size": 128},
+        "runs": {"IU+sketch": RUNS["IU+sketch"], "SC+exact": RUNS["SC+exact"]},
+    }
     raw.update(extra)
     return raw
 
@@ -258,14 +272,23 @@ class _Spy:
             out = stream_to(stream, device)
             if torch.device(device) == SENTINEL:
                 # a clone, whatever .to does on this torch: rows read later must come from it
-                out = Stream(out.feature_map, PeriodTensors({k: v.clone() for k, v in out.rows.data.items()}),
-                             out.bounds, out.truth, out.meta)
+                out = Stream(
+                    out.feature_map,
+                    PeriodTensors({k: v.clone() for k, v in out.rows.data.items()}),
+                    out.bounds,
+                    out.truth,
+                    out.meta,
+                )
                 self.moved_storage.add(out.rows.data["label"].untyped_storage().data_ptr())
             return out
 
         monkeypatch.setattr(Stream, "to", spy_stream_to)
-        for module, name, kind in ((prunner, "train_rows", "train"), (pstrategies, "train_rows", "train"),
-                                   (pstrategies, "predict_rows", "predict"), (prunner, "serve_period", "serve")):
+        for module, name, kind in (
+            (prunner, "train_rows", "train"),
+            (pstrategies, "train_rows", "train"),
+            (pstrategies, "predict_rows", "predict"),
+            (prunner, "serve_period", "serve"),
+        ):
             monkeypatch.setattr(module, name, self._wrap(getattr(module, name), kind))
 
     def _wrap(self, fn, kind: str):
@@ -329,7 +352,9 @@ def test_checkpoint_from_another_device_resumes_with_map_location(stream, tmp_pa
         monkeypatch.setattr(torch, "load", real_load)
         assert _metrics(resumed) == _metrics(straight), name
     assert loads and all(m == "cpu" for m in loads)
-    assert len(saved) == 2 * cfg.protocol.served_periods and all("model" in b and "memory" in b["engine"] for b in saved)
+    assert len(saved) == 2 * cfg.protocol.served_periods and all(
+        "model" in b and "memory" in b["engine"] for b in saved
+    )
 
 
 def test_saved_models_load_with_map_location(stream, tmp_path):
@@ -366,16 +391,16 @@ def _on_cuda(module: torch.nn.Module) -> bool:
 @needs_cuda
 @pytest.mark.parametrize("name", list(CUDA_RUNS))
 def test_tiny_protocol_on_cuda(name, stream, tmp_path, monkeypatch):
-    cfg = parse_config({**tiny_config().model_dump(mode="json"), "device": "cuda",
-                        "runs": {name: CUDA_RUNS[name]}})
+    cfg = parse_config({**tiny_config().model_dump(mode="json"), "device": "cuda", "runs": {name: CUDA_RUNS[name]}})
     device = resolve_device(cfg.device)
     assert device.type == "cuda" and device.index is not None
     served_on = []
     real_serve = prunner.serve_period
 
     def serve(model, rows, compensator=None, *args, **kwargs):
-        served_on.append((_on_cuda(model), rows.device.type,
-                          None if compensator is None else compensator.memory.device.type))
+        served_on.append(
+            (_on_cuda(model), rows.device.type, None if compensator is None else compensator.memory.device.type)
+        )
         return real_serve(model, rows, compensator, *args, **kwargs)
 
     monkeypatch.setattr(prunner, "serve_period", serve)
@@ -402,8 +427,9 @@ def test_cpu_checkpoint_resumes_on_cuda(stream, tmp_path):
     theta0, opt0 = pretrain(cfg, stream, 0, device="cpu")
     spec = RunSpec(**CUDA_RUNS["sketch"])
     run_one(cfg, stream, "sketch", spec, 0, theta0, opt0, out=tmp_path, stop_after=5, device="cpu")
-    rows = run_one(cfg, stream, "sketch", spec, 0, theta0, opt0, out=tmp_path, resume=True,
-                   device=resolve_device("cuda"))
+    rows = run_one(
+        cfg, stream, "sketch", spec, 0, theta0, opt0, out=tmp_path, resume=True, device=resolve_device("cuda")
+    )
     assert len(rows) == 1 + cfg.protocol.served_periods
 
 

@@ -8,6 +8,7 @@ allow 1e-4 on parameters, 1e-3 on AUC and 1e-4 on the training loss (the observe
 ~0 and ~1e-8). The ``local`` mode (each rank trains its own share, global batch = 2 x batch_size) sees
 other batches than one process, so it is only held to an AUC within 0.02 of it.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
-
 from conftest import TINY_SCHEMA, tiny_frame
+
 from reloop import distributed as rd
 from reloop.protocol.metrics import global_auc
 
@@ -57,14 +58,23 @@ def _train(rows, feature_map, data_parallel="auto", epochs=2):
     model = build_model({"name": "deepfm", "embedding_dim": 8, "hidden_units": [32, 16]}, feature_map)
     cfg = TrainConfig(batch_size=128, lr=5e-3)
     optimizer = make_optimizer(model, cfg)
-    loss = train_rows(model, optimizer, rows, CrossEntropy(), cfg, torch.Generator().manual_seed(0),
-                      epochs=epochs, data_parallel=data_parallel)
+    loss = train_rows(
+        model,
+        optimizer,
+        rows,
+        CrossEntropy(),
+        cfg,
+        torch.Generator().manual_seed(0),
+        epochs=epochs,
+        data_parallel=data_parallel,
+    )
     return model, loss, auc, predict_rows
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     env = rd.init_distributed("cpu")
     try:
@@ -73,23 +83,33 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         # 1. the same rows on every rank, each global batch split across ranks
         model, loss, auc, predict_rows = _train(train, feature_map)
         logits, _ = predict_rows(model, test)
-        result["split"] = {"loss": loss, "auc": auc(test.data["label"].numpy(), torch.sigmoid(logits).numpy()),
-                           "state": {k: v.clone() for k, v in model.state_dict().items()}}
+        result["split"] = {
+            "loss": loss,
+            "auc": auc(test.data["label"].numpy(), torch.sigmoid(logits).numpy()),
+            "state": {k: v.clone() for k, v in model.state_dict().items()},
+        }
         # 2. each rank trains its own share (DistributedSampler-like split), batches of its own
         mine = rd.shard_rows(train, shuffle=True, seed=1)
         model, loss, auc, predict_rows = _train(mine, feature_map, data_parallel="local")
         logits, _ = predict_rows(model, test)
-        result["local"] = {"loss": loss, "auc": auc(test.data["label"].numpy(), torch.sigmoid(logits).numpy()),
-                           "rows": len(mine), "state": {k: v.clone() for k, v in model.state_dict().items()}}
+        result["local"] = {
+            "loss": loss,
+            "auc": auc(test.data["label"].numpy(), torch.sigmoid(logits).numpy()),
+            "rows": len(mine),
+            "state": {k: v.clone() for k, v in model.state_dict().items()},
+        }
         # 3. each rank streams its own share of encoded Parquet shards (uneven: DDP's Join evens the steps)
         from reloop.data.shards import ShardedPeriod
 
         period = ShardedPeriod(f"{out}.shards", rank=env.rank, world=env.world_size, read_rows=300)
         model, loss, auc, predict_rows = _train(period, feature_map, epochs=1)
         logits, _ = predict_rows(model, test)
-        result["stream"] = {"loss": loss, "rows": len(period), "auc": auc(test.data["label"].numpy(),
-                                                                          torch.sigmoid(logits).numpy()),
-                            "state": {k: v.clone() for k, v in model.state_dict().items()}}
+        result["stream"] = {
+            "loss": loss,
+            "rows": len(period),
+            "auc": auc(test.data["label"].numpy(), torch.sigmoid(logits).numpy()),
+            "state": {k: v.clone() for k, v in model.state_dict().items()},
+        }
         # 4. metrics over every rank's rows: sums and an exact global AUC
         mine_test = test.take(rd.shard_indices(len(test)))  # 1000 rows: 500 per rank, no padding
         probs = torch.sigmoid(predict_rows(model, mine_test)[0])
@@ -155,8 +175,9 @@ def test_shard_indices_match_distributed_sampler():
     for n, world in ((10, 3), (12, 4), (7, 2), (5, 8)):
         for rank in range(world):
             for drop_last in (False, True):
-                ref = list(DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=False,
-                                              drop_last=drop_last))
+                ref = list(
+                    DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=False, drop_last=drop_last)
+                )
                 assert rd.shard_indices(n, rank, world, drop_last=drop_last).tolist() == ref
     parts = [rd.shard_indices(100, r, 4, shuffle=True, seed=3) for r in range(4)]
     assert sorted(torch.cat(parts).tolist()) == list(range(100))
@@ -181,12 +202,18 @@ def test_protocol_under_torchrun_matches_one_process(tmp_path):
     from reloop.protocol.experiment import run_experiment
     from reloop.protocol.report import read_periods
 
-    cfg = {"data": {"source": "synthetic", "periods": {"count": 8, "by": "rows"}, "cache": str(tmp_path / "cache"),
-                    "synthetic": {"users": 200, "items": 150, "rows_per_period": 1200, "seed": 5}},
-           "model": {"name": "deepfm", "embedding_dim": 8, "hidden_units": [16]},
-           "train": {"epochs": 1, "pretrain_epochs": 2, "batch_size": 256, "lr": 0.005},
-           "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2, "seeds": [0]},
-           "runs": {"IU": {"update": "incremental"}}}
+    cfg = {
+        "data": {
+            "source": "synthetic",
+            "periods": {"count": 8, "by": "rows"},
+            "cache": str(tmp_path / "cache"),
+            "synthetic": {"users": 200, "items": 150, "rows_per_period": 1200, "seed": 5},
+        },
+        "model": {"name": "deepfm", "embedding_dim": 8, "hidden_units": [16]},
+        "train": {"epochs": 1, "pretrain_epochs": 2, "batch_size": 256, "lr": 0.005},
+        "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2, "seeds": [0]},
+        "runs": {"IU": {"update": "incremental"}},
+    }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     script = tmp_path / "run.py"
@@ -196,11 +223,25 @@ def test_protocol_under_torchrun_matches_one_process(tmp_path):
         "from pathlib import Path\n"
         "from reloop.config import load_config\n"
         "from reloop.protocol.scaleout import run_experiment_distributed\n"
-        "run_experiment_distributed(load_config(sys.argv[1]), Path(sys.argv[2]), show_progress=False)\n")
+        "run_experiment_distributed(load_config(sys.argv[1]), Path(sys.argv[2]), show_progress=False)\n"
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           str(script), str(path), str(tmp_path / "ddp")], env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            str(script),
+            str(path),
+            str(tmp_path / "ddp"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     torch.set_num_threads(1)
     run_experiment(load_config(path), tmp_path / "one", show_progress=False)

@@ -3,6 +3,7 @@
 Config keys, update/loss names and options, CLI commands and options are read from the code, so a new
 key or command fails here until the guide mentions it; links and the mkdocs nav must point to files.
 """
+
 from __future__ import annotations
 
 import re
@@ -47,11 +48,14 @@ def _lines_outside_fences(text: str) -> list[tuple[str, bool]]:
 def sections(text: str) -> dict[str, str]:
     """Heading text -> the section's text: up to the next heading of the same or a higher level."""
     lines = _lines_outside_fences(text)
-    heads = [(i, len(m.group(1)), m.group(2)) for i, (line, fenced) in enumerate(lines)
-             if not fenced and (m := HEADING.match(line))]
+    heads = [
+        (i, len(m.group(1)), m.group(2))
+        for i, (line, fenced) in enumerate(lines)
+        if not fenced and (m := HEADING.match(line))
+    ]
     out = {}
     for n, (i, level, title) in enumerate(heads):
-        end = next((j for j, lv, _ in heads[n + 1:] if lv <= level), len(lines))
+        end = next((j for j, lv, _ in heads[n + 1 :] if lv <= level), len(lines))
         out[title] = "\n".join(line for line, _ in lines[i:end])
     return out
 
@@ -136,10 +140,10 @@ def _config_cases() -> list[tuple[str, str, str]]:
             cases.extend((cls.__name__, key, heading) for key in yaml_keys(cls) if key != "source")
     for cls in config_models(MemoryConfig):
         add(cls, "`memory`")
-    for name, (options, _) in GENERATORS.items():
+    for options, _ in GENERATORS.values():
         add(options, "`generator`")
     add(ModelOptions, "`model`")
-    for name, model_cls in MODELS.items():
+    for model_cls in MODELS.values():
         add(model_cls.Options, "`model`")
     return sorted(set(cases))
 
@@ -238,8 +242,13 @@ def _options() -> list[str]:
 
     # duck-typed: recent typer versions vendor click, so its classes are not ``click.Option``
     def walk(cmd, path: str) -> list[str]:
-        opts = [f"{path}: {o}" for p in cmd.params if getattr(p, "param_type_name", "") == "option"
-                for o in p.opts + p.secondary_opts if o.startswith("--") and o != "--help"]
+        opts = [
+            f"{path}: {o}"
+            for p in cmd.params
+            if getattr(p, "param_type_name", "") == "option"
+            for o in p.opts + p.secondary_opts
+            if o.startswith("--") and o != "--help"
+        ]
         for name, sub in getattr(cmd, "commands", {}).items():
             opts += walk(sub, f"{path} {name}")
         return opts
@@ -258,8 +267,9 @@ def test_every_command_is_in_the_guide() -> None:
 def test_every_command_option_is_in_the_guide() -> None:
     text = _guide_text()
     options = _options()
-    assert {"reloop: --threads", "reloop run: --resume", "reloop bench paper: --section"} <= set(options), \
+    assert {"reloop: --threads", "reloop run: --resume", "reloop bench paper: --section"} <= set(options), (
         f"the walk over the CLI found too little: {options}"
+    )
     missing = [o for o in options if o.split(": ")[1] not in text]
     assert not missing, f"options missing from docs/guide/*.md: {missing}"
 

@@ -1,8 +1,10 @@
 """Encoders never see the future; tables have fixed capacity with hashed overflow; OOV path."""
+
 import numpy as np
 import polars as pl
 import pytest
 import torch
+from conftest import TINY_SCHEMA, tiny_frame
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -10,9 +12,9 @@ from reloop.data.encode import EncoderConfig, FeatureEncoder
 from reloop.data.periods import PeriodsConfig, period_bounds, phase_of
 from reloop.data.schema import N_RESERVED, OOV, PAD, FeatureSchema, FeatureSpec
 
-from conftest import TINY_SCHEMA, tiny_frame
-
-SCHEMA = FeatureSchema(features=[FeatureSpec(name="item"), FeatureSpec(name="hist", kind="sequence", vocab="item", max_len=4)])
+SCHEMA = FeatureSchema(
+    features=[FeatureSpec(name="item"), FeatureSpec(name="hist", kind="sequence", vocab="item", max_len=4)]
+)
 
 ids = st.lists(st.sampled_from([f"x{i}" for i in range(30)]), min_size=1, max_size=120)
 
@@ -20,8 +22,10 @@ ids = st.lists(st.sampled_from([f"x{i}" for i in range(30)]), min_size=1, max_si
 def _frame(items, seed=0):
     rng = np.random.default_rng(seed)
     hist = [list(rng.choice(items, size=rng.integers(0, 4))) for _ in items]
-    return pl.DataFrame({"item": items, "hist": hist, "label": [0] * len(items)},
-                        schema={"item": pl.String, "hist": pl.List(pl.String), "label": pl.Int8})
+    return pl.DataFrame(
+        {"item": items, "hist": hist, "label": [0] * len(items)},
+        schema={"item": pl.String, "hist": pl.List(pl.String), "label": pl.Int8},
+    )
 
 
 @settings(max_examples=40, deadline=None)
@@ -30,8 +34,12 @@ def test_encoding_a_prefix_equals_the_prefix_of_the_encoding(items, cut, capacit
     """Whatever comes later never changes the ids given to earlier rows (no look-ahead)."""
     cut = min(cut, len(items))
     frame = _frame(items)
-    schema = FeatureSchema(features=[FeatureSpec(name="item", capacity=capacity),
-                                     FeatureSpec(name="hist", kind="sequence", vocab="item", max_len=4)])
+    schema = FeatureSchema(
+        features=[
+            FeatureSpec(name="item", capacity=capacity),
+            FeatureSpec(name="hist", kind="sequence", vocab="item", max_len=4),
+        ]
+    )
     full, part = FeatureEncoder(schema), FeatureEncoder(schema)
     full.fit_capacities(frame.head(1))
     part.fit_capacities(frame.head(1))
@@ -52,7 +60,9 @@ def test_ids_in_arrival_order_then_hashed_overflow_and_padding():
     # a frozen encoder sends unseen ids to OOV
     frozen = enc.transform(pl.DataFrame({"item": ["zzz", "a"], "label": [0, 1]}), grow=False)["item"].tolist()
     assert frozen == [OOV, N_RESERVED + 1]
-    nulls = enc.transform(pl.DataFrame({"item": [None, "a"], "label": [0, 1]}, schema={"item": pl.String, "label": pl.Int8}))
+    nulls = enc.transform(
+        pl.DataFrame({"item": [None, "a"], "label": [0, 1]}, schema={"item": pl.String, "label": pl.Int8})
+    )
     assert nulls["item"][0].item() == PAD
 
 
@@ -105,10 +115,14 @@ def test_phases_follow_asmg_split():
 
 
 FAST_SCHEMA = FeatureSchema(
-    features=[FeatureSpec(name="item"), FeatureSpec(name="hist", kind="sequence", vocab="item", max_len=3),
-              FeatureSpec(name="price", kind="numeric"), FeatureSpec(name="age", kind="numeric", numeric="bucketize",
-                                                                     buckets=4)],
-    user="user")
+    features=[
+        FeatureSpec(name="item"),
+        FeatureSpec(name="hist", kind="sequence", vocab="item", max_len=3),
+        FeatureSpec(name="price", kind="numeric"),
+        FeatureSpec(name="age", kind="numeric", numeric="bucketize", buckets=4),
+    ],
+    user="user",
+)
 
 
 def _slow_transform(enc, frame, grow):
@@ -128,14 +142,27 @@ def test_fast_path_equals_the_polars_path(rows, grow, seed):
     rng = np.random.default_rng(seed)
     n = 60
     items = [None if rng.random() < 0.1 else f"i{rng.integers(0, 25)}" for _ in range(n)]
-    frame = pl.DataFrame({
-        "item": items, "hist": [None if rng.random() < 0.1 else [f"i{j}" for j in rng.integers(0, 25, rng.integers(0, 5))]
-                                for _ in range(n)],
-        "price": [None if rng.random() < 0.1 else float(rng.normal(3, 2)) for _ in range(n)],
-        "age": [None if rng.random() < 0.1 else int(rng.integers(0, 90)) for _ in range(n)],
-        "user": [f"u{rng.integers(0, 8)}" for _ in range(n)], "label": rng.integers(0, 2, n).tolist()},
-        schema={"item": pl.String, "hist": pl.List(pl.String), "price": pl.Float64, "age": pl.Int64,
-                "user": pl.String, "label": pl.Int8})
+    frame = pl.DataFrame(
+        {
+            "item": items,
+            "hist": [
+                None if rng.random() < 0.1 else [f"i{j}" for j in rng.integers(0, 25, rng.integers(0, 5))]
+                for _ in range(n)
+            ],
+            "price": [None if rng.random() < 0.1 else float(rng.normal(3, 2)) for _ in range(n)],
+            "age": [None if rng.random() < 0.1 else int(rng.integers(0, 90)) for _ in range(n)],
+            "user": [f"u{rng.integers(0, 8)}" for _ in range(n)],
+            "label": rng.integers(0, 2, n).tolist(),
+        },
+        schema={
+            "item": pl.String,
+            "hist": pl.List(pl.String),
+            "price": pl.Float64,
+            "age": pl.Int64,
+            "user": pl.String,
+            "label": pl.Int8,
+        },
+    )
     enc = FeatureEncoder(FAST_SCHEMA)
     enc.fit_capacities(frame)
     _slow_transform(enc, frame, True)  # every id now known

@@ -1,5 +1,6 @@
 """The step engine (``reloop.engine.RunEngine``): offline and online run the same period the same way,
 and the guard never serves a generated model that is non-finite or clearly worse than the update's."""
+
 from __future__ import annotations
 
 import math
@@ -23,20 +24,26 @@ from reloop.serve.retrain import RetrainOptions, retrain  # noqa: E402
 from reloop.update.generators.base import ModelGenerator  # noqa: E402
 
 ROWS = 300
-RUNS = {"IU": {"update": "incremental"},
-        "SC": {"update": "incremental", "loss": {"self_correction": 0.5}},
-        "BU": {"update": {"batch": 2}}}
+RUNS = {
+    "IU": {"update": "incremental"},
+    "SC": {"update": "incremental", "loss": {"self_correction": 0.5}},
+    "BU": {"update": {"batch": 2}},
+}
 
 
 def _raw(tmp_path) -> dict:
-    return {"data": {"source": "synthetic",
-                     "synthetic": {"users": 60, "items": 40, "rows_per_period": ROWS, "periods": 8, "seed": 0},
-                     "periods": {"count": 8, "by": "rows"}, "cache": str(tmp_path / "cache")},
-            "model": {"name": "emb_mlp", "embedding_dim": 4, "hidden_units": [8]},
-            "train": {"epochs": 1, "pretrain_epochs": 2, "batch_size": 64, "lr": 0.01},
-            "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2, "seeds": [0],
-                         "serve_batch_size": ROWS},
-            "runs": RUNS}
+    return {
+        "data": {
+            "source": "synthetic",
+            "synthetic": {"users": 60, "items": 40, "rows_per_period": ROWS, "periods": 8, "seed": 0},
+            "periods": {"count": 8, "by": "rows"},
+            "cache": str(tmp_path / "cache"),
+        },
+        "model": {"name": "emb_mlp", "embedding_dim": 4, "hidden_units": [8]},
+        "train": {"epochs": 1, "pretrain_epochs": 2, "batch_size": 64, "lr": 0.01},
+        "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2, "seeds": [0], "serve_batch_size": ROWS},
+        "runs": RUNS,
+    }
 
 
 @pytest.mark.parametrize("run", sorted(RUNS))

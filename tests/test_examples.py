@@ -2,6 +2,7 @@
 
 Each runs in a fresh interpreter, as a user would start it; CI-sized (seconds each).
 """
+
 from __future__ import annotations
 
 import os

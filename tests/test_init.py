@@ -1,4 +1,5 @@
 """`reloop init DATA` -> `reloop run reloop.yaml`: the quickstart on a generated file."""
+
 from __future__ import annotations
 
 import csv
@@ -12,7 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from reloop.preflight import preflight
 from reloop.cli import app
 from reloop.config import load_config
 from reloop.init_config import (
@@ -24,6 +24,7 @@ from reloop.init_config import (
     size_protocol,
     write_config,
 )
+from reloop.preflight import preflight
 
 runner = CliRunner()
 FAST = ["--set", "model={name: lr}", "--set", "protocol.seeds=[0]", "--set", "train.pretrain_epochs=1"]
@@ -117,15 +118,21 @@ def test_no_time_column_uses_file_order_and_rows(tmp_path):
 
 def test_time_with_gaps_falls_back_to_rows(tmp_path):
     frame = clicks()
-    gap = frame.with_columns(pl.when(pl.int_range(pl.len()) >= 1200).then(pl.col("event_time") + 90 * 86_400)
-                             .otherwise(pl.col("event_time")).alias("event_time"))
+    gap = frame.with_columns(
+        pl.when(pl.int_range(pl.len()) >= 1200)
+        .then(pl.col("event_time") + 90 * 86_400)
+        .otherwise(pl.col("event_time"))
+        .alias("event_time")
+    )
     gap.write_csv(tmp_path / "log.csv")
     _, text = write_config(tmp_path / "log.csv", tmp_path / "reloop.yaml")
     assert yaml.safe_load(text)["data"]["periods"]["by"] == "rows"
 
 
 def test_label_must_be_found_or_named(tmp_path):
-    frame = clicks().rename({"clicked": "outcome"}).with_columns(is_ad=pl.col("outcome") * 0 + (pl.int_range(pl.len()) % 2))
+    frame = (
+        clicks().rename({"clicked": "outcome"}).with_columns(is_ad=pl.col("outcome") * 0 + (pl.int_range(pl.len()) % 2))
+    )
     frame.write_csv(tmp_path / "two.csv")
     with pytest.raises(InitError, match="--label"):
         profile_file(tmp_path / "two.csv")
@@ -136,8 +143,9 @@ def test_label_must_be_found_or_named(tmp_path):
 
 def test_wrong_delimiter_says_so(tmp_path):
     clicks().write_csv(tmp_path / "semi.csv", separator=";")
-    res = runner.invoke(app, ["init", str(tmp_path / "semi.csv"), "--delimiter", ",", "--out",
-                              str(tmp_path / "r.yaml")])
+    res = runner.invoke(
+        app, ["init", str(tmp_path / "semi.csv"), "--delimiter", ",", "--out", str(tmp_path / "r.yaml")]
+    )
     assert res.exit_code == 1 and "--delimiter" in res.output
 
 

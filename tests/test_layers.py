@@ -3,6 +3,7 @@
 The graph is read from the source with ``ast`` — every ``import`` statement, function-level and
 ``TYPE_CHECKING`` ones included — so a cycle hidden inside a function fails here too.
 """
+
 from __future__ import annotations
 
 import ast

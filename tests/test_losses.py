@@ -1,4 +1,5 @@
 """ReLoop self-correction and IncCTR distillation against hand-computed values."""
+
 import math
 
 import pytest

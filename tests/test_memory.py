@@ -1,4 +1,5 @@
 """Hand-checked behaviour of the ReLoop2 error memories, the compensator and the config block."""
+
 from __future__ import annotations
 
 import math
@@ -162,9 +163,13 @@ def test_exact_top_k_larger_than_size_rejected():
 
 
 # ---------------------------------------------------------------- policies: errors, decay, reset
-@pytest.mark.parametrize("make", [lambda **kw: SketchMemory(6, arrays=4, bits=0, gamma=0.0, **kw),
-                                  lambda **kw: ExactMemory(6, size=8, top_k=8, gamma=0.0,
-                                                           temperature=1e9, **kw)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda **kw: SketchMemory(6, arrays=4, bits=0, gamma=0.0, **kw),
+        lambda **kw: ExactMemory(6, size=8, top_k=8, gamma=0.0, temperature=1e9, **kw),
+    ],
+)
 def test_write_policy_errors_skips_small_errors(make):
     mem = make(write_policy="errors", error_threshold=0.3)
     mem.write(keys(4), Y4, YH4)  # |errors| 0.5, 0.25, 0.25, 0.5: only the two 0.5s are stored
@@ -193,8 +198,14 @@ def test_exact_decay_weights_by_age_like_the_sketch():
     assert e.item() == pytest.approx(1 / 3, abs=1e-6)
 
 
-@pytest.mark.parametrize("mem", [SketchMemory(6, arrays=4, bits=3), ExactMemory(6, size=5, top_k=2),
-                                 SketchMemory(6, arrays=4, bits=3, similarity="centroid")])
+@pytest.mark.parametrize(
+    "mem",
+    [
+        SketchMemory(6, arrays=4, bits=3),
+        ExactMemory(6, size=5, top_k=2),
+        SketchMemory(6, arrays=4, bits=3, similarity="centroid"),
+    ],
+)
 def test_reset_empties(mem):
     nbytes = mem.nbytes
     mem.write(keys(20), torch.ones(20), torch.full((20,), 0.5))
@@ -206,9 +217,14 @@ def test_reset_empties(mem):
 
 
 # ---------------------------------------------------------------- state
-@pytest.mark.parametrize("make", [lambda: SketchMemory(6, arrays=8, bits=4, seed=1, decay=0.9),
-                                  lambda: SketchMemory(6, arrays=8, bits=4, similarity="centroid"),
-                                  lambda: ExactMemory(6, size=16, top_k=5, decay=0.8)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: SketchMemory(6, arrays=8, bits=4, seed=1, decay=0.9),
+        lambda: SketchMemory(6, arrays=8, bits=4, similarity="centroid"),
+        lambda: ExactMemory(6, size=16, top_k=5, decay=0.8),
+    ],
+)
 def test_state_dict_round_trip(make):
     src = make()
     for i in range(4):
@@ -292,10 +308,20 @@ def test_bad_inputs_raise():
 
 # ---------------------------------------------------------------- config
 def test_config_parses_both_shapes():
-    sk = MemoryConfig.parse({"memory": {"sketch": {"arrays": 16, "bits": 4, "similarity": "centroid"},
-                                        "lambda": 0.9, "gamma": 1.0, "temperature": 0.1,
-                                        "write": "errors", "error_threshold": 0.2, "decay": 0.99,
-                                        "reset_on_update": False}})
+    sk = MemoryConfig.parse(
+        {
+            "memory": {
+                "sketch": {"arrays": 16, "bits": 4, "similarity": "centroid"},
+                "lambda": 0.9,
+                "gamma": 1.0,
+                "temperature": 0.1,
+                "write": "errors",
+                "error_threshold": 0.2,
+                "decay": 0.99,
+                "reset_on_update": False,
+            }
+        }
+    )
     assert sk.kind == "sketch" and sk.lam == 0.9 and sk.sketch.similarity == "centroid"
     comp = build_memory(sk, dim=6, seed=3)
     mem = comp.memory
@@ -310,16 +336,19 @@ def test_config_parses_both_shapes():
     assert (d.arrays, d.bits, d.similarity) == (64, 8, "density")
 
 
-@pytest.mark.parametrize("data, key", [
-    ({"sketch": {"bitz": 3}}, "memory.sketch.bitz"),
-    ({"sketch": {}, "lamda": 0.5}, "memory.lamda"),
-    ({"sketch": {"bits": -1}}, "memory.sketch.bits"),
-    ({"exact": {"size": 4, "top_k": 5}}, "memory.exact.top_k"),
-    ({"sketch": {}, "lambda": 1.5}, "memory.lambda"),
-    ({"sketch": {}, "write": "some"}, "memory.write"),
-    ({"sketch": {}, "exact": {}}, "memory: exactly one"),
-    ({}, "memory: exactly one"),
-])
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"sketch": {"bitz": 3}}, "memory.sketch.bitz"),
+        ({"sketch": {}, "lamda": 0.5}, "memory.lamda"),
+        ({"sketch": {"bits": -1}}, "memory.sketch.bits"),
+        ({"exact": {"size": 4, "top_k": 5}}, "memory.exact.top_k"),
+        ({"sketch": {}, "lambda": 1.5}, "memory.lambda"),
+        ({"sketch": {}, "write": "some"}, "memory.write"),
+        ({"sketch": {}, "exact": {}}, "memory: exactly one"),
+        ({}, "memory: exactly one"),
+    ],
+)
 def test_config_errors_name_the_key(data, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         MemoryConfig.parse({"memory": data})

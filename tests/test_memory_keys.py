@@ -1,14 +1,14 @@
 """The error memory's key (which representation is stored) and key centring."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from reloop.components import memory_key
 from reloop.memory import Compensator, ExactMemory, MemoryConfig, SketchMemory, build_memory
 from reloop.models.base import build_model
-
-from conftest import tiny_config
 
 
 def _batch(stream, n: int = 16):
@@ -61,8 +61,11 @@ def test_centring_equals_writing_centred_keys(kind):
     x1, x2, q = (torch.randn(n, 6, generator=g) + shift for n in (40, 30, 10))
     y1, y2 = (torch.randint(0, 2, (n,), generator=g).double() for n in (40, 30))
     p1, p2, pq = (torch.rand(n, generator=g).double() for n in (40, 30, 10))
-    make = (lambda **kw: SketchMemory(6, arrays=8, bits=3, **kw)) if kind == "sketch" else \
-        (lambda **kw: ExactMemory(6, size=100, top_k=5, **kw))
+    make = (
+        (lambda **kw: SketchMemory(6, arrays=8, bits=3, **kw))
+        if kind == "sketch"
+        else (lambda **kw: ExactMemory(6, size=100, top_k=5, **kw))
+    )
     centred, manual = make(center=True), make()
     mu = x1.mean(0)
     centred.write(x1, y1, p1)
@@ -112,9 +115,11 @@ def test_compensator_refuses_state_with_another_key():
 def test_run_with_embedding_keyed_memory(tmp_path):
     from reloop.protocol.experiment import run_experiment
 
-    cfg = tiny_config(IU={"update": "incremental"},
-                      emb={"update": "incremental", "memory": {"sketch": {"arrays": 8, "bits": 4}}},
-                      hid={"update": "incremental", "memory": {"sketch": {"arrays": 8, "bits": 4}, "key": "hidden"}})
+    cfg = tiny_config(
+        IU={"update": "incremental"},
+        emb={"update": "incremental", "memory": {"sketch": {"arrays": 8, "bits": 4}}},
+        hid={"update": "incremental", "memory": {"sketch": {"arrays": 8, "bits": 4}, "key": "hidden"}},
+    )
     result = run_experiment(cfg, tmp_path, show_progress=False)
     runs = {r["run"] for r in result.summary}
     assert runs == {"IU", "emb", "hid"}

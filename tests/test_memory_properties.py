@@ -1,4 +1,5 @@
 """Property tests of the error memories: fixed size, bounded outputs, agreement between memories."""
+
 from __future__ import annotations
 
 import torch
@@ -12,18 +13,24 @@ FAST = settings(max_examples=15, deadline=None)
 
 def _data(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn((n, d), generator=g), torch.bernoulli(torch.full((n,), 0.3), generator=g),
-            torch.rand(n, generator=g))
+    return (
+        torch.randn((n, d), generator=g),
+        torch.bernoulli(torch.full((n,), 0.3), generator=g),
+        torch.rand(n, generator=g),
+    )
 
 
 def _shapes(mem) -> dict:
-    return {k: (tuple(v.shape), v.dtype) for k, v in mem.state_dict().items()
-            if isinstance(v, torch.Tensor)}
+    return {k: (tuple(v.shape), v.dtype) for k, v in mem.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
 @settings(max_examples=4, deadline=None)
-@given(arrays=st.integers(1, 16), bits=st.integers(0, 10),
-       similarity=st.sampled_from(["density", "centroid"]), decay=st.sampled_from([1.0, 0.999]))
+@given(
+    arrays=st.integers(1, 16),
+    bits=st.integers(0, 10),
+    similarity=st.sampled_from(["density", "centroid"]),
+    decay=st.sampled_from([1.0, 0.999]),
+)
 def test_sketch_bytes_fixed_after_a_million_writes(arrays, bits, similarity, decay):
     mem = SketchMemory(8, arrays=arrays, bits=bits, similarity=similarity, decay=decay)
     nbytes, shapes = mem.nbytes, _shapes(mem)
@@ -41,11 +48,16 @@ def test_sketch_bytes_fixed_after_a_million_writes(arrays, bits, similarity, dec
 
 
 @FAST
-@given(arrays=st.integers(1, 12), bits=st.integers(0, 10), d=st.integers(1, 12),
-       similarity=st.sampled_from(["density", "centroid"]), decay=st.sampled_from([1.0, 0.9]),
-       batches=st.lists(st.integers(0, 3000), min_size=1, max_size=6), seed=st.integers(0, 9))
-def test_sketch_state_shapes_and_bytes_never_change(arrays, bits, d, similarity, decay, batches,
-                                                    seed):
+@given(
+    arrays=st.integers(1, 12),
+    bits=st.integers(0, 10),
+    d=st.integers(1, 12),
+    similarity=st.sampled_from(["density", "centroid"]),
+    decay=st.sampled_from([1.0, 0.9]),
+    batches=st.lists(st.integers(0, 3000), min_size=1, max_size=6),
+    seed=st.integers(0, 9),
+)
+def test_sketch_state_shapes_and_bytes_never_change(arrays, bits, d, similarity, decay, batches, seed):
     mem = SketchMemory(d, arrays=arrays, bits=bits, similarity=similarity, decay=decay, seed=seed)
     nbytes, shapes = mem.nbytes, _shapes(mem)
     for i, n in enumerate(batches):
@@ -73,8 +85,14 @@ def test_compensate_strictly_inside_unit_interval(lam, data, dtype):
 
 
 @FAST
-@given(n=st.integers(1, 200), d=st.integers(1, 8), decay=st.sampled_from([1.0, 0.7]),
-       gamma=st.floats(0.0, 1.0), splits=st.integers(1, 4), seed=st.integers(0, 99))
+@given(
+    n=st.integers(1, 200),
+    d=st.integers(1, 8),
+    decay=st.sampled_from([1.0, 0.7]),
+    gamma=st.floats(0.0, 1.0),
+    splits=st.integers(1, 4),
+    seed=st.integers(0, 99),
+)
 def test_exact_all_neighbours_agrees_with_global_sketch(n, d, decay, gamma, splits, seed):
     """k = M with τ → ∞ and an L = 0 sketch both average every sample with weight ρ^age."""
     sketch = SketchMemory(d, arrays=3, bits=0, gamma=gamma, decay=decay)
@@ -126,18 +144,24 @@ def test_sketch_write_is_order_and_batching_invariant(seed, cut):
 
 
 @FAST
-@given(arrays=st.integers(1, 20), bits=st.integers(0, 12), gamma=st.sampled_from([1.0, 0.5]),
-       decay=st.sampled_from([1.0, 0.8]), temperature=st.sampled_from([0.01, 0.1, 2.0]),
-       written=st.integers(1, 400), seed=st.integers(0, 9),
-       accum=st.sampled_from([torch.float64, torch.float32]))
-def test_sketch_fused_estimate_equals_the_masked_softmax(arrays, bits, gamma, decay, temperature,
-                                                         written, seed, accum):
+@given(
+    arrays=st.integers(1, 20),
+    bits=st.integers(0, 12),
+    gamma=st.sampled_from([1.0, 0.5]),
+    decay=st.sampled_from([1.0, 0.8]),
+    temperature=st.sampled_from([0.01, 0.1, 2.0]),
+    written=st.integers(1, 400),
+    seed=st.integers(0, 9),
+    accum=st.sampled_from([torch.float64, torch.float32]),
+)
+def test_sketch_fused_estimate_equals_the_masked_softmax(arrays, bits, gamma, decay, temperature, written, seed, accum):
     """The density fast path (closed-form removal of empty buckets) against the generic masked
     softmax over ``_retrieve``'s neighbours, with sparse memories (many empty buckets) included."""
     from reloop.memory.base import ErrorMemory
 
-    mem = SketchMemory(6, arrays=arrays, bits=bits, gamma=gamma, decay=decay,
-                       temperature=temperature, seed=seed, accum_dtype=accum)
+    mem = SketchMemory(
+        6, arrays=arrays, bits=bits, gamma=gamma, decay=decay, temperature=temperature, seed=seed, accum_dtype=accum
+    )
     for i in range(3):
         mem.write(*_data(written, 6, seed + i))
     h, _, y_hat = _data(700, 6, 99)

@@ -4,6 +4,7 @@ The feature map has three categorical fields (one ``item_id``), a numeric field,
 sequence with its own table and a ``history`` sequence sharing the item table (so the sequence models
 find their target and sequence by themselves).
 """
+
 from __future__ import annotations
 
 import copy
@@ -24,14 +25,18 @@ from reloop.models.sequence import masked_softmax, recency_positions, resolve_se
 
 SIZES = {"user_id": 40, "item_id": 60, "category": 8, "genres": 12}
 MAX_LEN = {"genres": 3, "history": 5}
-FMAP = FeatureMap(fields=[
-    EncodedField(name="user_id", kind="categorical", table="user_id", size=SIZES["user_id"]),
-    EncodedField(name="item_id", kind="categorical", table="item_id", size=SIZES["item_id"]),
-    EncodedField(name="category", kind="categorical", table="category", size=SIZES["category"]),
-    EncodedField(name="price", kind="numeric", table="price", size=0),
-    EncodedField(name="genres", kind="sequence", table="genres", size=SIZES["genres"], max_len=MAX_LEN["genres"]),
-    EncodedField(name="history", kind="sequence", table="item_id", size=SIZES["item_id"], max_len=MAX_LEN["history"]),
-])
+FMAP = FeatureMap(
+    fields=[
+        EncodedField(name="user_id", kind="categorical", table="user_id", size=SIZES["user_id"]),
+        EncodedField(name="item_id", kind="categorical", table="item_id", size=SIZES["item_id"]),
+        EncodedField(name="category", kind="categorical", table="category", size=SIZES["category"]),
+        EncodedField(name="price", kind="numeric", table="price", size=0),
+        EncodedField(name="genres", kind="sequence", table="genres", size=SIZES["genres"], max_len=MAX_LEN["genres"]),
+        EncodedField(
+            name="history", kind="sequence", table="item_id", size=SIZES["item_id"], max_len=MAX_LEN["history"]
+        ),
+    ]
+)
 NAMES = sorted(MODELS)
 SEQUENCE_MODELS = ["bst", "dien", "din"]
 
@@ -50,7 +55,6 @@ def make_batch(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 BATCH = make_batch(64, seed=1)
-
 
 
 def build(name: str, seed: int = 0, **options) -> nn.Module:

@@ -1,13 +1,12 @@
 """Θ0: shared by parallel processes (trained once, never a torn file); never silently constant."""
+
 from __future__ import annotations
 
 import multiprocessing as mp
 from pathlib import Path
 
-import torch
-
 import pytest
-
+import torch
 from conftest import ML100K, needs_ml100k, tiny_config, tiny_stream
 
 

@@ -16,6 +16,7 @@ The tests drive public entry points (``run_one``, ``UpdateStrategy.update``, ``s
 in, or a wrapper around a public method that records its arguments and calls through. Everything
 runs on tiny synthetic streams and models, on the CPU, in seconds.
 """
+
 from __future__ import annotations
 
 import copy
@@ -57,6 +58,7 @@ EXACT = {"exact": {"size": 512, "top_k": 32}, "key": "hidden"}
 
 # ------------------------------------------------------------------------------------------- helpers
 
+
 def period_of(stream: Stream, rows: torch.Tensor) -> torch.Tensor:
     """The 1-based period of each global row id."""
     ends = torch.tensor([end for _, end in stream.bounds])
@@ -89,11 +91,17 @@ class PermissiveHistory(History):
         super().__init__(stream, upto=stream.n_periods)
 
 
-def context(stream: Stream, t: int, loss, train: TrainConfig, model: CTRModel | None = None,
-            history: History | None = None) -> UpdateContext:
-    return UpdateContext(history=history if history is not None else History(stream, upto=t), t=t, loss=loss,
-                         train=train, generator=torch.Generator().manual_seed(0),
-                         fresh_model=lambda: fresh_model(tiny_config(), stream, 1))
+def context(
+    stream: Stream, t: int, loss, train: TrainConfig, model: CTRModel | None = None, history: History | None = None
+) -> UpdateContext:
+    return UpdateContext(
+        history=history if history is not None else History(stream, upto=t),
+        t=t,
+        loss=loss,
+        train=train,
+        generator=torch.Generator().manual_seed(0),
+        fresh_model=lambda: fresh_model(tiny_config(), stream, 1),
+    )
 
 
 @contextmanager
@@ -158,8 +166,14 @@ def run(cfg, stream: Stream, spec: dict[str, Any], seed: int = 0) -> list[dict[s
 
 # ------------------------------------------------------------------------ (a) no look-ahead in updates
 
-STRATEGIES = ["incremental", {"batch": 2}, {"batch": 9}, "full", {"full": {"start": "scratch"}},
-              {"replay": {"reservoir": 0.5, "ratio": 0.5}}]
+STRATEGIES = [
+    "incremental",
+    {"batch": 2},
+    {"batch": 9},
+    "full",
+    {"full": {"start": "scratch"}},
+    {"replay": {"reservoir": 0.5, "ratio": 0.5}},
+]
 
 
 @pytest.mark.parametrize("update", STRATEGIES, ids=str)
@@ -176,8 +190,9 @@ def test_update_trains_only_on_periods_up_to_t(update, stream):
     state = None
     for t in (P + 1, P + 2):  # twice: replay's second update samples its reservoir
         spy = RowSpy()
-        model, state = strategy.update(model, state, context(stream, t, spy, cfg.train,
-                                                             history=PermissiveHistory(stream)))
+        model, state = strategy.update(
+            model, state, context(stream, t, spy, cfg.train, history=PermissiveHistory(stream))
+        )
         periods = period_of(stream, spy.trained())
         assert len(periods) and int(periods.max()) <= t, f"{update}: trained on period {int(periods.max())} at t={t}"
         if update == "incremental":
@@ -204,8 +219,9 @@ def shifting_stream(items: int = 60, per_period: int = 800, periods: int = 8, se
     n = per_period * periods
     item = rng.integers(0, items, n)
     label = rng.integers(0, 2, (periods, items))[np.arange(n) // per_period, item]
-    frame = pl.DataFrame({"label": label.astype(np.int8), "time": np.arange(n, dtype=np.int64),
-                          "item_id": [f"i{i}" for i in item]})
+    frame = pl.DataFrame(
+        {"label": label.astype(np.int8), "time": np.arange(n, dtype=np.int64), "item_id": [f"i{i}" for i in item]}
+    )
     bounds = period_bounds(frame["time"].to_numpy(), PeriodsConfig(count=periods))
     enc = FeatureEncoder(FeatureSchema(features=[FeatureSpec(name="item_id")]))
     enc.fit_capacities(frame.slice(0, bounds[P - 1][1]))
@@ -221,12 +237,15 @@ def test_served_period_is_unknown_to_the_model_serving_it():
     Mechanism-free: on a stream whose item→label map is redrawn each period, a model that never saw
     the period it serves scores at chance; one trained on it scores far above (see ``shifting_stream``).
     """
-    cfg = parse_config({"data": {"source": "synthetic", "periods": {"count": 8}},
-                        "model": {"name": "emb_mlp", "embedding_dim": 8, "hidden_units": [8]},
-                        "train": {"epochs": 3, "pretrain_epochs": 2, "batch_size": 64, "lr": 0.1},
-                        "protocol": {"pretrain": P, "warmup": 1, "valid": 1, "test": 2, "seeds": [0],
-                                     "serve_batch_size": 256},
-                        "runs": {"IU": {"update": "incremental"}}})
+    cfg = parse_config(
+        {
+            "data": {"source": "synthetic", "periods": {"count": 8}},
+            "model": {"name": "emb_mlp", "embedding_dim": 8, "hidden_units": [8]},
+            "train": {"epochs": 3, "pretrain_epochs": 2, "batch_size": 64, "lr": 0.1},
+            "protocol": {"pretrain": P, "warmup": 1, "valid": 1, "test": 2, "seeds": [0], "serve_batch_size": 256},
+            "runs": {"IU": {"update": "incremental"}},
+        }
+    )
     rows = run(cfg, shifting_stream(), {"update": "incremental"})
     after_update = [r["auc"] for r in rows if r["period"] >= P + 2]
     assert len(after_update) == 4
@@ -234,6 +253,7 @@ def test_served_period_is_unknown_to_the_model_serving_it():
 
 
 # --------------------------------------------------------------- (b) predict a batch, then learn from it
+
 
 class OrderMemory(ExactMemory):
     """An exact memory that logs ``("estimate" | "write", h)`` in call order."""
@@ -257,12 +277,14 @@ def check_predicted_before_written(calls: list[tuple[str, torch.Tensor]]) -> Non
     written: list[torch.Tensor] = []
     for kind, h in calls:
         if kind == "estimate":
-            assert not any(w.shape == h.shape and torch.equal(w, h) for w in written), \
+            assert not any(w.shape == h.shape and torch.equal(w, h) for w in written), (
                 "a batch was written to the memory before it was predicted"
+            )
             estimated.append(h)
         else:
-            assert any(e.shape == h.shape and torch.equal(e, h) for e in estimated), \
+            assert any(e.shape == h.shape and torch.equal(e, h) for e in estimated), (
                 "a batch was written to the memory before it was predicted"
+            )
             written.append(h)
     assert estimated and written
 
@@ -295,7 +317,7 @@ def test_a_batch_is_predicted_before_its_labels_reach_the_memory(stream, serving
 
     labels = rows.data["label"]
     flipped = labels.clone()
-    flipped[k * batch_size:(k + 1) * batch_size] = 1.0 - flipped[k * batch_size:(k + 1) * batch_size]
+    flipped[k * batch_size : (k + 1) * batch_size] = 1.0 - flipped[k * batch_size : (k + 1) * batch_size]
     a, memory = serve(labels)
     b, _ = serve(flipped)
     safe = min(len(rows), (k + delay + 1) * batch_size)  # rows served before batch k's labels may arrive
@@ -333,8 +355,10 @@ def test_run_predicts_every_batch_before_writing_it(stream, monkeypatch):
 
 # ------------------------------------------------------------------------ (c) reset on a model update
 
-def memory_fill_at_period_starts(stream: Stream, monkeypatch: pytest.MonkeyPatch,
-                                 memory: dict[str, Any]) -> dict[int, int]:
+
+def memory_fill_at_period_starts(
+    stream: Stream, monkeypatch: pytest.MonkeyPatch, memory: dict[str, Any]
+) -> dict[int, int]:
     """Run IU with ``memory`` and return ``{served period: n_written when its first batch is estimated}``."""
     seen: list[tuple[int, int]] = []  # (rows in the call, n_written before it)
     est = ErrorMemory.estimate
@@ -346,7 +370,9 @@ def memory_fill_at_period_starts(stream: Stream, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(ErrorMemory, "estimate", estimate)
     run(tiny_config(), stream, {"update": "incremental", "memory": memory})
     starts, offset = {}, 0
-    firsts = {sum(end - start for start, end in stream.bounds[P:p - 1]): p for p in range(P + 1, stream.n_periods + 1)}
+    firsts = {
+        sum(end - start for start, end in stream.bounds[P : p - 1]): p for p in range(P + 1, stream.n_periods + 1)
+    }
     for rows, n_written in seen:
         if offset in firsts:
             starts[firsts[offset]] = n_written
@@ -383,12 +409,16 @@ def test_compensator_on_model_update_follows_reset_on_update(reset_on_update):
 
 # ---------------------------------------------------------------------- (d) ŷ_last is what was served
 
-@pytest.mark.parametrize("spec, column", [
-    ({"loss": {"self_correction": 0.5}}, "final"),
-    ({"loss": {"self_correction": 0.5, "y_last": "compensated"},
-      "memory": {**EXACT, "lambda": 0.8}}, "final"),
-    ({"loss": {"self_correction": 0.5, "y_last": "served"}, "memory": {**EXACT, "lambda": 0.8}}, "base"),
-], ids=["no-memory", "compensated", "served-base"])
+
+@pytest.mark.parametrize(
+    "spec, column",
+    [
+        ({"loss": {"self_correction": 0.5}}, "final"),
+        ({"loss": {"self_correction": 0.5, "y_last": "compensated"}, "memory": {**EXACT, "lambda": 0.8}}, "final"),
+        ({"loss": {"self_correction": 0.5, "y_last": "served"}, "memory": {**EXACT, "lambda": 0.8}}, "base"),
+    ],
+    ids=["no-memory", "compensated", "served-base"],
+)
 def test_self_correction_y_last_is_the_served_prediction(spec, column, stream, monkeypatch):
     """(d) Catches: ReLoop's ŷ_last is not the prediction served for the row (e.g. recomputed by
     Θ_{t−1} instead of read from what was served, or the base prediction used where ``y_last:
@@ -411,14 +441,16 @@ def test_self_correction_y_last_is_the_served_prediction(spec, column, stream, m
     rows, y_last = torch.cat(seen_rows), torch.cat(seen_y_last)
     assert len(rows) == sum(end - start for start, end in stream.bounds[P:-1])  # periods P+1..7, once each
     expected = torch.stack([served[r][column] for r in rows.tolist()])
-    assert torch.equal(y_last.to(expected.dtype), expected), \
+    assert torch.equal(y_last.to(expected.dtype), expected), (
         f"ŷ_last differs from the served prediction on {int((y_last != expected).sum())} rows"
+    )
     if "memory" in spec:  # compensated and base differ: the test tells which one was used
         other = torch.stack([served[r]["base" if column == "final" else "final"] for r in rows.tolist()])
         assert not torch.equal(expected, other)
 
 
 # -------------------------------------------------------------------------- (e) the KD teacher is Θ_{t−1}
+
 
 @pytest.mark.parametrize("update", ["incremental", {"batch": 2}, {"full": {"start": "scratch"}}], ids=str)
 def test_distillation_teacher_is_the_previous_model(update, stream, monkeypatch):
@@ -434,20 +466,22 @@ def test_distillation_teacher_is_the_previous_model(update, stream, monkeypatch)
     cfg = tiny_config()
     theta0, optim0 = pretrain(cfg, stream, 0, device="cpu")
     with updates_recorded(monkeypatch) as log:
+
         def spy(self, logits, batch):
-            teachers.setdefault(current_t(log), []).append((batch["row"].detach().cpu(),
-                                                            batch["teacher"].detach().cpu()))
+            teachers.setdefault(current_t(log), []).append(
+                (batch["row"].detach().cpu(), batch["teacher"].detach().cpu())
+            )
             return dist(self, logits, batch)
 
         monkeypatch.setattr(Distill, "__call__", spy)
-        run_one(cfg, stream, "case", RunSpec(update=update, loss={"distill": 0.3}), 0, theta0, optim0,
-                device="cpu")
+        run_one(cfg, stream, "case", RunSpec(update=update, loss={"distill": 0.3}), 0, theta0, optim0, device="cpu")
     assert [e["t"] for e in log] == list(range(P + 1, stream.n_periods))
     previous = theta0
     for entry in log:
         t, before = entry["t"], entry["before"]
-        assert all(torch.equal(a, b) for a, b in zip(before.state_dict().values(), previous.state_dict().values())), \
+        assert all(torch.equal(a, b) for a, b in zip(before.state_dict().values(), previous.state_dict().values())), (
             f"update {t} did not start from Θ_{t - 1}"
+        )
         rows = torch.cat([r for r, _ in teachers[t]])
         teacher = torch.cat([z for _, z in teachers[t]])
         with torch.no_grad():
@@ -461,6 +495,7 @@ def test_distillation_teacher_is_the_previous_model(update, stream, monkeypatch)
 
 # --------------------------------------------------------------------------- (f) BU-w's window of periods
 
+
 @settings(max_examples=15, deadline=None)
 @given(window=st.integers(1, 5), t=st.integers(P + 1, 8), epochs=st.integers(1, 2))
 def test_batch_window_trains_on_exactly_the_last_w_periods(stream, window, t, epochs):
@@ -472,15 +507,18 @@ def test_batch_window_trains_on_exactly_the_last_w_periods(stream, window, t, ep
     cfg = tiny_config()
     train = cfg.train.model_copy(update={"epochs": epochs})
     spy = RowSpy()
-    build_update({"batch": window}).update(fresh_model(cfg, stream, 0), None,
-                                           context(stream, t, spy, train, history=PermissiveHistory(stream)))
+    build_update({"batch": window}).update(
+        fresh_model(cfg, stream, 0), None, context(stream, t, spy, train, history=PermissiveHistory(stream))
+    )
     got = torch.sort(spy.trained()).values
     expected = torch.sort(rows_of_periods(stream, t - window + 1, t).repeat(epochs)).values
-    assert torch.equal(got, expected), (f"BU-{window} at t={t} trained on periods "
-                                        f"{sorted(set(period_of(stream, got).tolist()))}")
+    assert torch.equal(got, expected), (
+        f"BU-{window} at t={t} trained on periods {sorted(set(period_of(stream, got).tolist()))}"
+    )
 
 
 # ------------------------------------------------------- (g) encoder fitted on the pretraining periods only
+
 
 def test_encoder_is_fitted_on_the_pretraining_periods_only(tmp_path):
     """(g) Catches: the encoder's capacities (or numeric statistics) are fitted on more than the
@@ -493,13 +531,21 @@ def test_encoder_is_fitted_on_the_pretraining_periods_only(tmp_path):
     periods, per, pretrain_p = 6, 100, 2
     rng = np.random.default_rng(0)
     p = np.repeat(np.arange(periods), per)
-    frame = pl.DataFrame({"time": np.arange(periods * per) * 60, "label": rng.integers(0, 2, periods * per),
-                          "item_id": [f"i{k}_{j}" for k, j in zip(p, rng.integers(0, 30, periods * per))],
-                          "price": rng.normal(10.0 + 50.0 * p, 1.0)})
+    frame = pl.DataFrame(
+        {
+            "time": np.arange(periods * per) * 60,
+            "label": rng.integers(0, 2, periods * per),
+            "item_id": [f"i{k}_{j}" for k, j in zip(p, rng.integers(0, 30, periods * per))],
+            "price": rng.normal(10.0 + 50.0 * p, 1.0),
+        }
+    )
     frame.write_csv(tmp_path / "log.csv")
-    data = {"source": "csv", "path": str(tmp_path / "log.csv"), "features": {"item_id": "categorical",
-                                                                            "price": "numeric"},
-            "periods": {"count": periods}}
+    data = {
+        "source": "csv",
+        "path": str(tmp_path / "log.csv"),
+        "features": {"item_id": "categorical", "price": "numeric"},
+        "periods": {"count": periods},
+    }
     prepared = prepare_stream(data, pretrain_p, cache_dir=tmp_path / "cache", use_cache=False)
 
     log = load_source(data)

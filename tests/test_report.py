@@ -2,6 +2,7 @@
 
 Not pixel tests: the figure is captured before it is saved and its axes, lines and bars are read.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,12 +28,31 @@ from reloop.protocol.report import (
     summarize,
 )
 
-ASMG_RUNS = ["IU", "BU-3", "BU-5", "BU-7", "SPMF", "IncCTR", "SML", "ASMG-Linear", "ASMG-GRU-single",
-             "ASMG-GRU-multi", "ASMG-GRU-full", "ASMG-GRU-zero", "ASMG-GRU-unif"]
+ASMG_RUNS = [
+    "IU",
+    "BU-3",
+    "BU-5",
+    "BU-7",
+    "SPMF",
+    "IncCTR",
+    "SML",
+    "ASMG-Linear",
+    "ASMG-GRU-single",
+    "ASMG-GRU-multi",
+    "ASMG-GRU-full",
+    "ASMG-GRU-zero",
+    "ASMG-GRU-unif",
+]
 
 
-def fake_rows(runs: list[str], seeds: int = 3, first: int = 12, last: int = 31, seed: int = 0,
-              effects: dict[str, float] | None = None) -> list[dict[str, Any]]:
+def fake_rows(
+    runs: list[str],
+    seeds: int = 3,
+    first: int = 12,
+    last: int = 31,
+    seed: int = 0,
+    effects: dict[str, float] | None = None,
+) -> list[dict[str, Any]]:
     """Rows as the runner writes them: a per-period swing shared by all runs, a per-seed offset, and a
     per-run effect."""
     rng = np.random.default_rng(seed)
@@ -43,8 +63,18 @@ def fake_rows(runs: list[str], seeds: int = 3, first: int = 12, last: int = 31, 
         for s in range(seeds):
             for p in range(first - 1, last + 1):
                 value = swing[p] + 0.002 * s + (0.0 if run == "IU" else effects[run])
-                rows.append({"run": run, "seed": s, "period": p, "phase": phase_of(p, 10, 10, 3), "auc": value,
-                             "gauc": value - 0.01, "logloss": 0.62 - (value - 0.7), "rows": 100})
+                rows.append(
+                    {
+                        "run": run,
+                        "seed": s,
+                        "period": p,
+                        "phase": phase_of(p, 10, 10, 3),
+                        "auc": value,
+                        "gauc": value - 0.01,
+                        "logloss": 0.62 - (value - 0.7),
+                        "rows": 100,
+                    }
+                )
     return rows
 
 
@@ -79,8 +109,10 @@ def test_the_asmg_section_has_no_repeated_colour_in_its_first_ten_runs() -> None
     """The issue: IU and ASMG-GRU-full shared a blue; BU-3 and ASMG-GRU-zero an orange."""
     styles = run_styles(ASMG_RUNS)
     assert styles["IU"].color != styles["ASMG-GRU-full"].color
-    assert (styles["BU-3"].color, styles["BU-3"].marker) != (styles["ASMG-GRU-zero"].color,
-                                                              styles["ASMG-GRU-zero"].marker)
+    assert (styles["BU-3"].color, styles["BU-3"].marker) != (
+        styles["ASMG-GRU-zero"].color,
+        styles["ASMG-GRU-zero"].marker,
+    )
     assert len({(s.color, s.marker, s.linestyle) for s in styles.values()}) == len(ASMG_RUNS)
 
 
@@ -117,8 +149,11 @@ def test_logloss_differences_are_positive_when_better() -> None:
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.integers(min_value=1, max_value=5), st.integers(min_value=0, max_value=10_000),
-       st.sampled_from(["std", "minmax"]))
+@given(
+    st.integers(min_value=1, max_value=5),
+    st.integers(min_value=0, max_value=10_000),
+    st.sampled_from(["std", "minmax"]),
+)
 def test_band_contains_the_mean(seeds: int, seed: int, band: str) -> None:
     rng = np.random.default_rng(seed)
     rows = fake_rows(["IU", "A", "B"], seeds=seeds, seed=seed)

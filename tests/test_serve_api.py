@@ -1,5 +1,6 @@
 """The online service in-process (FastAPI TestClient): predict/feedback, bad input, memory, retrain,
 hot swap under load, validation gate, y_last from the log."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,11 @@ RUNS = {
     "IU": {"update": "incremental"},
     "IU-mem": {"update": "incremental", "memory": MEMORY},
     "SC": {"update": "incremental", "loss": {"self_correction": 0.5}},
-    "SC-comp-mem": {"update": "incremental", "loss": {"self_correction": 0.5, "y_last": "compensated"},
-                    "memory": MEMORY},
+    "SC-comp-mem": {
+        "update": "incremental",
+        "loss": {"self_correction": 0.5, "y_last": "compensated"},
+        "memory": MEMORY,
+    },
     "BU": {"update": {"batch": 2}},
     "full": {"update": "full"},
     "replay": {"update": {"replay": {"reservoir": 0.5, "ratio": 0.5}}},
@@ -40,13 +44,18 @@ RUNS = {
 
 
 def write_config(dir_: Path) -> Path:
-    raw = {"data": {"source": "synthetic",
-                    "synthetic": {"users": 60, "items": 40, "rows_per_period": 300, "periods": 8, "seed": 0},
-                    "periods": {"count": 8, "by": "rows"}, "cache": str(dir_ / "cache")},
-           "model": {"name": "emb_mlp", "embedding_dim": 4, "hidden_units": [8]},
-           "train": {"epochs": 1, "pretrain_epochs": 2, "batch_size": 128, "lr": 0.01},
-           "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2, "seeds": [0]},
-           "runs": RUNS}
+    raw = {
+        "data": {
+            "source": "synthetic",
+            "synthetic": {"users": 60, "items": 40, "rows_per_period": 300, "periods": 8, "seed": 0},
+            "periods": {"count": 8, "by": "rows"},
+            "cache": str(dir_ / "cache"),
+        },
+        "model": {"name": "emb_mlp", "embedding_dim": 4, "hidden_units": [8]},
+        "train": {"epochs": 1, "pretrain_epochs": 2, "batch_size": 128, "lr": 0.01},
+        "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2, "seeds": [0]},
+        "runs": RUNS,
+    }
     path = dir_ / "serve.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -113,8 +122,9 @@ def test_predict_feedback_round_trip_is_logged(world, tmp_path):
     assert set(rows) == {p["impression_id"] for p in preds}
     assert all(rows[p["impression_id"]]["p_served"] == pytest.approx(p["p"], abs=0) for p in preds)
     assert {r["period"] for r in rows.values()} == {4} and {r["model_version"] for r in rows.values()} == {1}
-    fb = client.post("/feedback", json={"events": [{"impression_id": p["impression_id"], "label": y}
-                                                   for p, y in zip(preds, labels)]})
+    fb = client.post(
+        "/feedback", json={"events": [{"impression_id": p["impression_id"], "label": y} for p, y in zip(preds, labels)]}
+    )
     assert fb.status_code == 200
     assert fb.json() == {"accepted": 20, "duplicates": [], "memory_written": 0}
     assert log.count("feedback") == 20
@@ -128,11 +138,13 @@ def test_duplicate_feedback_is_ignored_and_reported(world, tmp_path):
     client, md = client_for(world, tmp_path)
     recs, _ = records(world, 900, 3)
     ids = [p["impression_id"] for p in client.post("/predict", json={"records": recs}).json()["predictions"]]
-    first = client.post("/feedback", json={"events": [{"impression_id": ids[0], "label": 1},
-                                                      {"impression_id": ids[0], "label": 0}]}).json()
+    first = client.post(
+        "/feedback", json={"events": [{"impression_id": ids[0], "label": 1}, {"impression_id": ids[0], "label": 0}]}
+    ).json()
     assert first["accepted"] == 1 and first["duplicates"] == [ids[0]]
-    second = client.post("/feedback", json={"events": [{"impression_id": ids[0], "label": 0},
-                                                       {"impression_id": ids[1], "label": 0}]}).json()
+    second = client.post(
+        "/feedback", json={"events": [{"impression_id": ids[0], "label": 0}, {"impression_id": ids[1], "label": 0}]}
+    ).json()
     assert second["accepted"] == 1 and second["duplicates"] == [ids[0]]
     log = ServeLog(md / "log.sqlite3")
     labels = dict(log.conn.execute("SELECT impression_id, label FROM feedback").fetchall())
@@ -144,8 +156,10 @@ def test_unknown_impression_is_404_and_writes_nothing(world, tmp_path):
     client, md = client_for(world, tmp_path)
     recs, _ = records(world, 900, 2)
     ids = [p["impression_id"] for p in client.post("/predict", json={"records": recs}).json()["predictions"]]
-    r = client.post("/feedback", json={"events": [{"impression_id": ids[0], "label": 1},
-                                                  {"impression_id": "no-such-id", "label": 0}]})
+    r = client.post(
+        "/feedback",
+        json={"events": [{"impression_id": ids[0], "label": 1}, {"impression_id": "no-such-id", "label": 0}]},
+    )
     assert r.status_code == 404
     assert "no-such-id" in r.json()["detail"] and r.json()["impression_ids"] == ["no-such-id"]
     assert ServeLog(md / "log.sqlite3").count("feedback") == 0  # all or nothing
@@ -161,11 +175,14 @@ def test_batch_too_large_is_413(world, tmp_path):
     assert client.post("/predict", json={"records": recs[:5]}).status_code == 200
 
 
-@pytest.mark.parametrize("mutate, field, reason", [
-    (lambda r: r.pop("item_id"), "records[1].item_id", "field required"),
-    (lambda r: r.update(hour=[1, 2]), "records[1].hour", "expected a string or integer id"),
-    (lambda r: r.update(user_id={"a": 1}), "records[1].user_id", "expected a string or integer id"),
-])
+@pytest.mark.parametrize(
+    "mutate, field, reason",
+    [
+        (lambda r: r.pop("item_id"), "records[1].item_id", "field required"),
+        (lambda r: r.update(hour=[1, 2]), "records[1].hour", "expected a string or integer id"),
+        (lambda r: r.update(user_id={"a": 1}), "records[1].user_id", "expected a string or integer id"),
+    ],
+)
 def test_malformed_record_is_422_naming_the_field_and_quarantined(world, tmp_path, mutate, field, reason):
     client, md = client_for(world, tmp_path)
     recs, _ = records(world, 900, 3)
@@ -188,16 +205,25 @@ def test_numeric_feature_rejects_non_numbers(tmp_path):
     n = 800
     lines = ["ts,label,user_id,item_id,price"] + [
         f"{i},{int(rng.random() < 0.3)},u{rng.integers(20)},i{rng.integers(15)},{rng.normal(10, 2):.3f}"
-        for i in range(n)]
+        for i in range(n)
+    ]
     (tmp_path / "log.csv").write_text("\n".join(lines))
-    raw = {"data": {"source": "csv", "path": str(tmp_path / "log.csv"), "time": "ts", "label": "label",
-                    "user": "user_id", "cache": str(tmp_path / "cache"),
-                    "features": {"user_id": "categorical", "item_id": "categorical", "price": "numeric"},
-                    "periods": {"count": 8, "by": "rows"}},
-           "model": {"name": "emb_mlp", "embedding_dim": 4, "hidden_units": [8]},
-           "train": {"pretrain_epochs": 1, "batch_size": 128},
-           "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2},
-           "runs": {"IU": {"update": "incremental"}}}
+    raw = {
+        "data": {
+            "source": "csv",
+            "path": str(tmp_path / "log.csv"),
+            "time": "ts",
+            "label": "label",
+            "user": "user_id",
+            "cache": str(tmp_path / "cache"),
+            "features": {"user_id": "categorical", "item_id": "categorical", "price": "numeric"},
+            "periods": {"count": 8, "by": "rows"},
+        },
+        "model": {"name": "emb_mlp", "embedding_dim": 4, "hidden_units": [8]},
+        "train": {"pretrain_epochs": 1, "batch_size": 128},
+        "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2},
+        "runs": {"IU": {"update": "incremental"}},
+    }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
     md = bootstrap(load_config(tmp_path / "c.yaml"), tmp_path / "md", log=lambda *_: None)
     client = TestClient(create_app(md.path))
@@ -355,7 +381,7 @@ def test_retrain_publishes_and_hot_swaps_under_load(world, tmp_path):
     assert {r["id"] for r in trained} == set(labelled_ids) and {r["period"] for r in trained} == {4}
     closed = next(p["closed"] for p in log.periods() if p["period"] == 4)
     assert all(r["period"] == 5 for r in log.impressions() if r["ts"] > closed)  # logged after the close
-    assert 'reloop_model_swaps_total 1.0' in client.get("/metrics").text
+    assert "reloop_model_swaps_total 1.0" in client.get("/metrics").text
 
 
 def test_candidate_worse_than_margin_is_rejected(world, tmp_path):

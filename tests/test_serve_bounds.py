@@ -1,6 +1,7 @@
 """Bounded growth of the service (issue 16, defect 4): every online vocabulary has a fixed capacity
 and hashed overflow (the offline encoder's policy), and encoding costs the same whatever the number of
 known ids."""
+
 from __future__ import annotations
 
 import statistics
@@ -26,31 +27,46 @@ from reloop.serve.online import OnlineEncoder
 
 world = test_serve_api.world  # the bootstrapped model directories (module-scoped fixture)
 
-SCHEMA = FeatureSchema(features=[
-    FeatureSpec(name="user_id"), FeatureSpec(name="item_id"),
-    FeatureSpec(name="history", kind="sequence", vocab="item_id", max_len=3),
-    FeatureSpec(name="tags", kind="sequence", max_len=2),
-    FeatureSpec(name="price", kind="numeric"),
-], user="user_id")
+SCHEMA = FeatureSchema(
+    features=[
+        FeatureSpec(name="user_id"),
+        FeatureSpec(name="item_id"),
+        FeatureSpec(name="history", kind="sequence", vocab="item_id", max_len=3),
+        FeatureSpec(name="tags", kind="sequence", max_len=2),
+        FeatureSpec(name="price", kind="numeric"),
+    ],
+    user="user_id",
+)
 
 
 def fitted() -> FeatureEncoder:
     """Tables of capacity 16 (min_capacity) with a few known ids each."""
     enc = FeatureEncoder(SCHEMA, EncoderConfig(headroom=2.0, min_capacity=16))
-    frame = pl.DataFrame({"user_id": ["u0", "u1", "u2"], "item_id": ["i0", "i1", "i2"],
-                          "history": [["i0"], ["i1", "i2"], []], "tags": [["t0"], [], ["t1"]],
-                          "price": [1.0, 2.0, 3.0], "label": [0, 1, 0]})
+    frame = pl.DataFrame(
+        {
+            "user_id": ["u0", "u1", "u2"],
+            "item_id": ["i0", "i1", "i2"],
+            "history": [["i0"], ["i1", "i2"], []],
+            "tags": [["t0"], [], ["t1"]],
+            "price": [1.0, 2.0, 3.0],
+            "label": [0, 1, 0],
+        }
+    )
     enc.fit_capacities(frame)
     enc.transform(frame, grow=True)
     return enc
 
 
 ids = st.sampled_from([f"{p}{k}" for p in ("i", "u", "t", "x") for k in range(30)])
-record = st.fixed_dictionaries({
-    "user_id": st.one_of(st.none(), ids), "item_id": st.one_of(st.none(), ids),
-    "history": st.one_of(st.none(), st.lists(ids, max_size=5)), "tags": st.one_of(st.none(), st.lists(ids, max_size=3)),
-    "price": st.one_of(st.none(), st.floats(-100, 100)),
-})
+record = st.fixed_dictionaries(
+    {
+        "user_id": st.one_of(st.none(), ids),
+        "item_id": st.one_of(st.none(), ids),
+        "history": st.one_of(st.none(), st.lists(ids, max_size=5)),
+        "tags": st.one_of(st.none(), st.lists(ids, max_size=3)),
+        "price": st.one_of(st.none(), st.floats(-100, 100)),
+    }
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -71,8 +87,10 @@ def test_online_encoding_equals_the_offline_encoder(batches):
         for t, v in offline.vocabs.items():
             assert online_enc.vocabs[t].index == v.index and list(online_enc.vocabs[t].index) == list(v.index)
         assert online_enc.users == offline.users
-        assert all(online_enc.users[i] == idx if t == "__users__" else online_enc.vocabs[t].index[i] == idx
-                   for t, i, idx in new)
+        assert all(
+            online_enc.users[i] == idx if t == "__users__" else online_enc.vocabs[t].index[i] == idx
+            for t, i, idx in new
+        )
 
 
 def test_users_past_capacity_share_hashed_buckets():
@@ -145,6 +163,7 @@ def test_many_new_ids_leave_the_vocabularies_bounded(world, tmp_path):
 
     burst(0, 40)  # 160 new users and items: past both capacities
     assert len(enc.vocabs["item_id"].index) == cap_items and len(enc.users) == cap_users
+
     def rss() -> int:  # resident bytes (Linux; 0 elsewhere, where only the Python figure is checked)
         try:
             with open("/proc/self/statm") as fh:
@@ -167,9 +186,13 @@ def test_many_new_ids_leave_the_vocabularies_bounded(world, tmp_path):
     assert service._pending_vocab == {}
 
 
-@pytest.mark.parametrize("value, problem", [
-    ("x" * 257, "id of 257 characters"), (10**300, "id of 301 characters"),
-])
+@pytest.mark.parametrize(
+    "value, problem",
+    [
+        ("x" * 257, "id of 257 characters"),
+        (10**300, "id of 301 characters"),
+    ],
+)
 def test_long_ids_are_refused_naming_the_field(world, tmp_path, value, problem):
     md = world["model_dir"]("IU", tmp_path / "md")
     client = TestClient(create_app(md))

@@ -4,6 +4,7 @@
 embedding layer: concurrent callers (the service's threadpool) got each other's keys, or a key of
 another batch size (a 500). The key now comes out of the same forward call, with no shared state.
 """
+
 from __future__ import annotations
 
 import threading
@@ -105,7 +106,8 @@ def logged_keys_that_differ(service, ids: list[str]) -> int:
     """Impressions whose logged key differs from the key of that record scored alone."""
     log = ServeLog(service.md.log_path)
     rows = log.conn.execute(
-        f"SELECT features, h, model_version FROM impressions WHERE id IN ({','.join('?' * len(ids))})", ids).fetchall()
+        f"SELECT features, h, model_version FROM impressions WHERE id IN ({','.join('?' * len(ids))})", ids
+    ).fetchall()
     log.close()
     assert len(rows) == len(ids)
     wrong = 0
@@ -137,7 +139,7 @@ def test_concurrent_predicts_log_each_requests_own_key(world, tmp_path, run):
         size = 1 + i
         for k in range(rounds):
             start = (i * 37 + k * size) % (len(recs) - size)
-            r = client.post("/predict", json={"records": recs[start:start + size]})
+            r = client.post("/predict", json={"records": recs[start : start + size]})
             with lock:
                 statuses.append(r.status_code)
                 if r.status_code == 200:

@@ -1,6 +1,7 @@
 """Fuzzing every route of the service (issue 16): schema-driven cases from its own OpenAPI document
 (schemathesis, valid and invalid) and a hand list of hostile inputs. Never a 5xx; every 4xx names the
 field it is about; the server keeps answering."""
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,7 @@ def check(r) -> None:
 
 def _fuzz(op, mode, codes: dict[int, int]) -> None:
     @given(case=op.as_strategy(generation_mode=mode))
-    @settings(max_examples=12, deadline=None, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
+    @settings(max_examples=12, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
     def run(case) -> None:
         r = case.call(headers=ADMIN)
         codes[r.status_code] = codes.get(r.status_code, 0) + 1
@@ -60,8 +60,9 @@ def test_every_route_from_the_openapi_document(served):
     mode: CI-sized, a few seconds)."""
     client, md = served
     # its own app: schemathesis runs the app's lifespan, whose end closes the service's log
-    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(md, admin_token=TOKEN, limits=LIMITS,
-                                                                        max_batch=512))
+    schema = schemathesis.openapi.from_asgi(
+        "/openapi.json", create_app(md, admin_token=TOKEN, limits=LIMITS, max_batch=512)
+    )
     seen: dict[str, dict[int, int]] = {}
     for result in schema.get_all_operations():
         op = result.ok()
@@ -70,9 +71,14 @@ def test_every_route_from_the_openapi_document(served):
                 _fuzz(op, mode, seen.setdefault(f"{op.label} {mode.value}", {}))
             except Unsatisfiable:  # no invalid request exists for an operation without input
                 assert mode is GenerationMode.NEGATIVE
-    assert {k for k, v in seen.items() if v} >= {"POST /predict positive", "POST /predict negative",
-                                                  "POST /feedback positive", "POST /feedback negative",
-                                                  "GET /healthz positive", "POST /admin/reload positive"}
+    assert {k for k, v in seen.items() if v} >= {
+        "POST /predict positive",
+        "POST /predict negative",
+        "POST /feedback positive",
+        "POST /feedback negative",
+        "GET /healthz positive",
+        "POST /admin/reload positive",
+    }
     assert client.get("/healthz").status_code == 200
 
 
@@ -89,7 +95,12 @@ def hostile(world) -> list[tuple[str, str, bytes | str, dict]]:
         ("surrogate in user_id", "/predict", good.replace(f'"{rec["user_id"]}"', '"\\ud800"'), {}),
         ("surrogate in a key", "/predict", '{"records": [{"\\udfff": "x"}]}', {}),
         ("surrogate in impression_id", "/feedback", '{"events": [{"impression_id": "\\ud800", "label": 0}]}', {}),
-        ("surrogate pair is fine but unknown", "/feedback", '{"events": [{"impression_id": "\\ud83d\\ude00", "label": 0}]}', {}),
+        (
+            "surrogate pair is fine but unknown",
+            "/feedback",
+            '{"events": [{"impression_id": "\\ud83d\\ude00", "label": 0}]}',
+            {},
+        ),
         ("1 MB user_id", "/predict", json.dumps({"records": [{**rec, "user_id": "x" * 2**20}]}), {}),
         ("1 MB ignored key", "/predict", json.dumps({"records": [{**rec, "note": "x" * 2**20}]}), {}),
         ("300-character id", "/predict", json.dumps({"records": [{**rec, "item_id": "y" * 300}]}), {}),
@@ -117,8 +128,12 @@ def hostile(world) -> list[tuple[str, str, bytes | str, dict]]:
         ("NUL bytes", "/predict", b'{"records": [{"user_id": "a\x00b"}]}\x00', {}),
         ("XML", "/predict", "<records><record/></records>", {"content-type": "application/xml"}),
         ("form", "/feedback", "events=1&label=2", {"content-type": "application/x-www-form-urlencoded"}),
-        ("multipart", "/predict", "--x\r\ncontent-disposition: form-data; name=a\r\n\r\n1\r\n--x--\r\n",
-         {"content-type": "multipart/form-data; boundary=x"}),
+        (
+            "multipart",
+            "/predict",
+            "--x\r\ncontent-disposition: form-data; name=a\r\n\r\n1\r\n--x--\r\n",
+            {"content-type": "multipart/form-data; boundary=x"},
+        ),
         ("truncated JSON", "/predict", good[:-3], {}),
         ("extra top-level key", "/predict", json.dumps({"records": [], "also": 1}), {}),
         ("unknown event key", "/feedback", '{"events": [{"impression_id": "a", "label": 0, "x": 1}]}', {}),
@@ -149,10 +164,14 @@ def test_hostile_inputs_are_4xx_naming_the_field(served, world):
 
 def test_hostile_admin_calls(served):
     client, _ = served
-    for r in (client.post("/admin/retrain", params={"wait": "maybe"}),
-              client.post("/admin/reload", content="x" * 10_000),
-              client.post("/admin/reload", headers={"authorization": "Bearer \u00e9\u00e9".encode()}),
-              client.get("/admin/../admin/retrain"),
-              client.delete("/predict"), client.get("/nowhere"), client.put("/model")):
+    for r in (
+        client.post("/admin/retrain", params={"wait": "maybe"}),
+        client.post("/admin/reload", content="x" * 10_000),
+        client.post("/admin/reload", headers={"authorization": "Bearer \u00e9\u00e9".encode()}),
+        client.get("/admin/../admin/retrain"),
+        client.delete("/predict"),
+        client.get("/nowhere"),
+        client.put("/model"),
+    ):
         check(r)
         assert 400 <= r.status_code < 500 or r.status_code == 200, r.text

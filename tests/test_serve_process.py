@@ -1,5 +1,6 @@
 """The service as real processes: kill -9 durability, `reloop retrain` + hot swap of a running
 server under load, and the --demo replay end to end (tiny config)."""
+
 from __future__ import annotations
 
 import json
@@ -26,14 +27,21 @@ COLS = ["user_id", "item_id", "item_cat", "hour"]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-proc")
-    raw = {"data": {"source": "synthetic",
-                    "synthetic": {"users": 60, "items": 40, "rows_per_period": 300, "periods": 8, "seed": 1},
-                    "periods": {"count": 8, "by": "rows"}, "cache": str(root / "cache")},
-           "model": {"name": "emb_mlp", "embedding_dim": 4, "hidden_units": [8]},
-           "train": {"epochs": 1, "pretrain_epochs": 2, "batch_size": 128, "lr": 0.01},
-           "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2, "seeds": [0]},
-           "runs": {"IU-mem": {"update": "incremental", "memory": {"exact": {"size": 500, "top_k": 8}}},
-                    "IU": {"update": "incremental"}}}
+    raw = {
+        "data": {
+            "source": "synthetic",
+            "synthetic": {"users": 60, "items": 40, "rows_per_period": 300, "periods": 8, "seed": 1},
+            "periods": {"count": 8, "by": "rows"},
+            "cache": str(root / "cache"),
+        },
+        "model": {"name": "emb_mlp", "embedding_dim": 4, "hidden_units": [8]},
+        "train": {"epochs": 1, "pretrain_epochs": 2, "batch_size": 128, "lr": 0.01},
+        "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2, "seeds": [0]},
+        "runs": {
+            "IU-mem": {"update": "incremental", "memory": {"exact": {"size": 500, "top_k": 8}}},
+            "IU": {"update": "incremental"},
+        },
+    }
     path = root / "serve.yaml"
     path.write_text(yaml.safe_dump(raw))
     cfg = load_config(path)
@@ -59,7 +67,7 @@ def test_acknowledged_writes_survive_kill_9_and_retrain_swaps_a_live_server(setu
                 i = (k * 30) % 600
                 k += 1
                 try:
-                    r = c.post("/predict", json={"records": recs[i:i + 30]})
+                    r = c.post("/predict", json={"records": recs[i : i + 30]})
                     if r.status_code != 200:
                         continue
                     ids = [p["impression_id"] for p in r.json()["predictions"]]
@@ -132,9 +140,21 @@ def test_acknowledged_writes_survive_kill_9_and_retrain_swaps_a_live_server(setu
             for th in threads:
                 th.start()
             try:
-                out = subprocess.run([sys.executable, "-m", "reloop.serve.cli", "retrain", "--model-dir",
-                                      str(md.path), "--max-auc-drop", "1"], capture_output=True, text=True,
-                                     timeout=120)
+                out = subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "reloop.serve.cli",
+                        "retrain",
+                        "--model-dir",
+                        str(md.path),
+                        "--max-auc-drop",
+                        "1",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=120,
+                )
                 assert out.returncode == 0, out.stderr
                 result = json.loads(out.stdout.strip().splitlines()[-1])
                 assert result["outcome"] == "published" and result["version"] == 2

@@ -1,5 +1,6 @@
 """The service against hostile files, incompatible or broken versions, and unauthenticated callers
 (issue 16: defects 2, 3, 5, 6, 7, 8)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -63,8 +64,9 @@ class Payload:
 
 
 def poison(path: Path, marker: Path, legacy_blob: dict | None = None) -> None:
-    torch.save({**(legacy_blob or {}), "state_dict": Payload(marker), "config": {"name": "emb_mlp"},
-                "feature_map": {}}, path)
+    torch.save(
+        {**(legacy_blob or {}), "state_dict": Payload(marker), "config": {"name": "emb_mlp"}, "feature_map": {}}, path
+    )
 
 
 # -- 2: no code from model files ------------------------------------------------------------------
@@ -109,15 +111,16 @@ def test_models_are_safetensors_with_json_metadata_and_legacy_files_still_load(w
     assert meta["format"] == "reloop-model/2" and json.loads(meta["config"])["name"] == "emb_mlp"
     model = load_model(path)
     legacy = tmp_path / "legacy.pt"  # the format save_model wrote before: loads with weights_only=True
-    torch.save({"config": model.config(), "feature_map": model.feature_map.model_dump(),
-                "state_dict": model.state_dict()}, legacy)
+    torch.save(
+        {"config": model.config(), "feature_map": model.feature_map.model_dump(), "state_dict": model.state_dict()},
+        legacy,
+    )
     again = load_model(legacy, model.feature_map)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
 
 
 # -- 3: incompatible checkpoints -------------------------------------------------------------------
-@pytest.mark.parametrize("other", [{"name": "emb_mlp", "embedding_dim": 4, "hidden_units": [16]},
-                                   {"name": "lr"}])
+@pytest.mark.parametrize("other", [{"name": "emb_mlp", "embedding_dim": 4, "hidden_units": [16]}, {"name": "lr"}])
 def test_an_incompatible_version_is_refused_and_the_old_one_keeps_serving(world, tmp_path, other, caplog):
     md = fresh(world, tmp_path)
     mdir = ModelDir(md)
@@ -217,9 +220,20 @@ def _asgi(app, messages: list[dict], headers: list[tuple[bytes, bytes]], path="/
         async def send(message):
             sent.append(message)
 
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                 "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-                 "root_path": "", "headers": headers, "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 80)}
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": headers,
+            "client": ("127.0.0.1", 5000),
+            "server": ("127.0.0.1", 80),
+        }
         await asyncio.wait_for(app(scope, receive, send), timeout)
 
     asyncio.run(main())
@@ -232,8 +246,11 @@ def test_short_bodies_time_out_and_large_ones_are_refused_unread(world, tmp_path
     md = fresh(world, tmp_path)
     app = create_app(md, admin_token=TOKEN, limits=Limits(body_timeout=0.3, max_body_bytes=1000))
     # Content-Length longer than the body: 408 after the timeout instead of a connection held open
-    status, body = _asgi(app, [{"type": "http.request", "body": b'{"records": [', "more_body": True}],
-                         [(b"content-length", b"500"), (b"content-type", b"application/json")])
+    status, body = _asgi(
+        app,
+        [{"type": "http.request", "body": b'{"records": [', "more_body": True}],
+        [(b"content-length", b"500"), (b"content-type", b"application/json")],
+    )
     assert status == 408 and body["field"] == "body"
     # a declared size over the limit is refused before reading a byte
     status, body = _asgi(app, [], [(b"content-length", b"5000000")])
@@ -256,8 +273,10 @@ def test_every_500_is_logged_once_with_a_bounded_line(world, tmp_path, caplog, m
     with caplog.at_level(logging.ERROR, logger="reloop.serve"):
         for _ in range(5):
             r = c.post("/predict", json={"records": []})
-            assert r.status_code == 500 and r.json() == {"detail": "internal error (logged by the server)",
-                                                         "field": None}
+            assert r.status_code == 500 and r.json() == {
+                "detail": "internal error (logged by the server)",
+                "field": None,
+            }
     errors = [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
     assert len(errors) == 1 and errors[0].exc_info is not None  # the traceback once, not per request
     assert len(errors[0].getMessage()) < 600
@@ -311,14 +330,25 @@ def test_non_loopback_bind_needs_a_token(tmp_path, monkeypatch):
     out = CliRunner().invoke(serve_cli, ["serve", "--model-dir", str(tmp_path / "md"), "--host", "0.0.0.0"])
     assert out.exit_code == 2 and "not a loopback address" in out.output
     (tmp_path / "token").write_text("short\n")
-    out = CliRunner().invoke(serve_cli, ["serve", "--model-dir", str(tmp_path / "md"), "--host", "0.0.0.0",
-                                         "--admin-token-file", str(tmp_path / "token")])
+    out = CliRunner().invoke(
+        serve_cli,
+        [
+            "serve",
+            "--model-dir",
+            str(tmp_path / "md"),
+            "--host",
+            "0.0.0.0",
+            "--admin-token-file",
+            str(tmp_path / "token"),
+        ],
+    )
     assert out.exit_code == 2 and "at least 16" in out.output
 
 
 # -- 8: the quick-start curl ---------------------------------------------------------------------
-@pytest.mark.parametrize("headers", [{}, {"content-type": "application/x-www-form-urlencoded"},
-                                     {"content-type": "text/plain"}])
+@pytest.mark.parametrize(
+    "headers", [{}, {"content-type": "application/x-www-form-urlencoded"}, {"content-type": "text/plain"}]
+)
 def test_json_is_accepted_whatever_the_content_type(world, tmp_path, headers):
     md = fresh(world, tmp_path)
     c = client(md)
@@ -352,9 +382,12 @@ def test_a_combine_run_is_refused_by_the_service_naming_the_key(tmp_path):
     from reloop.config import parse_config
     from reloop.serve.registry import RegistryError, pick_run
 
-    cfg = parse_config({"data": {"source": "synthetic", "periods": {"count": 31, "by": "rows"}},
-                        "runs": {"IU": {"update": "incremental"},
-                                 "mix": {"update": "incremental", "combine": {"experts": ["IU"]}}}})
+    cfg = parse_config(
+        {
+            "data": {"source": "synthetic", "periods": {"count": 31, "by": "rows"}},
+            "runs": {"IU": {"update": "incremental"}, "mix": {"update": "incremental", "combine": {"experts": ["IU"]}}},
+        }
+    )
     assert pick_run(cfg, None) == "IU"
     with pytest.raises(RegistryError, match=r"runs\.mix\.combine"):
         pick_run(cfg, "mix")

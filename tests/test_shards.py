@@ -1,4 +1,5 @@
 """Periods as Parquet shards, read streaming: exact rows in order, rank splits, training larger than memory."""
+
 from __future__ import annotations
 
 import json
@@ -12,11 +13,20 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-
 from conftest import TINY_SCHEMA, tiny_frame
+
 from reloop.data.encode import FeatureEncoder
-from reloop.data.shards import (ShardedPeriod, arrow_to_tensors, encode_to_shards, period_dir, row_groups,
-                                tensors_to_arrow, write_period_shards, write_shards, write_tensors)
+from reloop.data.shards import (
+    ShardedPeriod,
+    arrow_to_tensors,
+    encode_to_shards,
+    period_dir,
+    row_groups,
+    tensors_to_arrow,
+    write_period_shards,
+    write_shards,
+    write_tensors,
+)
 from reloop.data.tensors import PeriodTensors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,8 +85,9 @@ def test_shuffled_batches_are_a_permutation_and_deterministic(tmp_path):
     period = ShardedPeriod(tmp_path / "enc", read_rows=256, shuffle_rows=700)
 
     def rows(seed):
-        return torch.cat([b["row"] for b in period.batches(128, shuffle=True,
-                                                           generator=torch.Generator().manual_seed(seed))])
+        return torch.cat(
+            [b["row"] for b in period.batches(128, shuffle=True, generator=torch.Generator().manual_seed(seed))]
+        )
 
     a, b, c = rows(0), rows(0), rows(1)
     assert torch.equal(a, b) and not torch.equal(a, c)
@@ -165,16 +176,30 @@ def _big_period(root: Path, rows: int) -> None:
         rng = np.random.default_rng(seed)
         for s in range(0, n, step):
             m = min(step, n - s)
-            yield pl.DataFrame({
-                "label": (rng.random(m) < 0.3).astype(np.int8), "time": np.arange(s, s + m, dtype=np.int64),
-                "user_id": rng.integers(0, 200_000, m), "item_id": rng.zipf(1.3, m) % 100_000,
-                "cat": rng.integers(0, 1000, m), "price": rng.normal(10, 3, m),
-            }).with_columns(pl.format("u{}", "user_id").alias("user_id"), pl.format("i{}", "item_id").alias("item_id"),
-                            pl.format("c{}", "cat").alias("cat"))
+            yield pl.DataFrame(
+                {
+                    "label": (rng.random(m) < 0.3).astype(np.int8),
+                    "time": np.arange(s, s + m, dtype=np.int64),
+                    "user_id": rng.integers(0, 200_000, m),
+                    "item_id": rng.zipf(1.3, m) % 100_000,
+                    "cat": rng.integers(0, 1000, m),
+                    "price": rng.normal(10, 3, m),
+                }
+            ).with_columns(
+                pl.format("u{}", "user_id").alias("user_id"),
+                pl.format("i{}", "item_id").alias("item_id"),
+                pl.format("c{}", "cat").alias("cat"),
+            )
 
     write_shards(chunks(rows), root / "period", rows_per_file=1_000_000)
-    schema = FeatureSchema(features=[FeatureSpec(name="user_id"), FeatureSpec(name="item_id"),
-                                     FeatureSpec(name="cat"), FeatureSpec(name="price", kind="numeric")])
+    schema = FeatureSchema(
+        features=[
+            FeatureSpec(name="user_id"),
+            FeatureSpec(name="item_id"),
+            FeatureSpec(name="cat"),
+            FeatureSpec(name="price", kind="numeric"),
+        ]
+    )
     enc = FeatureEncoder(schema)
     enc.fit_capacities(next(chunks(100_000, 100_000, seed=1)))
     (root / "encoder.json").write_text(json.dumps(enc.state_dict()))
@@ -190,12 +215,24 @@ def test_a_period_larger_than_the_memory_cap_trains_streaming(tmp_path):
     _big_period(tmp_path, rows)
     script = tmp_path / "child.py"
     script.write_text(_CHILD)
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "MALLOC_ARENA_MAX": "2", "POLARS_MAX_THREADS": "1",
-           "ARROW_DEFAULT_MEMORY_POOL": "system", "OMP_NUM_THREADS": "1", "RUST_BACKTRACE": "0"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO / "src"),
+        "MALLOC_ARENA_MAX": "2",
+        "POLARS_MAX_THREADS": "1",
+        "ARROW_DEFAULT_MEMORY_POOL": "system",
+        "OMP_NUM_THREADS": "1",
+        "RUST_BACKTRACE": "0",
+    }
 
     def child(mode):
-        return subprocess.run([sys.executable, str(script), mode, str(tmp_path), str(cap_mb)], env=env,
-                              capture_output=True, text=True, timeout=240)
+        return subprocess.run(
+            [sys.executable, str(script), mode, str(tmp_path), str(cap_mb)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
 
     in_memory = child("memory")
     assert in_memory.returncode != 0, "the cap is too loose: the whole period fits in memory"

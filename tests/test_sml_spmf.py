@@ -1,4 +1,5 @@
 """SML transfer generator and SPMF replay."""
+
 from __future__ import annotations
 
 import copy
@@ -19,9 +20,9 @@ from reloop.update.strategies import Incremental, UpdateContext
 from reloop.update.trainer import TrainConfig, predict_rows, train_rows
 
 
-
-def make_stream(n_periods: int = 8, rows: int = 200, n_users: int = 10, n_items: int = 12,
-                trend: float = 0.1, seed: int = 0) -> Stream:
+def make_stream(
+    n_periods: int = 8, rows: int = 200, n_users: int = 10, n_items: int = 12, trend: float = 0.1, seed: int = 0
+) -> Stream:
     g = torch.Generator().manual_seed(seed)
     user_eff = torch.randn(n_users, generator=g) * 0.7
     item_eff = torch.randn(n_items, generator=g) * 0.7
@@ -39,30 +40,40 @@ def make_stream(n_periods: int = 8, rows: int = 200, n_users: int = 10, n_items:
         start += rows
     data = {k: torch.cat(v) for k, v in cols.items()}
     data["row"] = torch.arange(start, dtype=torch.int64)
-    fmap = FeatureMap(fields=[
-        EncodedField(name="user", kind="categorical", table="user", size=n_users + 2),
-        EncodedField(name="item", kind="categorical", table="item", size=n_items + 2),
-    ], user_field="user")
+    fmap = FeatureMap(
+        fields=[
+            EncodedField(name="user", kind="categorical", table="user", size=n_users + 2),
+            EncodedField(name="item", kind="categorical", table="item", size=n_items + 2),
+        ],
+        user_field="user",
+    )
     return Stream(feature_map=fmap, rows=PeriodTensors(data), bounds=bounds)
 
 
 def make_model(stream: Stream, seed: int = 0, hidden: list[int] | None = None):
     torch.manual_seed(seed)
-    return build_model({"name": "emb_mlp", "embedding_dim": 4, "hidden_units": hidden or [6], "init_std": 0.1},
-                       stream.feature_map)
+    return build_model(
+        {"name": "emb_mlp", "embedding_dim": 4, "hidden_units": hidden or [6], "init_std": 0.1}, stream.feature_map
+    )
 
 
 def ctx_for(stream: Stream, t: int, g: torch.Generator, lr: float = 1e-2) -> UpdateContext:
-    return UpdateContext(history=History(stream, t), t=t, loss=CrossEntropy(),
-                         train=TrainConfig(batch_size=50, lr=lr), generator=g,
-                         fresh_model=lambda: make_model(stream))
+    return UpdateContext(
+        history=History(stream, t),
+        t=t,
+        loss=CrossEntropy(),
+        train=TrainConfig(batch_size=50, lr=lr),
+        generator=g,
+        fresh_model=lambda: make_model(stream),
+    )
 
 
 def pretrain(stream: Stream, P: int, g: torch.Generator, epochs: int = 3):
     model = make_model(stream)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    train_rows(model, opt, History(stream, P).periods(1, P), CrossEntropy(), TrainConfig(batch_size=50),
-               g, epochs=epochs)
+    train_rows(
+        model, opt, History(stream, P).periods(1, P), CrossEntropy(), TrainConfig(batch_size=50), g, epochs=epochs
+    )
     return model, opt.state_dict()
 
 

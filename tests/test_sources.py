@@ -1,5 +1,6 @@
 """Data sources: CSV/Parquet, MovieLens (100K on disk; 1M and 25M layouts on tiny files), configs,
 bad-row accounting and the shared history builder."""
+
 from __future__ import annotations
 
 import calendar
@@ -427,8 +428,9 @@ def test_movielens_1m_layout(tmp_path: Path) -> None:
         "1::10::5::978300760\n1::20::3::978300700\n2::10::4::978300700\n2::30::1::978300800\n", encoding="utf-8"
     )
     (d / "movies.dat").write_bytes(
-        "10::Café Society (1999)::Comedy|Drama\n20::Toy Story (1995)::Animation|Children's|Comedy\n30::X::Horror\n"
-        .encode("latin-1")
+        "10::Café Society (1999)::Comedy|Drama\n20::Toy Story (1995)::Animation|Children's|Comedy\n30::X::Horror\n".encode(
+            "latin-1"
+        )
     )
     (d / "users.dat").write_text("1::F::1::10::48067\n2::M::56::16::70072\n", encoding="utf-8")
     log = load_source({"source": "movielens", "path": str(d), "history": 2})

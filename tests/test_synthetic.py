@@ -1,4 +1,5 @@
 """The synthetic drifting click stream: determinism, truth, learnability, drift, item life cycles."""
+
 from __future__ import annotations
 
 import time

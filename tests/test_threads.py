@@ -1,4 +1,5 @@
 """Automatic torch thread count (reloop.threads) and the --threads option."""
+
 from __future__ import annotations
 
 import os
@@ -52,8 +53,13 @@ def test_large_model_on_a_free_host_uses_the_free_cpus():
     assert choose_threads(SMALL_WORK * 10, HostLoad(cpus=4, host_cpus=64, busy=32.0)).threads == 2
 
 
-@given(work=st.one_of(st.none(), st.floats(0, 1e12)), cpus=st.integers(1, 256),
-       host_extra=st.integers(0, 256), busy=st.floats(0, 600), more_busy=st.floats(0, 100))
+@given(
+    work=st.one_of(st.none(), st.floats(0, 1e12)),
+    cpus=st.integers(1, 256),
+    host_extra=st.integers(0, 256),
+    busy=st.floats(0, 600),
+    more_busy=st.floats(0, 100),
+)
 @settings(max_examples=300, deadline=None)
 def test_choice_is_within_the_cpus_and_never_grows_with_load(work, cpus, host_extra, busy, more_busy):
     host = cpus + host_extra
@@ -78,7 +84,9 @@ def test_dense_work_leaves_embedding_tables_out():
     assert dense_work(big, 200) == 2 * dense_work(big, 100)
 
 
-@pytest.mark.parametrize("value, parsed", [("auto", "auto"), ("AUTO", "auto"), ("3", 3), (2, 2), (None, None), ("", None)])
+@pytest.mark.parametrize(
+    "value, parsed", [("auto", "auto"), ("AUTO", "auto"), ("3", 3), (2, 2), (None, None), ("", None)]
+)
 def test_parse_threads(value, parsed):
     assert parse_threads(value) == parsed
 
@@ -150,11 +158,17 @@ def test_run_logs_the_automatic_choice(tmp_path, monkeypatch):
 
     monkeypatch.setattr(rt, "host_load", lambda sample_seconds=rt.SAMPLE_SECONDS: HostLoad(8, 8, 0.0))
     torch.set_num_threads(4)
-    cfg = {"data": {"source": "synthetic", "synthetic": {"users": 40, "items": 30, "rows_per_period": 60,
-                                                        "periods": 8, "seed": 1},
-                    "periods": {"count": 8, "by": "rows"}, "cache": str(tmp_path / "cache")},
-           "model": {"name": "lr"}, "train": {"epochs": 1, "pretrain_epochs": 1, "batch_size": 64},
-           "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2, "seeds": [0]}}
+    cfg = {
+        "data": {
+            "source": "synthetic",
+            "synthetic": {"users": 40, "items": 30, "rows_per_period": 60, "periods": 8, "seed": 1},
+            "periods": {"count": 8, "by": "rows"},
+            "cache": str(tmp_path / "cache"),
+        },
+        "model": {"name": "lr"},
+        "train": {"epochs": 1, "pretrain_epochs": 1, "batch_size": 64},
+        "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2, "seeds": [0]},
+    }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     res = runner.invoke(app, ["run", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o"), "--no-progress"])
     assert res.exit_code == 0, res.output
@@ -168,17 +182,26 @@ def test_large_model_rechecks_the_host_before_each_run(tmp_path, monkeypatch):
     loads = iter([HostLoad(4, 4, 0.0), HostLoad(4, 4, 0.0), HostLoad(4, 4, 3.0)])
     monkeypatch.setattr(rt, "host_load", lambda sample_seconds=rt.SAMPLE_SECONDS: next(loads))
     monkeypatch.setattr(rt, "SMALL_WORK", 0)
-    cfg = {"data": {"source": "synthetic", "synthetic": {"users": 40, "items": 30, "rows_per_period": 60,
-                                                        "periods": 8, "seed": 1},
-                    "periods": {"count": 8, "by": "rows"}, "cache": str(tmp_path / "cache")},
-           "model": {"name": "lr"}, "train": {"epochs": 1, "pretrain_epochs": 1, "batch_size": 64},
-           "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2, "seeds": [0]},
-           "runs": {"IU": {"update": "incremental"}, "none": {"update": "none"}}}
+    cfg = {
+        "data": {
+            "source": "synthetic",
+            "synthetic": {"users": 40, "items": 30, "rows_per_period": 60, "periods": 8, "seed": 1},
+            "periods": {"count": 8, "by": "rows"},
+            "cache": str(tmp_path / "cache"),
+        },
+        "model": {"name": "lr"},
+        "train": {"epochs": 1, "pretrain_epochs": 1, "batch_size": 64},
+        "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2, "seeds": [0]},
+        "runs": {"IU": {"update": "incremental"}, "none": {"update": "none"}},
+    }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    res = runner.invoke(app, ["run", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o"), "--no-progress"],
-                        env={"COLUMNS": "300"})
+    res = runner.invoke(
+        app, ["run", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o"), "--no-progress"], env={"COLUMNS": "300"}
+    )
     assert res.exit_code == 0, res.output
     lines = [line for line in res.output.splitlines() if line.startswith("threads:")]
-    assert lines == ["threads: 4 (auto: 4 usable CPUs, 0.0 busy with other work)",
-                     "threads: 1 (auto: 4 usable CPUs, 3.0 busy with other work)"], res.output
+    assert lines == [
+        "threads: 4 (auto: 4 usable CPUs, 0.0 busy with other work)",
+        "threads: 1 (auto: 4 usable CPUs, 3.0 busy with other work)",
+    ], res.output
     assert torch.get_num_threads() == 1

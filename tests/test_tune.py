@@ -1,4 +1,5 @@
 """``reloop tune``: settings chosen on the valid periods only, from search spaces the components declare."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,19 +16,26 @@ from reloop.update.trainer import TrainConfig
 
 
 def _cfg(tmp_path, runs):
-    return parse_config({
-        "data": {"source": "synthetic",
-                 "synthetic": {"users": 50, "items": 30, "rows_per_period": 200, "periods": 9, "seed": 0},
-                 "periods": {"count": 9, "by": "rows"}, "cache": str(tmp_path / "cache")},
-        "model": {"name": "emb_mlp", "embedding_dim": 4, "hidden_units": [8]},
-        "train": {"epochs": 1, "pretrain_epochs": 1, "batch_size": 64, "lr": 0.01},
-        "protocol": {"pretrain": 3, "warmup": 1, "valid": 2, "test": 2, "seeds": [0]},
-        "runs": runs})
+    return parse_config(
+        {
+            "data": {
+                "source": "synthetic",
+                "synthetic": {"users": 50, "items": 30, "rows_per_period": 200, "periods": 9, "seed": 0},
+                "periods": {"count": 9, "by": "rows"},
+                "cache": str(tmp_path / "cache"),
+            },
+            "model": {"name": "emb_mlp", "embedding_dim": 4, "hidden_units": [8]},
+            "train": {"epochs": 1, "pretrain_epochs": 1, "batch_size": 64, "lr": 0.01},
+            "protocol": {"pretrain": 3, "warmup": 1, "valid": 2, "test": 2, "seeds": [0]},
+            "runs": runs,
+        }
+    )
 
 
 def test_search_space_comes_from_the_components():
-    spec = RunSpec(update={"batch": 3}, loss={"self_correction": 0.5},
-                   memory={"sketch": {"arrays": 8, "bits": 4}, "lambda": 0.3})
+    spec = RunSpec(
+        update={"batch": 3}, loss={"self_correction": 0.5}, memory={"sketch": {"arrays": 8, "bits": 4}, "lambda": 0.3}
+    )
     space = dict(T.run_search_space(spec))
     assert space["update.batch"] == BatchWindow.search_space["window"]
     assert space["loss.self_correction"] == SelfCorrection.search_space["weight"]
@@ -36,13 +44,20 @@ def test_search_space_comes_from_the_components():
     assert dict(T.run_search_space(RunSpec())) == {}  # IU has nothing to tune (base training aside)
 
 
-@pytest.mark.parametrize("spec, key, value, expect", [
-    (RunSpec(loss="self_correction"), "loss.self_correction", 0.3, {"self_correction": 0.3}),
-    (RunSpec(loss={"self_correction": 0.5, "scale": "normalized"}), "loss.self_correction", 0.1,
-     {"self_correction": 0.1, "scale": "normalized"}),
-    (RunSpec(update={"batch": 3}), "update.batch", 5, {"batch": 5}),
-    (RunSpec(generator="sml"), "generator.sml.lr", 1e-4, {"sml": {"lr": 1e-4}}),
-])
+@pytest.mark.parametrize(
+    "spec, key, value, expect",
+    [
+        (RunSpec(loss="self_correction"), "loss.self_correction", 0.3, {"self_correction": 0.3}),
+        (
+            RunSpec(loss={"self_correction": 0.5, "scale": "normalized"}),
+            "loss.self_correction",
+            0.1,
+            {"self_correction": 0.1, "scale": "normalized"},
+        ),
+        (RunSpec(update={"batch": 3}), "update.batch", 5, {"batch": 5}),
+        (RunSpec(generator="sml"), "generator.sml.lr", 1e-4, {"sml": {"lr": 1e-4}}),
+    ],
+)
 def test_apply_setting_writes_the_yaml_shape(spec, key, value, expect):
     slot = key.split(".")[0]
     out = T.apply_setting(spec, key, value)
@@ -103,9 +118,18 @@ def test_combine_run_mixes_its_experts_online(tmp_path):
     from reloop.protocol.runner import pretrain, run_seed
 
     torch.set_num_threads(1)
-    cfg = _cfg(tmp_path, {"IU": {"update": "incremental"}, "frozen": {"update": "none"},
-                          "mix": {"update": "incremental", "loss": {"self_correction": 0.3},
-                                  "combine": {"experts": ["IU", "frozen"], "hedge": {"eta": 0.05}}}})
+    cfg = _cfg(
+        tmp_path,
+        {
+            "IU": {"update": "incremental"},
+            "frozen": {"update": "none"},
+            "mix": {
+                "update": "incremental",
+                "loss": {"self_correction": 0.3},
+                "combine": {"experts": ["IU", "frozen"], "hedge": {"eta": 0.05}},
+            },
+        },
+    )
     stream = prepare_stream(cfg.data, cfg.protocol.pretrain).stream
     theta0, optim0 = pretrain(cfg, stream, 0)
     served: dict = {}
@@ -128,18 +152,24 @@ def test_combine_run_mixes_its_experts_online(tmp_path):
     assert set(mix[-1]["weights"]) == {"mix", "IU", "frozen"}
     # Replay the first batch by hand: uniform weights over the three experts.
     start, end = stream.bounds[cfg.protocol.pretrain]
-    first = torch.stack([served[n][start:start + 10] for n in ("mix", "IU", "frozen")]).clamp(1e-6, 1 - 1e-6)
+    first = torch.stack([served[n][start : start + 10] for n in ("mix", "IU", "frozen")]).clamp(1e-6, 1 - 1e-6)
     labels = stream.period(cfg.protocol.pretrain + 1).data["label"].numpy()
     from reloop.combine import CombineOptions, log_loss
     from reloop.protocol.combined import combine_served
 
-    mixed_rows, hedge, mixed = combine_served(cfg, stream, "mix", {n: served[n] for n in ("mix", "IU", "frozen")}, 0,
-                                       CombineOptions(experts=["IU", "frozen"], hedge={"eta": 0.05}))
+    mixed_rows, hedge, mixed = combine_served(
+        cfg,
+        stream,
+        "mix",
+        {n: served[n] for n in ("mix", "IU", "frozen")},
+        0,
+        CombineOptions(experts=["IU", "frozen"], hedge={"eta": 0.05}),
+    )
     assert [r["auc"] for r in mixed_rows] == [r["auc"] for r in mix]
     assert hedge.mixture_loss <= min(hedge.losses.values()) + hedge.guarantee() + 1e-9
     # the bound is not vacuous here: the mixture is close to the best expert
     assert hedge.mixture_loss / hedge.rows <= min(hedge.losses.values()) / hedge.rows + 0.05
-    assert torch.allclose(mixed[start:start + 10], first.mean(0).float(), atol=1e-6)  # prior weights
+    assert torch.allclose(mixed[start : start + 10], first.mean(0).float(), atol=1e-6)  # prior weights
     assert math.isfinite(float(log_loss(first.mean(0), torch.as_tensor(labels[:10])).mean()))
     assert np.isfinite([r["logloss"] for r in mix]).all()
 
@@ -161,8 +191,9 @@ def test_cli_tune_writes_the_trials_the_chosen_config_and_results(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(raw))
     out = tmp_path / "out"
-    r = CliRunner().invoke(app, ["--threads", "1", "tune", str(path), "--out", str(out), "--no-train",
-                                 "--run", "SC", "--no-progress"])
+    r = CliRunner().invoke(
+        app, ["--threads", "1", "tune", str(path), "--out", str(out), "--no-train", "--run", "SC", "--no-progress"]
+    )
     assert r.exit_code == 0, r.output
     trials = list(csv.DictReader((out / "tune.csv").open()))
     assert {t["run"] for t in trials} == {"SC"} and sum(int(t["chosen"]) for t in trials) == 1

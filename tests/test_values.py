@@ -3,6 +3,7 @@ the same rules (``reloop.data.values``), so the same raw record encodes to the s
 (``load_csv`` / ``load_parquet`` → ``FeatureEncoder.transform``) and online (``POST /predict`` →
 ``OnlineEncoder``, read back from the log) — for every feature kind and option: sequence separators,
 float / integer / string ids, missing values, numeric strings, unseen ids, ``max_len``."""
+
 from __future__ import annotations
 
 import csv
@@ -59,8 +60,18 @@ def _write_log(path: Path, n: int = 800) -> None:
         for i in range(n):
             tags = ";".join(f"t{k}" for k in rng.choice(6, size=rng.integers(0, 4), replace=False))
             hist = ",".join(str(k) for k in rng.integers(0, 15, size=rng.integers(0, 3)))
-            w.writerow([i, int(rng.random() < 0.3), f"u{rng.integers(20)}", rng.integers(15),
-                        f"{rng.normal(10, 2):.3f}", f"{rng.normal(0, 5):.2f}", tags, hist])
+            w.writerow(
+                [
+                    i,
+                    int(rng.random() < 0.3),
+                    f"u{rng.integers(20)}",
+                    rng.integers(15),
+                    f"{rng.normal(10, 2):.3f}",
+                    f"{rng.normal(0, 5):.2f}",
+                    tags,
+                    hist,
+                ]
+            )
 
 
 @pytest.fixture(scope="module")
@@ -68,13 +79,22 @@ def served_dir(tmp_path_factory) -> tuple[Path, object]:
     """A model directory bootstrapped from a CSV log (item ids are the integers 0..14)."""
     root = tmp_path_factory.mktemp("values")
     _write_log(root / "log.csv")
-    raw = {"data": {"source": "csv", "path": str(root / "log.csv"), "time": "ts", "label": "label",
-                    "user": "user_id", "cache": str(root / "cache"), "features": FEATURES,
-                    "periods": {"count": 8, "by": "rows"}},
-           "model": {"name": "emb_mlp", "embedding_dim": 4, "hidden_units": [8]},
-           "train": {"pretrain_epochs": 1, "batch_size": 256},
-           "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2},
-           "runs": {"IU": {"update": "incremental"}}}
+    raw = {
+        "data": {
+            "source": "csv",
+            "path": str(root / "log.csv"),
+            "time": "ts",
+            "label": "label",
+            "user": "user_id",
+            "cache": str(root / "cache"),
+            "features": FEATURES,
+            "periods": {"count": 8, "by": "rows"},
+        },
+        "model": {"name": "emb_mlp", "embedding_dim": 4, "hidden_units": [8]},
+        "train": {"pretrain_epochs": 1, "batch_size": 256},
+        "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2},
+        "runs": {"IU": {"update": "incremental"}},
+    }
     (root / "c.yaml").write_text(yaml.safe_dump(raw))
     cfg = load_config(root / "c.yaml")
     md = bootstrap(cfg, root / "md", log=lambda *_: None)
@@ -90,8 +110,7 @@ def offline(md: Path, cfg, columns: dict[str, list], fmt: str, where: Path) -> d
     """The raw rows through the offline loader (CSV: every value written as its text; Parquet: typed
     columns) and the encoder the service started from, growing as a run would."""
     n = len(next(iter(columns.values())))
-    common = {"time": "ts", "label": "label", "user": "user_id", "features": cfg.data["features"],
-              "max_bad_share": 0.0}
+    common = {"time": "ts", "label": "label", "user": "user_id", "features": cfg.data["features"], "max_bad_share": 0.0}
     if fmt == "csv":
         path = where / "rows.csv"
         with open(path, "w", newline="") as fh:
@@ -116,7 +135,9 @@ def online(md: Path, columns: dict[str, list], where: Path) -> dict[str, torch.T
     r = client.post("/predict", json={"records": _rows(columns)})
     assert r.status_code == 200, r.text
     service_map = ModelDir(copy).feature_map()
-    blobs = [b for (b,) in ServeLog(copy / "log.sqlite3").conn.execute("SELECT features FROM impressions ORDER BY rowid")]
+    blobs = [
+        b for (b,) in ServeLog(copy / "log.sqlite3").conn.execute("SELECT features FROM impressions ORDER BY rowid")
+    ]
     client.app.state.service.close()
     return RowCodec(service_map, with_user=True).decode(blobs)
 
@@ -124,46 +145,61 @@ def online(md: Path, columns: dict[str, list], where: Path) -> dict[str, torch.T
 #: name -> (columns, loaders). Each column holds one type (a Parquet column has one); JSON carries the
 #: same Python values. No NaN here: JSON has none (the service refuses it); see the unit tests below.
 CASES = {
-    "sequences split on their feature's separator": ({
-        "user_id": ["u1", "u2", "u3"],
-        "item_id": ["3", "4", "5"],
-        "price": [1.0, 2.0, 3.0],
-        "score": [1.0, 2.0, 3.0],
-        "tags": ["t1;t2", "t3", "t1;t2;t3;t4"],
-        "hist": ["1,2", "3", "4,5,6"],
-    }, ("csv", "parquet")),
-    "strings, as a CSV holds them": ({
-        "user_id": ["u1", "u2", "u3", "u4"],
-        "item_id": ["3", "3.0", "", "007"],            # "3" known; "3.0", "007" unseen ids; "" missing
-        "price": [" 2.5", "", "1e1", "-0"],            # numeric strings; "" missing
-        "score": ["7", "nan", "-3", "+.5e1"],          # "nan" missing
-        "tags": ["t1;t2", "", "t3;;t4;t5;t6", "zz"],   # the feature's separator; max_len 3; unseen "zz"
-        "hist": ["1,2,3", "", "99,3", "3.0"],          # shares item_id's table; max_len 2
-    }, ("csv", "parquet")),
-    "typed values, as Parquet holds them": ({
-        "user_id": ["u1", "u5", None, "u-new"],
-        "item_id": [3.0, 2.5, None, 14.0],             # 3.0 is the id 3 (known); 2.5 unseen
-        "price": [2, 3, None, -4],
-        "score": [1.5, None, 7.25, -1e3],
-        "tags": [["t1", "t2"], [], None, ["t1", "", None, "t9", "t2", "t3"]],
-        "hist": [[1.0, 2.0], [3.0, None], [], [14.0, 2.5, 7.0]],
-    }, ("parquet",)),
-    "integer ids": ({
-        "user_id": ["u1", "u2", "u3", "u4"],
-        "item_id": [3, 14, 999, 0],                    # 999 unseen
-        "price": [1.25, -3.5, 10.0, 0.0],
-        "score": [0, 1, 2, 3],
-        "tags": [["t1"], ["t2", "t3"], [], ["t4"]],
-        "hist": [[3, 1000], [], [5, 6, 7], [0]],
-    }, ("parquet",)),
-    "booleans": ({
-        "user_id": ["u1", "u2", "u3"],
-        "item_id": [True, False, None],                # the ids "true" / "false"
-        "price": [True, False, None],                  # 1.0 / 0.0
-        "score": [False, True, None],
-        "tags": [["t1"], [], ["t2"]],
-        "hist": [[], [], []],
-    }, ("parquet",)),
+    "sequences split on their feature's separator": (
+        {
+            "user_id": ["u1", "u2", "u3"],
+            "item_id": ["3", "4", "5"],
+            "price": [1.0, 2.0, 3.0],
+            "score": [1.0, 2.0, 3.0],
+            "tags": ["t1;t2", "t3", "t1;t2;t3;t4"],
+            "hist": ["1,2", "3", "4,5,6"],
+        },
+        ("csv", "parquet"),
+    ),
+    "strings, as a CSV holds them": (
+        {
+            "user_id": ["u1", "u2", "u3", "u4"],
+            "item_id": ["3", "3.0", "", "007"],  # "3" known; "3.0", "007" unseen ids; "" missing
+            "price": [" 2.5", "", "1e1", "-0"],  # numeric strings; "" missing
+            "score": ["7", "nan", "-3", "+.5e1"],  # "nan" missing
+            "tags": ["t1;t2", "", "t3;;t4;t5;t6", "zz"],  # the feature's separator; max_len 3; unseen "zz"
+            "hist": ["1,2,3", "", "99,3", "3.0"],  # shares item_id's table; max_len 2
+        },
+        ("csv", "parquet"),
+    ),
+    "typed values, as Parquet holds them": (
+        {
+            "user_id": ["u1", "u5", None, "u-new"],
+            "item_id": [3.0, 2.5, None, 14.0],  # 3.0 is the id 3 (known); 2.5 unseen
+            "price": [2, 3, None, -4],
+            "score": [1.5, None, 7.25, -1e3],
+            "tags": [["t1", "t2"], [], None, ["t1", "", None, "t9", "t2", "t3"]],
+            "hist": [[1.0, 2.0], [3.0, None], [], [14.0, 2.5, 7.0]],
+        },
+        ("parquet",),
+    ),
+    "integer ids": (
+        {
+            "user_id": ["u1", "u2", "u3", "u4"],
+            "item_id": [3, 14, 999, 0],  # 999 unseen
+            "price": [1.25, -3.5, 10.0, 0.0],
+            "score": [0, 1, 2, 3],
+            "tags": [["t1"], ["t2", "t3"], [], ["t4"]],
+            "hist": [[3, 1000], [], [5, 6, 7], [0]],
+        },
+        ("parquet",),
+    ),
+    "booleans": (
+        {
+            "user_id": ["u1", "u2", "u3"],
+            "item_id": [True, False, None],  # the ids "true" / "false"
+            "price": [True, False, None],  # 1.0 / 0.0
+            "score": [False, True, None],
+            "tags": [["t1"], [], ["t2"]],
+            "hist": [[], [], []],
+        },
+        ("parquet",),
+    ),
 }
 
 
@@ -186,10 +222,18 @@ def test_the_encoded_ids_follow_the_rules(served_dir, tmp_path):
     md, _ = served_dir
     enc = ModelDir(md).encoder()
     items = enc.vocabs["item_id"].index
-    got = online(md, {"user_id": ["u1"] * 5, "item_id": [3, 3.0, "3", "3.0", ""],
-                      "price": [1.0, "2", None, "", " 3 "], "score": [1, 1, 1, 1, 1],
-                      "tags": ["t1;t2", ["t1", "t2"], "t1|t2", None, ""],
-                      "hist": ["3,4", [3, 4.0], ["3", "4"], "3;4", None]}, tmp_path)
+    got = online(
+        md,
+        {
+            "user_id": ["u1"] * 5,
+            "item_id": [3, 3.0, "3", "3.0", ""],
+            "price": [1.0, "2", None, "", " 3 "],
+            "score": [1, 1, 1, 1, 1],
+            "tags": ["t1;t2", ["t1", "t2"], "t1|t2", None, ""],
+            "hist": ["3,4", [3, 4.0], ["3", "4"], "3;4", None],
+        },
+        tmp_path,
+    )
     item = got["item_id"].tolist()
     assert item[0] == item[1] == item[2] == items["3"]
     assert item[3] not in (items["3"], 0, 1) and item[4] == 0
@@ -221,14 +265,26 @@ def _per_value(rule, raw: list) -> tuple[list, list[bool]]:
 
 
 def _same_floats(a: list, b: list) -> bool:
-    return all((x is None and y is None) or (x is not None and y is not None and x == y and
-                                             math.copysign(1, x) == math.copysign(1, y)) for x, y in zip(a, b))
+    return all(
+        (x is None and y is None)
+        or (x is not None and y is not None and x == y and math.copysign(1, x) == math.copysign(1, y))
+        for x, y in zip(a, b)
+    )
 
 
 def test_id_rule():
     assert [values.id_value(v) for v in ("3", "3.0", "007", " a ", "", None)] == ["3", "3.0", "007", " a ", None, None]
-    assert [values.id_value(v) for v in (3, 3.0, -0.0, 2.5, 1e20, float("nan"), float("inf"), True, False)] == \
-        ["3", "3", "0", "2.5", "100000000000000000000", None, "inf", "true", "false"]
+    assert [values.id_value(v) for v in (3, 3.0, -0.0, 2.5, 1e20, float("nan"), float("inf"), True, False)] == [
+        "3",
+        "3",
+        "0",
+        "2.5",
+        "100000000000000000000",
+        None,
+        "inf",
+        "true",
+        "false",
+    ]
     assert values.id_value(np.int64(7)) == "7" and values.id_value(np.float32(3.0)) == "3"
     for bad in ([1], {"a": 1}, (1,)):
         with pytest.raises(values.ValueProblem, match="expected a string or integer id"):
@@ -236,9 +292,9 @@ def test_id_rule():
 
 
 def test_number_rule():
-    assert [values.number_value(v) for v in (" 2.5\t", "1e3", "-.5", "+5.", "nan", "", "  ", None,
-                                             float("nan"), 3, True)] == \
-        [2.5, 1000.0, -0.5, 5.0, None, None, None, None, None, 3.0, 1.0]
+    assert [
+        values.number_value(v) for v in (" 2.5\t", "1e3", "-.5", "+5.", "nan", "", "  ", None, float("nan"), 3, True)
+    ] == [2.5, 1000.0, -0.5, 5.0, None, None, None, None, None, 3.0, 1.0]
     for bad in ("cheap", "1_000", "0x10", "\u0661\u0662", "1e400", "INF", float("-inf"), 10**400, [1.0]):
         with pytest.raises(values.ValueProblem) as e:
             values.number_value(bad)
@@ -256,15 +312,42 @@ def test_sequence_rule():
             values.sequence_value(bad)
 
 
-text = st.one_of(st.text(max_size=8), st.sampled_from(["", " ", "3", "3.0", " 2.5 ", "1e3", "nan", "NaN", "inf",
-                                                      "-Infinity", "+.5e-1", "1_0", "0x1", "\u0663", "1e400", "5."]))
+text = st.one_of(
+    st.text(max_size=8),
+    st.sampled_from(
+        [
+            "",
+            " ",
+            "3",
+            "3.0",
+            " 2.5 ",
+            "1e3",
+            "nan",
+            "NaN",
+            "inf",
+            "-Infinity",
+            "+.5e-1",
+            "1_0",
+            "0x1",
+            "\u0663",
+            "1e400",
+            "5.",
+        ]
+    ),
+)
 floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([3.0, -0.0, 2.5, 1e16, 1e20]))
 ints = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 
 
 @settings(max_examples=150, deadline=None)
-@given(raw=st.one_of(st.lists(st.one_of(st.none(), text)), st.lists(st.one_of(st.none(), floats)),
-                     st.lists(st.one_of(st.none(), ints)), st.lists(st.one_of(st.none(), st.booleans()))))
+@given(
+    raw=st.one_of(
+        st.lists(st.one_of(st.none(), text)),
+        st.lists(st.one_of(st.none(), floats)),
+        st.lists(st.one_of(st.none(), ints)),
+        st.lists(st.one_of(st.none(), st.booleans())),
+    )
+)
 def test_per_value_and_column_rules_agree(raw):
     """Every raw value the per-record path (service) sees gives what the column path (loaders) gives:
     ids, numbers (and which are bad), for strings, floats, integers and booleans."""
@@ -278,11 +361,15 @@ def test_per_value_and_column_rules_agree(raw):
 
 
 @settings(max_examples=100, deadline=None)
-@given(raw=st.one_of(st.lists(st.one_of(st.none(), st.text(alphabet="ab;,| ", max_size=8))),
-                     st.lists(st.one_of(st.none(), st.lists(st.one_of(st.none(), text)))),
-                     st.lists(st.one_of(st.none(), st.lists(st.one_of(st.none(), floats)))),
-                     st.lists(st.one_of(st.none(), st.lists(st.one_of(st.none(), ints))))),
-       separator=st.sampled_from([";", ",", "|", "::"]))
+@given(
+    raw=st.one_of(
+        st.lists(st.one_of(st.none(), st.text(alphabet="ab;,| ", max_size=8))),
+        st.lists(st.one_of(st.none(), st.lists(st.one_of(st.none(), text)))),
+        st.lists(st.one_of(st.none(), st.lists(st.one_of(st.none(), floats)))),
+        st.lists(st.one_of(st.none(), st.lists(st.one_of(st.none(), ints)))),
+    ),
+    separator=st.sampled_from([";", ",", "|", "::"]),
+)
 def test_sequence_rule_agrees_column_and_value(raw, separator):
     s = pl.Series("x", raw, strict=False)
     assert parse_sequence(s, separator).to_list() == [values.sequence_value(v, separator) for v in raw]
@@ -302,8 +389,13 @@ def test_service_bounds_apply_after_the_rules():
     from reloop.serve.guard import Limits
     from reloop.serve.records import RecordParser
 
-    schema = FeatureSchema(features=[FeatureSpec(name="c"), FeatureSpec(name="n", kind="numeric"),
-                                     FeatureSpec(name="s", kind="sequence", max_len=2)])
+    schema = FeatureSchema(
+        features=[
+            FeatureSpec(name="c"),
+            FeatureSpec(name="n", kind="numeric"),
+            FeatureSpec(name="s", kind="sequence", max_len=2),
+        ]
+    )
     parser = RecordParser(schema, Limits(max_id=4, max_sequence=3, max_abs_number=100.0), {"s": ";"})
     data, errors = parser.parse([{"c": 3.0, "n": " 7 ", "s": "a;b;c;d;e"[:5]}, {"c": None, "n": "", "s": ["x", None]}])
     assert not errors and data == {"c": ["3", None], "n": [7.0, None], "s": [["a", "b", "c"], ["x"]]}

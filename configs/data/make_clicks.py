@@ -4,6 +4,7 @@ rebuild it byte for byte): 7,750 impressions over 31 days from reloop's syntheti
 
     python configs/data/make_clicks.py
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,14 +19,26 @@ DAYS = 31
 
 
 def make_clicks() -> pl.DataFrame:
-    log = load_source({"source": "synthetic", "synthetic": {"users": 400, "items": 200, "rows_per_period": ROWS_PER_DAY,
-                                                             "periods": DAYS, "seed": 7}})
+    log = load_source(
+        {
+            "source": "synthetic",
+            "synthetic": {"users": 400, "items": 200, "rows_per_period": ROWS_PER_DAY, "periods": DAYS, "seed": 7},
+        }
+    )
     frame = log.frame
     rng = np.random.default_rng(7)
     device = rng.choice(["ios", "android", "web"], frame.height, p=[0.4, 0.4, 0.2])
-    return pl.DataFrame({"ts": frame["time"], "label": frame["label"], "user_id": frame["user_id"],
-                         "item_id": frame["item_id"], "item_cat": frame["item_cat"], "device": device,
-                         "hour": frame["hour"]})
+    return pl.DataFrame(
+        {
+            "ts": frame["time"],
+            "label": frame["label"],
+            "user_id": frame["user_id"],
+            "item_id": frame["item_id"],
+            "item_cat": frame["item_cat"],
+            "device": device,
+            "hour": frame["hour"],
+        }
+    )
 
 
 if __name__ == "__main__":

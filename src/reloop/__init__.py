@@ -4,6 +4,7 @@ The public API is :data:`__all__` (defined in :mod:`reloop.api`, importable from
 module is internal and may change in any release (see the API reference, "Versioning"). Names are
 loaded on first use, so ``import reloop`` stays cheap for the command line.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any

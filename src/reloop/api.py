@@ -21,6 +21,7 @@ training loop as in the benchmark.
 - Data for trying it: :func:`synthetic_periods` (reloop's drifting synthetic stream, with the true
   click probabilities).
 """
+
 from __future__ import annotations
 
 import logging
@@ -175,9 +176,16 @@ class DistillationLoss(nn.Module):
 # ========================================================================================= error memory
 
 
-def error_memory(dim: int, kind: Literal["sketch", "exact"] = "sketch", *, lam: float = 0.5,
-                 reset_on_update: bool = True, seed: int = 0, device: str | torch.device = "cpu",
-                 **options: Any) -> Compensator:
+def error_memory(
+    dim: int,
+    kind: Literal["sketch", "exact"] = "sketch",
+    *,
+    lam: float = 0.5,
+    reset_on_update: bool = True,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    **options: Any,
+) -> Compensator:
     """ReLoop2's error memory and compensator for keys of width ``dim`` (Zhu et al., KDD 2023, §3.2).
 
     The compensated prediction is ``ŷ' = clip(ŷ + λ·ê, ε, 1 − ε)`` with ``ê`` the base model's error
@@ -207,8 +215,11 @@ def error_memory(dim: int, kind: Literal["sketch", "exact"] = "sketch", *, lam: 
     if kind not in ("sketch", "exact"):
         raise ValueError(f"kind: expected 'sketch' or 'exact', got {kind!r}")
     own = set((SketchConfig if kind == "sketch" else ExactConfig).model_fields)
-    block: dict[str, Any] = {kind: {k: v for k, v in options.items() if k in own}, "lambda": lam,
-                             "reset_on_update": reset_on_update}
+    block: dict[str, Any] = {
+        kind: {k: v for k, v in options.items() if k in own},
+        "lambda": lam,
+        "reset_on_update": reset_on_update,
+    }
     block.update({k: v for k, v in options.items() if k not in own})
     return build_memory(MemoryConfig.parse(block), dim=dim, seed=seed, device=device)
 
@@ -275,8 +286,14 @@ class CompensatedModel:
         True
     """
 
-    def __init__(self, model: nn.Module | ModelOutput, compensator: Compensator, *,
-                 key_layer: str | nn.Module | None = None, output: Literal["logits", "probs"] = "logits") -> None:
+    def __init__(
+        self,
+        model: nn.Module | ModelOutput,
+        compensator: Compensator,
+        *,
+        key_layer: str | nn.Module | None = None,
+        output: Literal["logits", "probs"] = "logits",
+    ) -> None:
         if not isinstance(compensator, Compensator):
             raise TypeError(f"compensator: expected a Compensator (see error_memory), got {type(compensator).__name__}")
         if output not in ("logits", "probs"):
@@ -409,8 +426,10 @@ class _Periods:
         if i > self.upto:
             raise LookAheadError(f"period {i} is in the future (data known up to period {self.upto})")
         if i not in self._data:
-            raise ValueError(f"MetaGenerator: the generator needs the data of period {i}, which was never given "
-                             "to learn(); call learn() after every observe()")
+            raise ValueError(
+                f"MetaGenerator: the generator needs the data of period {i}, which was never given "
+                "to learn(); call learn() after every observe()"
+            )
         return self._data[i]
 
 
@@ -441,8 +460,14 @@ class MetaGenerator:
         seed: added to the generator's own seed (meta initialisation, shuffling).
     """
 
-    def __init__(self, generator: str | Mapping[str, Any] = "asmg_gru", *, forward: ForwardFn | None = None,
-                 batch_size: int = 256, seed: int = 0) -> None:
+    def __init__(
+        self,
+        generator: str | Mapping[str, Any] = "asmg_gru",
+        *,
+        forward: ForwardFn | None = None,
+        batch_size: int = 256,
+        seed: int = 0,
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
         cfg = dict(generator) if isinstance(generator, Mapping) else generator
@@ -554,8 +579,16 @@ def _numpy(x: Tensor | np.ndarray) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
 
 
-def prequential(learner: Learner, periods: Sequence[Period], *, pretrain: int = 1, warmup: int = 0,
-                valid: int = 0, run: str = "model", seed: int = 0) -> list[dict[str, Any]]:
+def prequential(
+    learner: Learner,
+    periods: Sequence[Period],
+    *,
+    pretrain: int = 1,
+    warmup: int = 0,
+    valid: int = 0,
+    run: str = "model",
+    seed: int = 0,
+) -> list[dict[str, Any]]:
     """Test-then-train, period by period (ASMG §4.1.3; the protocol of ``reloop run``).
 
     Periods ``1..pretrain`` only train (``served`` = the learner's own prediction before the fit);
@@ -582,8 +615,9 @@ def prequential(learner: Learner, periods: Sequence[Period], *, pretrain: int = 
         if i > pretrain:
             users = _numpy(period.users) if period.users is not None else None
             metrics = period_metrics(labels.numpy(), served.numpy(), users)
-            rows.append({"run": run, "seed": seed, "period": i,
-                         "phase": phase_of(i, pretrain, warmup, valid), **metrics})
+            rows.append(
+                {"run": run, "seed": seed, "period": i, "phase": phase_of(i, pretrain, warmup, valid), **metrics}
+            )
         if i < len(periods):
             learner.fit(period.inputs, labels, served)
     return rows
@@ -591,12 +625,19 @@ def prequential(learner: Learner, periods: Sequence[Period], *, pretrain: int = 
 
 def oracle_auc(periods: Sequence[Period]) -> dict[int, float]:
     """AUC of the true click probabilities per period (1-based), where ``truth`` is known: the ceiling."""
-    return {i: auc(_numpy(p.labels), _numpy(p.truth))
-            for i, p in enumerate(periods, start=1) if p.truth is not None}
+    return {i: auc(_numpy(p.labels), _numpy(p.truth)) for i, p in enumerate(periods, start=1) if p.truth is not None}
 
 
-def synthetic_periods(periods: int = 12, rows_per_period: int = 2000, *, users: int = 300, items: int = 200,
-                      categories: int = 10, seed: int = 0, **drift: Any) -> list[Period]:
+def synthetic_periods(
+    periods: int = 12,
+    rows_per_period: int = 2000,
+    *,
+    users: int = 300,
+    items: int = 200,
+    categories: int = 10,
+    seed: int = 0,
+    **drift: Any,
+) -> list[Period]:
     """reloop's drifting synthetic click stream (``data: {source: synthetic}``) as :class:`Period` s.
 
     Each period's ``inputs`` is a dict of ``[n]`` int64 tensors: ``user`` in ``[0, users)``, ``item``
@@ -608,16 +649,29 @@ def synthetic_periods(periods: int = 12, rows_per_period: int = 2000, *, users: 
     from reloop.data.sources.config import SyntheticConfig
     from reloop.data.sources.synthetic import SyntheticWorld
 
-    world = SyntheticWorld(SyntheticConfig(periods=periods, rows_per_period=rows_per_period, users=users,
-                                           items=items, categories=categories, seed=seed, **drift))
+    world = SyntheticWorld(
+        SyntheticConfig(
+            periods=periods,
+            rows_per_period=rows_per_period,
+            users=users,
+            items=items,
+            categories=categories,
+            seed=seed,
+            **drift,
+        )
+    )
     a = world.draw()
     out = []
     for t in range(periods):
         sel = a["period"] == t
         item = a["item"][sel]
-        inputs = {"user": torch.as_tensor(a["user"][sel]), "item": torch.as_tensor(item),
-                  "category": torch.as_tensor(world.item_cat[item].astype(np.int64)),
-                  "hour": torch.as_tensor(a["hour"][sel].astype(np.int64))}
-        out.append(Period(inputs, torch.as_tensor(a["label"][sel], dtype=torch.float32), a["user"][sel],
-                          a["p_true"][sel]))
+        inputs = {
+            "user": torch.as_tensor(a["user"][sel]),
+            "item": torch.as_tensor(item),
+            "category": torch.as_tensor(world.item_cat[item].astype(np.int64)),
+            "hour": torch.as_tensor(a["hour"][sel].astype(np.int64)),
+        }
+        out.append(
+            Period(inputs, torch.as_tensor(a["label"][sel], dtype=torch.float32), a["user"][sel], a["p_true"][sel])
+        )
     return out

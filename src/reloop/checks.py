@@ -19,6 +19,7 @@ Each is checked inside a short run of the real protocol on a small stream:
 
 New components join by adding an example of their config to ``CONTRACT_CASES``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -50,12 +51,16 @@ CONTRACT_CASES: dict[str, dict[str, Any]] = {
     "generator=asmg_linear": {"generator": {"asmg_linear": {"k": 2}}},
     "generator=sml": {"generator": "sml"},
     "memory=sketch": {"memory": {"sketch": {"arrays": 8, "bits": 4}, "lambda": 0.5}},
-    "memory=sketch-centroid-keep": {"memory": {"sketch": {"arrays": 8, "bits": 4, "similarity": "centroid"},
-                                               "reset_on_update": False, "decay": 0.9}},
+    "memory=sketch-centroid-keep": {
+        "memory": {"sketch": {"arrays": 8, "bits": 4, "similarity": "centroid"}, "reset_on_update": False, "decay": 0.9}
+    },
     "memory=auto": {"memory": {"exact": {"size": 256, "top_k": 16}, "lambda": "auto", "reset_on_update": False}},
     "memory=exact": {"memory": {"exact": {"size": 256, "top_k": 16}, "write": "errors", "error_threshold": 0.2}},
-    "combo=asmg+sc+sketch": {"loss": {"self_correction": 0.5}, "generator": {"asmg_gru": {"k": 2}},
-                             "memory": {"sketch": {"arrays": 8, "bits": 4}}},
+    "combo=asmg+sc+sketch": {
+        "loss": {"self_correction": 0.5},
+        "generator": {"asmg_gru": {"k": 2}},
+        "memory": {"sketch": {"arrays": 8, "bits": 4}},
+    },
 }
 
 
@@ -110,8 +115,14 @@ def check_shapes(cfg: Config, stream: Stream, spec: RunSpec, seed: int = 0) -> N
     shapes = {k: v.shape for k, v in theta0.state_dict().items()}
     t = cfg.protocol.pretrain + 1
     loss = build_loss(spec.loss)
-    ctx = UpdateContext(history=History(stream, upto=t), t=t, loss=loss.loss, train=cfg.train,
-                        generator=torch.Generator().manual_seed(seed), fresh_model=lambda: copy.deepcopy(theta0))
+    ctx = UpdateContext(
+        history=History(stream, upto=t),
+        t=t,
+        loss=loss.loss,
+        train=cfg.train,
+        generator=torch.Generator().manual_seed(seed),
+        fresh_model=lambda: copy.deepcopy(theta0),
+    )
     model, _ = build_update(spec.update, seed=seed).update(theta0, opt0, ctx)
     gen = build_generator(spec.generator)
     gen.observe(t, model)

@@ -1,4 +1,5 @@
 """The ``reloop`` command: argument wiring only; the logic lives in the packages."""
+
 from __future__ import annotations
 
 import logging
@@ -50,12 +51,13 @@ def _typer(**kwargs: Any) -> typer.Typer:
     return typer.Typer(cls=_Group, no_args_is_help=True, **kwargs)
 
 
-app = _typer(add_completion=False,
-             help="Keep CTR models accurate under drift: compare and run model-updating strategies.")
+app = _typer(
+    add_completion=False, help="Keep CTR models accurate under drift: compare and run model-updating strategies."
+)
 data_app = _typer(help="Look at a dataset as the protocol will see it.")
 app.add_typer(data_app, name="data")
-from reloop.serve.cli import retrain as _retrain_command
-from reloop.serve.cli import serve as _serve_command
+from reloop.serve.cli import retrain as _retrain_command  # noqa: E402  (after _Command, which it uses)
+from reloop.serve.cli import serve as _serve_command  # noqa: E402
 
 app.command("serve", cls=_Command)(_serve_command)
 app.command("retrain", cls=_Command)(_retrain_command)
@@ -101,12 +103,21 @@ def _threads_setting(value: str) -> str:
 
 
 @app.callback()
-def _main(threads: Annotated[str, typer.Option(
-        metavar="N|auto", callback=_threads_setting, envvar="RELOOP_THREADS",
-        help="torch intra-op threads. auto (default): 1 for small models or a busy host, else one per free CPU "
-             "(docs/guide/quickstart.md#threads); a number overrides it.")] = "auto",
-          version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                                help="Print the version and exit.")] = False) -> None:
+def _main(
+    threads: Annotated[
+        str,
+        typer.Option(
+            metavar="N|auto",
+            callback=_threads_setting,
+            envvar="RELOOP_THREADS",
+            help="torch intra-op threads. auto (default): 1 for small models or a busy host, else one per free CPU "
+            "(docs/guide/quickstart.md#threads); a number overrides it.",
+        ),
+    ] = "auto",
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
     from reloop.threads import set_command_setting
 
     _configure_logging()
@@ -117,8 +128,10 @@ def _main(threads: Annotated[str, typer.Option(
         torch.set_num_threads(int(threads))
 
 
-SetOption = Annotated[list[str] | None, typer.Option(
-    "--set", metavar="KEY=VALUE", help="Override a config key: a.b.c=<YAML value> (repeatable).")]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", metavar="KEY=VALUE", help="Override a config key: a.b.c=<YAML value> (repeatable)."),
+]
 ProgressOption = Annotated[bool, typer.Option(help="Show progress bars.")]
 ResumeOption = Annotated[bool, typer.Option(help="Continue a killed run from its last finished period.")]
 
@@ -173,14 +186,23 @@ def _fail(e: Exception) -> None:
 
 
 @app.command(cls=_Command)
-def run(config: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML config (`reloop init DATA` writes "
-                                               "one; examples in configs/).")],
-        out: Annotated[Path, typer.Option(metavar="DIR", help="Result directory.")] = Path("runs/latest"),
-        set_: SetOption = None,
-        resume: ResumeOption = False,
-        progress: ProgressOption = True,
-        nproc: Annotated[int, typer.Option(metavar="N", help="Data-parallel processes on this machine (torchrun; "
-                                                             "gloo on CPU, NCCL on GPU); rank 0 writes OUT.")] = 1) -> None:
+def run(
+    config: Annotated[
+        Path,
+        typer.Argument(metavar="CONFIG", help="YAML config (`reloop init DATA` writes one; examples in configs/)."),
+    ],
+    out: Annotated[Path, typer.Option(metavar="DIR", help="Result directory.")] = Path("runs/latest"),
+    set_: SetOption = None,
+    resume: ResumeOption = False,
+    progress: ProgressOption = True,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            help="Data-parallel processes on this machine (torchrun; gloo on CPU, NCCL on GPU); rank 0 writes OUT.",
+        ),
+    ] = 1,
+) -> None:
     """Run every strategy of CONFIG period by period and write tables and plots to OUT."""
     from reloop import distributed as rd
     from reloop.data.validate import DataError
@@ -212,15 +234,22 @@ def run(config: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML conf
 
 
 @app.command(cls=_Command)
-def tune(config: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML config whose runs are tuned.")],
-         out: Annotated[Path, typer.Option(metavar="DIR", help="Result directory (tune.csv, tuned.yaml and the "
-                                                               "chosen config's results).")] = Path("runs/tune"),
-         set_: SetOption = None,
-         run_name: Annotated[list[str] | None, typer.Option(
-             "--run", metavar="NAME", help="Tune only this run (repeatable); default: every run.")] = None,
-         train: Annotated[bool, typer.Option(help="Also choose the base training settings (train.lr, "
-                                                  "train.epochs) with IU first.")] = True,
-         progress: ProgressOption = True) -> None:
+def tune(
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML config whose runs are tuned.")],
+    out: Annotated[
+        Path,
+        typer.Option(metavar="DIR", help="Result directory (tune.csv, tuned.yaml and the chosen config's results)."),
+    ] = Path("runs/tune"),
+    set_: SetOption = None,
+    run_name: Annotated[
+        list[str] | None,
+        typer.Option("--run", metavar="NAME", help="Tune only this run (repeatable); default: every run."),
+    ] = None,
+    train: Annotated[
+        bool, typer.Option(help="Also choose the base training settings (train.lr, train.epochs) with IU first.")
+    ] = True,
+    progress: ProgressOption = True,
+) -> None:
     """Choose each run's settings on the valid periods only, then run the chosen config once (test reported once)."""
     from reloop.data.validate import DataError
     from reloop.protocol.tune import tune_experiment
@@ -250,25 +279,39 @@ def _threads_per_process(nproc: int) -> int:
 
 
 @app.command(cls=_Command)
-def demo(out: Annotated[Path, typer.Option(metavar="DIR", help="Result directory.")] = Path("runs/demo"),
-         set_: SetOption = None, resume: ResumeOption = False, progress: ProgressOption = True) -> None:
+def demo(
+    out: Annotated[Path, typer.Option(metavar="DIR", help="Result directory.")] = Path("runs/demo"),
+    set_: SetOption = None,
+    resume: ResumeOption = False,
+    progress: ProgressOption = True,
+) -> None:
     """The drift benchmark on the embedded synthetic stream (no data to fetch; about 2 minutes on 2 cores)."""
     run(demo_config_path(), out=out, set_=set_, resume=resume, progress=progress)
 
 
 @app.command("init", cls=_Command)
-def init(data: Annotated[Path, typer.Argument(metavar="DATA", help="A CSV file, a Parquet file or a directory "
-                                              "of Parquet shards.")],
-         out: Annotated[Path, typer.Option(metavar="FILE", help="Where to write the config.")] = Path("reloop.yaml"),
-         delimiter: Annotated[str | None, typer.Option(metavar="CHAR", help="CSV delimiter (default: sniffed "
-                                                          "from the first lines).")] = None,
-         label: Annotated[str | None, typer.Option(metavar="COLUMN", help="The 0/1 label column (default: "
-                                                      "found by name and values).")] = None,
-         time: Annotated[str | None, typer.Option(metavar="COLUMN", help="The time column, or 'none' for "
-                                                     "the file order (default: found by name and values).")] = None,
-         user: Annotated[str | None, typer.Option(metavar="COLUMN", help="The user-id column, or 'none' "
-                                                     "(default: found by name).")] = None,
-         force: Annotated[bool, typer.Option(help="Overwrite FILE if it exists.")] = False) -> None:
+def init(
+    data: Annotated[
+        Path, typer.Argument(metavar="DATA", help="A CSV file, a Parquet file or a directory of Parquet shards.")
+    ],
+    out: Annotated[Path, typer.Option(metavar="FILE", help="Where to write the config.")] = Path("reloop.yaml"),
+    delimiter: Annotated[
+        str | None, typer.Option(metavar="CHAR", help="CSV delimiter (default: sniffed from the first lines).")
+    ] = None,
+    label: Annotated[
+        str | None, typer.Option(metavar="COLUMN", help="The 0/1 label column (default: found by name and values).")
+    ] = None,
+    time: Annotated[
+        str | None,
+        typer.Option(
+            metavar="COLUMN", help="The time column, or 'none' for the file order (default: found by name and values)."
+        ),
+    ] = None,
+    user: Annotated[
+        str | None, typer.Option(metavar="COLUMN", help="The user-id column, or 'none' (default: found by name).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite FILE if it exists.")] = False,
+) -> None:
     """Inspect DATA (columns, types, label, time, user, cardinalities) and write a commented config ready to run."""
     from reloop.init_config import InitError, write_config
 
@@ -276,8 +319,9 @@ def init(data: Annotated[Path, typer.Argument(metavar="DATA", help="A CSV file, 
         profile, _ = write_config(data, out, delimiter=delimiter, label=label, time=time, user=user, force=force)
     except (InitError, FileNotFoundError) as e:
         _fail(e)
-    table = Table(title=f"{data}: {profile.rows:,} rows" + (f", delimiter {profile.delimiter!r}"
-                                                           if profile.delimiter else ""))
+    table = Table(
+        title=f"{data}: {profile.rows:,} rows" + (f", delimiter {profile.delimiter!r}" if profile.delimiter else "")
+    )
     for col in ("column", "type", "distinct", "missing", "role", "examples"):
         table.add_column(col, justify="right" if col in ("distinct", "missing") else "left")
     for c in profile.columns:
@@ -294,14 +338,15 @@ def init(data: Annotated[Path, typer.Argument(metavar="DATA", help="A CSV file, 
 
 
 @data_app.command("inspect", cls=_Command)
-def data_inspect(config: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML config.")],
-                 set_: SetOption = None) -> None:
+def data_inspect(
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="YAML config.")], set_: SetOption = None
+) -> None:
     """Rows, label rate and the share of never-seen ids per period; components that could not act."""
-    from reloop.preflight import preflight
     from reloop.data.encode import EncoderConfig
     from reloop.data.inspect import inspect_stream
     from reloop.data.prepare import prepare_stream
     from reloop.data.validate import DataError
+    from reloop.preflight import preflight
 
     cfg = _load(config, set_)
     try:
@@ -322,17 +367,28 @@ def data_inspect(config: Annotated[Path, typer.Argument(metavar="CONFIG", help="
 
 
 @bench_app.command("paper", cls=_Command)
-def bench_paper(data: Annotated[str, typer.Option(metavar="NAME", help="movielens100k, movielens100k-implicit "
-                                                  "or synthetic.")] = "movielens100k",
-                seeds: Annotated[int, typer.Option(metavar="N", help="Number of seeds (0..N-1).")] = 5,
-                out: Annotated[Path, typer.Option(metavar="DIR", help="Report directory.")] = Path("runs/paper"),
-                section: Annotated[list[str] | None, typer.Option(
-                    metavar="S", help="Only these sections or groups (repeatable; 'zoo' = every zoo-* section).")] = None,
-                ml_path: Annotated[Path, typer.Option(metavar="DIR", help="MovieLens-100K directory.")] = Path(
-                    "../shared/data/movielens-100k"),
-                jobs: Annotated[int, typer.Option(metavar="N", help="Sections run in this many worker processes "
-                                                       "(1 torch thread each unless --threads).")] = 1,
-                set_: SetOption = None, progress: ProgressOption = True) -> None:
+def bench_paper(
+    data: Annotated[
+        str, typer.Option(metavar="NAME", help="movielens100k, movielens100k-implicit or synthetic.")
+    ] = "movielens100k",
+    seeds: Annotated[int, typer.Option(metavar="N", help="Number of seeds (0..N-1).")] = 5,
+    out: Annotated[Path, typer.Option(metavar="DIR", help="Report directory.")] = Path("runs/paper"),
+    section: Annotated[
+        list[str] | None,
+        typer.Option(metavar="S", help="Only these sections or groups (repeatable; 'zoo' = every zoo-* section)."),
+    ] = None,
+    ml_path: Annotated[Path, typer.Option(metavar="DIR", help="MovieLens-100K directory.")] = Path(
+        "../shared/data/movielens-100k"
+    ),
+    jobs: Annotated[
+        int,
+        typer.Option(
+            metavar="N", help="Sections run in this many worker processes (1 torch thread each unless --threads)."
+        ),
+    ] = 1,
+    set_: SetOption = None,
+    progress: ProgressOption = True,
+) -> None:
     """ASMG, ReLoop and ReLoop2 comparisons plus their combinations, as one Markdown report."""
     from reloop.bench.paper import datasets, run_paper, select_sections
     from reloop.threads import current_setting, set_command_setting
@@ -358,8 +414,9 @@ def bench_paper(data: Annotated[str, typer.Option(metavar="NAME", help="movielen
         set_command_setting(None)
         os.environ["RELOOP_THREADS"] = "1"
     try:
-        report = run_paper(data, out, list(range(seeds)), section, ml_path, progress, overrides, console,
-                           jobs=jobs, threads=threads)
+        report = run_paper(
+            data, out, list(range(seeds)), section, ml_path, progress, overrides, console, jobs=jobs, threads=threads
+        )
     except ConfigError as e:
         _config_error("", e, set_)
     console.print(f"report: [bold]{report}[/]")

@@ -26,6 +26,7 @@ uniform prior it is the classical ``L_mix ≤ min_k L_k + ln K``. Clipping makes
 ``ln(1/ε)``, so ``R_b ≤ B_b·ln((1 − ε)/ε)`` and (a) is never vacuous. :meth:`Hedge.guarantee` returns
 the tighter of the two for the data seen so far.
 """
+
 from __future__ import annotations
 
 import logging
@@ -71,8 +72,14 @@ class Hedge:
     expert as read.
     """
 
-    def __init__(self, names: Sequence[str], eta: float = 1.0, eps: float = DEFAULT_EPS, share: float = 0.0,
-                 prior: Sequence[float] | None = None) -> None:
+    def __init__(
+        self,
+        names: Sequence[str],
+        eta: float = 1.0,
+        eps: float = DEFAULT_EPS,
+        share: float = 0.0,
+        prior: Sequence[float] | None = None,
+    ) -> None:
         names = tuple(str(n) for n in names)
         if not names:
             raise ValueError("names: need at least one expert")
@@ -218,19 +225,34 @@ class Hedge:
 
     # ------------------------------------------------------------------ persistence
     def config(self) -> dict[str, Any]:
-        return {"names": list(self.names), "eta": self.eta, "eps": self.eps, "share": self.share,
-                "log_prior": self._log_prior.tolist()}
+        return {
+            "names": list(self.names),
+            "eta": self.eta,
+            "eps": self.eps,
+            "share": self.share,
+            "log_prior": self._log_prior.tolist(),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """Configuration, weights and loss accounting; ``load_state_dict`` restores it exactly."""
-        return {**self.config(), "log_w": self._log_w.clone(), "loss": self._loss.clone(),
-                "mix_loss": self._mix_loss, "sum_range2": self._sum_range2, "max_rows": self._max_rows,
-                "rows": self._rows, "updates": self._updates}
+        return {
+            **self.config(),
+            "log_w": self._log_w.clone(),
+            "loss": self._loss.clone(),
+            "mix_loss": self._mix_loss,
+            "sum_range2": self._sum_range2,
+            "max_rows": self._max_rows,
+            "rows": self._rows,
+            "updates": self._updates,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore ``state_dict``'s output; a state from another configuration raises ValueError."""
-        bad = [f"{k}: state has {state.get(k)!r}, this Hedge has {v!r}"
-               for k, v in self.config().items() if state.get(k) != v]
+        bad = [
+            f"{k}: state has {state.get(k)!r}, this Hedge has {v!r}"
+            for k, v in self.config().items()
+            if state.get(k) != v
+        ]
         if bad:
             raise ValueError("Hedge.load_state_dict: " + "; ".join(bad))
         for key in ("log_w", "loss"):

@@ -3,6 +3,7 @@
 The one place where method names meet their classes; the protocol and the service both build runs
 through here, so a config means the same thing offline and online.
 """
+
 from __future__ import annotations
 
 import re
@@ -33,8 +34,9 @@ def one_key(value: str | dict[str, Any], where: str) -> tuple[str, Any]:
     raise ValueError(f"{where}: expected a name or a one-key mapping, got {value!r}")
 
 
-def _number(value: Any, where: str, what: str = "a number in [0, 1]",
-            ok: Callable[[float], bool] = lambda x: 0.0 <= x <= 1.0) -> float:
+def _number(
+    value: Any, where: str, what: str = "a number in [0, 1]", ok: Callable[[float], bool] = lambda x: 0.0 <= x <= 1.0
+) -> float:
     """A config number (booleans are not numbers here), or an error naming ``where``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
         raise ValueError(f"{where}: expected {what}, got {value!r}")
@@ -79,8 +81,9 @@ def build_update(value: str | dict[str, Any], where: str = "update", seed: int =
     if name == "replay":
         opts = _options(arg, f"{where}.replay", ("reservoir", "ratio"))
         if "reservoir" in opts:
-            opts["reservoir"] = _number(opts["reservoir"], f"{where}.replay.reservoir", "a number in (0, 1]",
-                                        lambda x: 0.0 < x <= 1.0)
+            opts["reservoir"] = _number(
+                opts["reservoir"], f"{where}.replay.reservoir", "a number in (0, 1]", lambda x: 0.0 < x <= 1.0
+            )
         if "ratio" in opts:
             opts["ratio"] = _number(opts["ratio"], f"{where}.replay.ratio", "a number ≥ 0", lambda x: x >= 0.0)
         return Replay(**opts, seed=seed)
@@ -122,8 +125,7 @@ def build_loss(value: str | dict[str, Any], where: str = "loss") -> LossSpec:
         if scale not in ("plain", "normalized"):
             raise ValueError(f"{where}.scale: expected 'plain' or 'normalized', got {scale!r}")
         if y_last not in ("served", "previous_model", "compensated"):
-            raise ValueError(f"{where}.y_last: expected 'served', 'previous_model' or 'compensated', "
-                             f"got {y_last!r}")
+            raise ValueError(f"{where}.y_last: expected 'served', 'previous_model' or 'compensated', got {y_last!r}")
         return LossSpec(SelfCorrection(weight, scale), y_last)
     temperature = _number(opts.pop("temperature", 1.0), f"{where}.temperature", "a number > 0", lambda x: x > 0.0)
     if opts:
@@ -142,8 +144,9 @@ def build_generator(value: str | dict[str, Any] | None, where: str = "generator"
         raise ValueError(msg if msg.startswith(where) else f"{where}: {msg}") from None
 
 
-def build_memory(value: dict[str, Any] | None, dim: int, seed: int, where: str = "memory",
-                 device: str | torch.device = "cpu") -> Compensator | None:
+def build_memory(
+    value: dict[str, Any] | None, dim: int, seed: int, where: str = "memory", device: str | torch.device = "cpu"
+) -> Compensator | None:
     """The serving adapter (ReLoop2): ``None`` or a ``Compensator`` around an error memory on ``device``."""
     if value is None:
         return None

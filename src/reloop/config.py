@@ -5,6 +5,7 @@ permitted``); nothing is ``eval``-ed. The choices of a run (update, loss, genera
 parsed by their own modules so that each method owns its options; ``data`` is checked against its
 source's schema and ``model`` against the model registry, all before any data is read.
 """
+
 from __future__ import annotations
 
 import copy
@@ -13,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from reloop.combine import CombineOptions
 from reloop.components import build_generator, build_loss, build_memory, build_update, qualify
@@ -105,8 +105,10 @@ class Config(_Strict):
             periods = None  # reported with its key by parse_config's check of `data`
         need = self.protocol.pretrain + 1 + self.protocol.served_periods
         if periods is not None and need > periods.count:
-            raise ValueError(f"protocol: pretrain + 1 + warmup + valid + test = {need} periods, "
-                             f"but data.periods.count is {periods.count}")
+            raise ValueError(
+                f"protocol: pretrain + 1 + warmup + valid + test = {need} periods, "
+                f"but data.periods.count is {periods.count}"
+            )
         if not self.runs:
             raise ValueError("runs: at least one run is needed")
         return self

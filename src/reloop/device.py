@@ -13,6 +13,7 @@ and brings only each period's served predictions back to the CPU (metrics are co
 Checkpoints are written with CPU tensors and read with ``map_location="cpu"``, so a run checkpointed on a
 GPU resumes on a CPU-only machine and vice versa.
 """
+
 from __future__ import annotations
 
 import re
@@ -41,8 +42,9 @@ def check_device_spec(value: Any) -> str:
     return text
 
 
-def resolve_device(spec: str | torch.device = "cpu", *, default_index: int | None = None,
-                   where: str = "device") -> torch.device:
+def resolve_device(
+    spec: str | torch.device = "cpu", *, default_index: int | None = None, where: str = "device"
+) -> torch.device:
     """``auto | cpu | cuda | cuda:N`` (or a ``torch.device``) -> a concrete ``torch.device``.
 
     CUDA devices always come back with their index (``cuda:0``, not ``cuda``), so they compare equal to
@@ -66,16 +68,19 @@ def resolve_device(spec: str | torch.device = "cpu", *, default_index: int | Non
             return torch.device("cpu")
     elif not available:
         built = f"CUDA {torch.version.cuda}" if torch.version.cuda else "without CUDA"
-        raise ConfigError(f"{where}: {str(spec)!r} requested but torch.cuda.is_available() is False "
-                          f"(torch {torch.__version__}, built {built}); use device: cpu or auto")
+        raise ConfigError(
+            f"{where}: {str(spec)!r} requested but torch.cuda.is_available() is False "
+            f"(torch {torch.__version__}, built {built}); use device: cpu or auto"
+        )
     if index:
         n = int(index)
     else:
         n = default_index if default_index is not None else torch.cuda.current_device()
     count = torch.cuda.device_count()
     if n >= count:
-        raise ConfigError(f"{where}: {str(spec)!r} requested but only {count} CUDA device(s) are visible "
-                          f"(cuda:0..cuda:{count - 1})")
+        raise ConfigError(
+            f"{where}: {str(spec)!r} requested but only {count} CUDA device(s) are visible (cuda:0..cuda:{count - 1})"
+        )
     return torch.device("cuda", n)
 
 

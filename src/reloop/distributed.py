@@ -30,6 +30,7 @@ Example (single process: everything degrades to a no-op)::
     >>> shard_indices(10, rank=1, world=3).tolist()
     [1, 4, 7, 0]
 """
+
 from __future__ import annotations
 
 import datetime
@@ -46,10 +47,25 @@ from torch import Tensor, nn
 from reloop.device import resolve_device
 
 __all__ = [
-    "DistEnv", "init_distributed", "shutdown", "current", "is_active", "barrier", "env_from_torchrun",
-    "backend_for", "wrap_ddp", "unwrap", "shard_indices", "shard_rows", "shard_bounds", "all_reduce_sums",
-    "all_gather_rows", "rank_zero_first", "launch_local",
-    "launched_by_torchrun", "rank_out_dir",
+    "DistEnv",
+    "init_distributed",
+    "shutdown",
+    "current",
+    "is_active",
+    "barrier",
+    "env_from_torchrun",
+    "backend_for",
+    "wrap_ddp",
+    "unwrap",
+    "shard_indices",
+    "shard_rows",
+    "shard_bounds",
+    "all_reduce_sums",
+    "all_gather_rows",
+    "rank_zero_first",
+    "launch_local",
+    "launched_by_torchrun",
+    "rank_out_dir",
 ]
 
 
@@ -90,8 +106,9 @@ def backend_for(device: str | torch.device) -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
-def init_distributed(device: str | torch.device = "cpu", backend: str | None = None,
-                     timeout_s: float = 1800.0) -> DistEnv:
+def init_distributed(
+    device: str | torch.device = "cpu", backend: str | None = None, timeout_s: float = 1800.0
+) -> DistEnv:
     """Join the process group ``torchrun`` describes (``env://``), or return a world of one.
 
     ``device``: the config's ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``; see :mod:`reloop.device`);
@@ -113,8 +130,13 @@ def init_distributed(device: str | torch.device = "cpu", backend: str | None = N
         torch.cuda.set_device(dev)
     backend = backend or backend_for(dev)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend=backend,
+            init_method="env://",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
     _CURRENT = DistEnv(rank=rank, world_size=world, local_rank=local, device=dev, backend=backend)
     return _CURRENT
 
@@ -171,8 +193,9 @@ def rank_zero_first() -> Iterator[None]:
 # models
 
 
-def wrap_ddp(model: nn.Module, env: DistEnv | None = None, find_unused_parameters: bool = False,
-             static_graph: bool = True) -> nn.Module:
+def wrap_ddp(
+    model: nn.Module, env: DistEnv | None = None, find_unused_parameters: bool = False, static_graph: bool = True
+) -> nn.Module:
     """``DistributedDataParallel(model)`` in a process group of several processes, else ``model``.
 
     Wrapping broadcasts rank 0's parameters and buffers, so all ranks start identical.
@@ -189,8 +212,9 @@ def wrap_ddp(model: nn.Module, env: DistEnv | None = None, find_unused_parameter
         return model
     on_cuda = next((p.device.type == "cuda" for p in model.parameters()), False)
     device_ids = [env.device.index if env.device.index is not None else env.local_rank] if on_cuda else None
-    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters,
-                                   static_graph=static_graph)
+    return DistributedDataParallel(
+        model, device_ids=device_ids, find_unused_parameters=find_unused_parameters, static_graph=static_graph
+    )
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -204,8 +228,15 @@ def unwrap(model: nn.Module) -> nn.Module:
 # rows
 
 
-def shard_indices(n: int, rank: int | None = None, world: int | None = None, *, shuffle: bool = False,
-                  seed: int = 0, drop_last: bool = False) -> Tensor:
+def shard_indices(
+    n: int,
+    rank: int | None = None,
+    world: int | None = None,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    drop_last: bool = False,
+) -> Tensor:
     """This rank's row indices out of ``n``, as ``torch.utils.data.DistributedSampler`` splits them.
 
     The (optionally seeded-shuffled) order is padded by wrapping around to a multiple of ``world``
@@ -244,8 +275,15 @@ def shard_bounds(n: int, rank: int | None = None, world: int | None = None) -> t
     return start, start + base + (1 if rank < extra else 0)
 
 
-def shard_rows(rows, rank: int | None = None, world: int | None = None, *, shuffle: bool = False,
-               seed: int = 0, drop_last: bool = False):
+def shard_rows(
+    rows,
+    rank: int | None = None,
+    world: int | None = None,
+    *,
+    shuffle: bool = False,
+    seed: int = 0,
+    drop_last: bool = False,
+):
     """This rank's share of a :class:`~reloop.data.tensors.PeriodTensors` (see :func:`shard_indices`)."""
     idx = shard_indices(len(rows), rank, world, shuffle=shuffle, seed=seed, drop_last=drop_last)
     return rows.take(idx)
@@ -299,8 +337,9 @@ def launched_by_torchrun() -> bool:
     return found is not None and found[1] > 1
 
 
-def launch_local(nproc: int, cli_args: list[str], threads: int | None = None,
-                 extra_env: Mapping[str, str] | None = None) -> int:
+def launch_local(
+    nproc: int, cli_args: list[str], threads: int | None = None, extra_env: Mapping[str, str] | None = None
+) -> int:
     """Run ``reloop <cli_args>`` in ``nproc`` processes on this machine with ``torch.distributed.run``
     (``torchrun --standalone``); returns its exit code. Each process gets ``threads`` intra-op threads
     (``RELOOP_THREADS``; torchrun's own default is 1 per process)."""
@@ -314,8 +353,16 @@ def launch_local(nproc: int, cli_args: list[str], threads: int | None = None,
         env["RELOOP_THREADS"] = str(threads)
         env.setdefault("OMP_NUM_THREADS", str(threads))
     env.update(extra_env or {})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "reloop.cli", *cli_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "reloop.cli",
+        *cli_args,
+    ]
     return subprocess.run(cmd, env=env).returncode
 
 

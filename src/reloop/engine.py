@@ -16,6 +16,7 @@ Callers only feed data in and persist what comes out (:meth:`RunEngine.state_dic
 protocol and the service can therefore never disagree on what a config means (the generator's seed,
 the memory's reset policy, the guard).
 """
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from reloop.components import (LossSpec, build_generator, build_loss, build_memory, build_update, memory_key,
-                               memory_resets_on_update)
+from reloop.components import (
+    LossSpec,
+    build_generator,
+    build_loss,
+    build_memory,
+    build_update,
+    memory_key,
+    memory_resets_on_update,
+)
 from reloop.config import Config, RunSpec
 from reloop.data.schema import FeatureMap
 from reloop.data.tensors import History, PeriodTensors, Stream
@@ -87,8 +95,15 @@ class RunEngine:
         device: where models, rows and the memory live.
     """
 
-    def __init__(self, cfg: Config, spec: RunSpec, seed: int, feature_map: FeatureMap,
-                 key_dim: int | None = None, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        spec: RunSpec,
+        seed: int,
+        feature_map: FeatureMap,
+        key_dim: int | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.cfg = cfg
         self.spec = spec
         self.seed = int(seed)
@@ -100,8 +115,8 @@ class RunEngine:
         self.memory_key: str = memory_key(spec.memory)
         self.resets_memory: bool = memory_resets_on_update(spec.memory)
         self.compensator: Compensator | None = (
-            build_memory(spec.memory, dim=key_dim, seed=seed, device=self.device)
-            if key_dim is not None else None)
+            build_memory(spec.memory, dim=key_dim, seed=seed, device=self.device) if key_dim is not None else None
+        )
         self.rng = torch.Generator().manual_seed(self.seed)
         self.guard_margin: float = float(cfg.protocol.guard_margin)
 
@@ -111,22 +126,43 @@ class RunEngine:
         """A new, untrained model of the run's architecture on the run's device."""
         return build_model(self.cfg.model, self.feature_map).to(self.device)
 
-    def context(self, stream: Stream, t: int, served: Tensor | None, model: CTRModel,
-                on_batch: Callable[[int], None] | None = None, upto: int | None = None) -> UpdateContext:
+    def context(
+        self,
+        stream: Stream,
+        t: int,
+        served: Tensor | None,
+        model: CTRModel,
+        on_batch: Callable[[int], None] | None = None,
+        upto: int | None = None,
+    ) -> UpdateContext:
         """What a strategy or generator may use at period ``t``: data through ``History(upto)`` only.
 
         ``served`` holds one prediction per global row (NaN where never served): the serving model's
         base prediction, or the compensated one when the loss asks for ``y_last: compensated``.
         """
         y_last = self.loss_spec.y_last
-        return UpdateContext(history=History(stream, upto=t if upto is None else upto), t=t,
-                             loss=self.loss_spec.loss, train=self.cfg.train, generator=self.rng,
-                             fresh_model=self.fresh_model, model=model, served=served,
-                             y_last_source="previous_model" if y_last == "previous_model" else "served",
-                             on_batch=on_batch)
+        return UpdateContext(
+            history=History(stream, upto=t if upto is None else upto),
+            t=t,
+            loss=self.loss_spec.loss,
+            train=self.cfg.train,
+            generator=self.rng,
+            fresh_model=self.fresh_model,
+            model=model,
+            served=served,
+            y_last_source="previous_model" if y_last == "previous_model" else "served",
+            on_batch=on_batch,
+        )
 
-    def step(self, model: CTRModel, optim_state: dict[str, Any] | None, stream: Stream, t: int,
-             served: Tensor | None, on_batch: Callable[[int], None] | None = None) -> StepResult:
+    def step(
+        self,
+        model: CTRModel,
+        optim_state: dict[str, Any] | None,
+        stream: Stream,
+        t: int,
+        served: Tensor | None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> StepResult:
         """Update on D_t, generate Θ*_t, guard it, reset the memory when the model changed."""
         ctx = self.context(stream, t, served, model, on_batch)
         t0 = clock(self.device)
@@ -140,11 +176,18 @@ class RunEngine:
         t3 = clock(self.device)
         if self.compensator is not None and new is not model and self.resets_memory:
             self.compensator.on_model_update()
-        return StepResult(t, new, new_optim, serving, decision,
-                          {"update_s": t1 - t0, "generate_s": t2 - t1, "guard_s": t3 - t2})
+        return StepResult(
+            t, new, new_optim, serving, decision, {"update_s": t1 - t0, "generate_s": t2 - t1, "guard_s": t3 - t2}
+        )
 
-    def learn(self, stream: Stream, t_next: int, served: Tensor | None, model: CTRModel,
-              on_batch: Callable[[int], None] | None = None) -> float:
+    def learn(
+        self,
+        stream: Stream,
+        t_next: int,
+        served: Tensor | None,
+        model: CTRModel,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> float:
         """The generator learns from D_{t_next}, which was served and whose labels are now known.
 
         Returns the wall seconds it took (ASMG Table 3 reports the generator's training time).
@@ -173,20 +216,29 @@ class RunEngine:
         l_gen = logloss(predict_rows(candidate, rows, batch, hidden=False)[0], labels)
         l_base = logloss(predict_rows(base, rows, batch, hidden=False)[0], labels)
         if not math.isfinite(l_gen):
-            return GuardDecision("base", "generated model gives non-finite scores on the latest period",
-                                 None, _finite(l_base))
+            return GuardDecision(
+                "base", "generated model gives non-finite scores on the latest period", None, _finite(l_base)
+            )
         if math.isfinite(l_base) and l_gen > (1.0 + self.guard_margin) * l_base:
-            return GuardDecision("base", f"generated model's log loss {l_gen:.4f} > (1 + {self.guard_margin}) × "
-                                 f"{l_base:.4f} (the updated model's) on the latest period", l_gen, l_base)
+            return GuardDecision(
+                "base",
+                f"generated model's log loss {l_gen:.4f} > (1 + {self.guard_margin}) × "
+                f"{l_base:.4f} (the updated model's) on the latest period",
+                l_gen,
+                l_base,
+            )
         return GuardDecision("generated", "", l_gen, _finite(l_base))
 
     # --- persistence ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """Everything but the models: strategy, generator, memory and RNG state (plain tensors/dicts)."""
-        return {"strategy": self.strategy.state_dict(), "generator": self.generator.state_dict(),
-                "memory": self.compensator.state_dict() if self.compensator is not None else None,
-                "rng": self.rng.get_state()}
+        return {
+            "strategy": self.strategy.state_dict(),
+            "generator": self.generator.state_dict(),
+            "memory": self.compensator.state_dict() if self.compensator is not None else None,
+            "rng": self.rng.get_state(),
+        }
 
     def load_state_dict(self, state: dict[str, Any], memory: bool = True) -> None:
         """Restore :meth:`state_dict`'s output (``memory=False`` leaves the memory as it is)."""

@@ -4,6 +4,7 @@ of reloop's).
 Every configuration problem is a :class:`ConfigError` whose message starts with the offending key's
 dotted path (``runs.IU.update.batch: expected ...``), so a user can find it in the YAML.
 """
+
 from __future__ import annotations
 
 from pydantic import ValidationError

@@ -22,6 +22,7 @@ examples; then the roles:
 is validated (:func:`reloop.config.parse_config`) and checked (:func:`reloop.checks.preflight`) before it
 is written.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,10 +51,31 @@ MIN_SERVE_BATCHES = 8
 NUMERIC_MIN_DISTINCT = 1000
 
 LABEL_NAMES = ("label", "click", "clicked", "is_click", "clk", "target", "y", "converted", "conversion", "purchase")
-TIME_NAMES = ("time", "ts", "timestamp", "event_time", "event_ts", "datetime", "date", "time_stamp", "created_at",
-              "unix_time", "epoch")
-USER_NAMES = ("user", "user_id", "userid", "uid", "customer_id", "customer", "member_id", "visitor_id", "client_id",
-              "account_id")
+TIME_NAMES = (
+    "time",
+    "ts",
+    "timestamp",
+    "event_time",
+    "event_ts",
+    "datetime",
+    "date",
+    "time_stamp",
+    "created_at",
+    "unix_time",
+    "epoch",
+)
+USER_NAMES = (
+    "user",
+    "user_id",
+    "userid",
+    "uid",
+    "customer_id",
+    "customer",
+    "member_id",
+    "visitor_id",
+    "client_id",
+    "account_id",
+)
 _ID_LIKE = re.compile(r"(^id$|_id$|^id_|id$)", re.IGNORECASE)
 
 Kind = Literal["categorical", "numeric", "sequence"]
@@ -115,8 +137,9 @@ def _read(path: Path, delimiter: str | None) -> tuple[pl.DataFrame, int, Literal
     except pl.exceptions.NoDataError:
         raise InitError(f"{path}: empty file (no header row)") from None
     except pl.exceptions.PolarsError as e:
-        raise InitError(f"{path}: cannot parse as CSV with delimiter {delimiter!r}: {e}; "
-                        "give the delimiter with --delimiter") from None
+        raise InitError(
+            f"{path}: cannot parse as CSV with delimiter {delimiter!r}: {e}; give the delimiter with --delimiter"
+        ) from None
     return frame, rows, "csv", delimiter
 
 
@@ -209,9 +232,11 @@ def _pick_label(frame: pl.DataFrame, given: str | None) -> str:
     if len(binary) == 1:
         return binary[0]
     if not binary:
-        raise InitError(f"no column holds 0/1 labels of both kinds (columns: {frame.columns}); "
-                        "name the label column with --label COLUMN"
-                        + (" (a single column: is --delimiter right?)" if frame.width == 1 else ""))
+        raise InitError(
+            f"no column holds 0/1 labels of both kinds (columns: {frame.columns}); "
+            "name the label column with --label COLUMN"
+            + (" (a single column: is --delimiter right?)" if frame.width == 1 else "")
+        )
     raise InitError(f"several 0/1 columns could be the label: {binary}; choose one with --label COLUMN")
 
 
@@ -224,13 +249,18 @@ def _pick_time(frame: pl.DataFrame, given: str | None, taken: set[str], notes: l
         if not _parses_as_time(frame[given]):
             raise InitError(f"--time {given!r}: values are neither unix seconds nor ISO 8601 date(-time)s")
         return given
-    candidates = [c for c in frame.columns if c not in taken and
-                  (_named(c, TIME_NAMES) or isinstance(frame[c].dtype, (pl.Datetime, pl.Date)))]
+    candidates = [
+        c
+        for c in frame.columns
+        if c not in taken and (_named(c, TIME_NAMES) or isinstance(frame[c].dtype, (pl.Datetime, pl.Date)))
+    ]
     for c in candidates:
         if _parses_as_time(frame[c]):
             return c
-        notes.append(f"column {c!r} looks like a time but its values are neither unix seconds nor ISO 8601 "
-                     "(e.g. 2024-05-01T13:45:00); convert it and set data.time, or keep the file order")
+        notes.append(
+            f"column {c!r} looks like a time but its values are neither unix seconds nor ISO 8601 "
+            "(e.g. 2024-05-01T13:45:00); convert it and set data.time, or keep the file order"
+        )
     return None
 
 
@@ -265,8 +295,13 @@ def _feature_kind(col: ColumnProfile, s: pl.Series, rows: int) -> tuple[Kind | N
     return "categorical", {"int": "integer codes", "bool": "true/false", "text": "text"}.get(col.dtype, col.dtype)
 
 
-def profile_file(path: str | Path, delimiter: str | None = None, label: str | None = None,
-                 time: str | None = None, user: str | None = None) -> DataProfile:
+def profile_file(
+    path: str | Path,
+    delimiter: str | None = None,
+    label: str | None = None,
+    time: str | None = None,
+    user: str | None = None,
+) -> DataProfile:
     """Profile a CSV / Parquet click log and pick its label, time, user and feature columns."""
     path = Path(path)
     frame, rows, source, delim = _read(path, delimiter)
@@ -317,8 +352,10 @@ def size_protocol(rows: int) -> Protocol:
     rows; otherwise fewer periods in the same proportions (at least ``MIN_PERIODS``)."""
     count = min(31, rows // MIN_PERIOD_ROWS)
     if count < MIN_PERIODS:
-        raise InitError(f"{rows} rows are too few: the protocol needs at least {MIN_PERIODS} periods of "
-                        f"{MIN_PERIOD_ROWS} rows ({MIN_PERIODS * MIN_PERIOD_ROWS} rows)")
+        raise InitError(
+            f"{rows} rows are too few: the protocol needs at least {MIN_PERIODS} periods of "
+            f"{MIN_PERIOD_ROWS} rows ({MIN_PERIODS * MIN_PERIOD_ROWS} rows)"
+        )
     test = max(2, round(count * 7 / 31))
     valid = max(1, round(count * 3 / 31))
     pretrain = max(3, round(count * 10 / 31))
@@ -333,10 +370,13 @@ def _period_rows(profile: DataProfile, count: int) -> tuple[list[int], str]:
     by_rows = np.diff(np.linspace(0, profile.rows, count + 1).round().astype(np.int64)).tolist()
     if profile.time is None:
         return by_rows, "rows"
-    frame = (pl.concat([pl.read_parquet(f, columns=[profile.time]) for f in parquet_files(profile.path)],
-                       how="vertical_relaxed") if profile.source == "parquet"
-             else pl.read_csv(profile.path, separator=profile.delimiter or ",", infer_schema=False,
-                              columns=[profile.time]))
+    frame = (
+        pl.concat(
+            [pl.read_parquet(f, columns=[profile.time]) for f in parquet_files(profile.path)], how="vertical_relaxed"
+        )
+        if profile.source == "parquet"
+        else pl.read_csv(profile.path, separator=profile.delimiter or ",", infer_schema=False, columns=[profile.time])
+    )
     times, _ = parse_time(frame[profile.time] if frame[profile.time].dtype != pl.String else _text(frame[profile.time]))
     try:
         bounds = period_bounds(np.sort(times.to_numpy()), PeriodsConfig(count=count, by="time"))
@@ -360,7 +400,7 @@ def render_config(profile: DataProfile, config_path: str | Path) -> str:
     sizes, by = _period_rows(profile, proto.count)
     profile.period_rows = sizes
     first_served = proto.pretrain + 1
-    smallest = min(sizes[first_served - 1:])
+    smallest = min(sizes[first_served - 1 :])
     serve_batch = min(1024, 2 ** int(math.log2(max(smallest // MIN_SERVE_BATCHES, 1))))
     batch = max(64, min(1024, 2 ** int(math.log2(max(smallest // 4, 1)))))
     data_path = os.path.relpath(profile.path.resolve(), Path(config_path).resolve().parent)
@@ -391,15 +431,20 @@ def render_config(profile: DataProfile, config_path: str | Path) -> str:
     lines.append("  features:    # raw column: categorical | numeric | sequence")
     for c in features:
         example = ", ".join(c.examples[:3])
-        comment = f"{c.dtype}, {c.distinct:,} distinct" + (f", {c.missing:.0%} missing" if c.missing else "") + \
-            (f"; e.g. {example}" if example else "")
+        comment = (
+            f"{c.dtype}, {c.distinct:,} distinct"
+            + (f", {c.missing:.0%} missing" if c.missing else "")
+            + (f"; e.g. {example}" if example else "")
+        )
         value = c.kind if c.kind != "sequence" or c.dtype == "list" else "{kind: sequence, separator: '|'}"
         lines.append(f"    {_yaml_str(c.name)}: {value}    # {comment}")
     for c in skipped:
         lines.append(f"    # {c.name}: left out ({c.note})")
     lines += [
-        (f"  periods: {{count: {proto.count}, by: {by}}}    # "
-         f"{'equal time windows' if by == 'time' else 'equal row counts'}; {min(sizes):,}-{max(sizes):,} rows each"),
+        (
+            f"  periods: {{count: {proto.count}, by: {by}}}    # "
+            f"{'equal time windows' if by == 'time' else 'equal row counts'}; {min(sizes):,}-{max(sizes):,} rows each"
+        ),
         "model: {name: deepfm, embedding_dim: 16, hidden_units: [64, 32]}    # `reloop models` lists the zoo",
         f"train: {{epochs: 1, pretrain_epochs: 3, batch_size: {batch}, lr: 0.005}}",
         "protocol:",
@@ -419,15 +464,22 @@ def render_config(profile: DataProfile, config_path: str | Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_config(data: str | Path, out: str | Path = "reloop.yaml", *, delimiter: str | None = None,
-                 label: str | None = None, time: str | None = None, user: str | None = None,
-                 force: bool = False) -> tuple[DataProfile, str]:
+def write_config(
+    data: str | Path,
+    out: str | Path = "reloop.yaml",
+    *,
+    delimiter: str | None = None,
+    label: str | None = None,
+    time: str | None = None,
+    user: str | None = None,
+    force: bool = False,
+) -> tuple[DataProfile, str]:
     """Profile ``data``, render its config, check it (:func:`reloop.config.parse_config` and
     :func:`reloop.checks.preflight`) and write it to ``out``; returns the profile and the text."""
     import yaml
 
-    from reloop.preflight import preflight
     from reloop.config import ConfigError, parse_config
+    from reloop.preflight import preflight
 
     out = Path(out)
     if out.exists() and not force:

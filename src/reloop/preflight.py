@@ -5,6 +5,7 @@ error naming the setting to change (e.g. a memory reset at every update and read
 batch's labels arrive — ReLoop2 would silently equal IU); one that cannot act in some periods is a
 warning. Pure: reads no data, trains nothing.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from reloop.data.periods import phase_of
 from reloop.errors import ConfigError
 from reloop.memory.config import MemoryConfig
 from reloop.update.generators.config import parse_generator
+
 
 @dataclass(frozen=True)
 class Finding:
@@ -58,13 +60,23 @@ def _memory_findings(name: str, spec: RunSpec, cfg: Config, served: _Served) -> 
     mem = MemoryConfig.parse(spec.memory)  # validated with the config already
     found = []
     if mem.lam == 0.0:
-        found.append(Finding("warning", f"{where}.lambda",
-                             "0 serves the base model's prediction unchanged: the memory never changes what "
-                             "is served; use a value > 0 (ReLoop2: 0.3-0.9)"))
+        found.append(
+            Finding(
+                "warning",
+                f"{where}.lambda",
+                "0 serves the base model's prediction unchanged: the memory never changes what "
+                "is served; use a value > 0 (ReLoop2: 0.3-0.9)",
+            )
+        )
     if mem.write == "errors" and mem.error_threshold >= 1.0:
-        found.append(Finding("error", f"{where}.error_threshold",
-                             f"{mem.error_threshold} with write: errors stores only rows with |y - ŷ| above it, "
-                             "and |y - ŷ| < 1 always: the memory is never written; use a value below 1"))
+        found.append(
+            Finding(
+                "error",
+                f"{where}.error_threshold",
+                f"{mem.error_threshold} with write: errors stores only rows with |y - ŷ| above it, "
+                "and |y - ŷ| < 1 always: the memory is never written; use a value below 1",
+            )
+        )
     trains = build_update(spec.update).trains
     if not (mem.reset_on_update and trains):
         return found  # the memory keeps what it was written across periods: it can be read from the second
@@ -72,28 +84,36 @@ def _memory_findings(name: str, spec: RunSpec, cfg: Config, served: _Served) -> 
     batch = cfg.protocol.serve_batch_size
     # a batch is read before its labels exist; labels arrive `delay` batches later; the memory is
     # emptied before each period: a period whose batches number at most delay + 1 reads an empty memory
-    blind = [(period, phase, rows) for period, phase, rows in served.periods
-             if _batches(rows, batch) < delay + 2]
+    blind = [(period, phase, rows) for period, phase, rows in served.periods if _batches(rows, batch) < delay + 2]
     if not blind:
         return found
     test = [x for x in served.periods if x[1] == "test"]
     blind_test = [x for x in blind if x[1] == "test"]
     smallest = min(rows for _, _, rows in blind)
     fits = (smallest - 1) // (delay + 1)
-    fix = (f"set protocol.serve_batch_size <= {fits}" if fits >= 1 else "use fewer, larger periods") + \
-        f" or {where}.reset_on_update: false (keep the memory across updates)"
+    fix = (
+        f"set protocol.serve_batch_size <= {fits}" if fits >= 1 else "use fewer, larger periods"
+    ) + f" or {where}.reset_on_update: false (keep the memory across updates)"
     if delay:
         fix += f", or a smaller protocol.feedback_delay (now {delay})"
-    scope = ("any served period" if len(blind) == len(served.periods) else
-             f"{len(blind_test)} of the {len(test)} test periods" if blind_test else
-             f"{len(blind)} of the {len(served.periods)} served periods (no test period)")
-    found.append(Finding(
-        "warning", where,
-        f"can never act in {scope}: the memory is emptied at every update (reset_on_update: true) and "
-        f"a period of {smallest} rows is served in {_batches(smallest, batch)} batch(es) of "
-        f"protocol.serve_batch_size={batch}, each predicted before its labels are written"
-        + (f" ({delay} batch(es) later, protocol.feedback_delay)" if delay else "")
-        + f", so every read finds it empty and the run equals the same run without a memory; {fix}"))
+    scope = (
+        "any served period"
+        if len(blind) == len(served.periods)
+        else f"{len(blind_test)} of the {len(test)} test periods"
+        if blind_test
+        else f"{len(blind)} of the {len(served.periods)} served periods (no test period)"
+    )
+    found.append(
+        Finding(
+            "warning",
+            where,
+            f"can never act in {scope}: the memory is emptied at every update (reset_on_update: true) and "
+            f"a period of {smallest} rows is served in {_batches(smallest, batch)} batch(es) of "
+            f"protocol.serve_batch_size={batch}, each predicted before its labels are written"
+            + (f" ({delay} batch(es) later, protocol.feedback_delay)" if delay else "")
+            + f", so every read finds it empty and the run equals the same run without a memory; {fix}",
+        )
+    )
     return found
 
 
@@ -111,18 +131,28 @@ def _generator_findings(name: str, spec: RunSpec, cfg: Config) -> list[Finding]:
     warmup = int(getattr(options, "warmup", 0))
     first = min_models + max(warmup, 1 if getattr(options, "init", None) == "identity" else 0)
     p = cfg.protocol
-    knobs = ("k and warmup" if hasattr(options, "k") else "warmup")
+    knobs = "k and warmup" if hasattr(options, "k") else "warmup"
     if first > p.served_periods:
-        return [Finding("error", where,
-                        f"serves a generated model from update {first} on (k + warmup = {first}), "
-                        f"but the protocol makes {p.served_periods} updates (protocol.warmup + valid + test): "
-                        f"it never acts; lower {where}.{knobs.replace(' and ', ' / ')} or raise protocol.warmup")]
+        return [
+            Finding(
+                "error",
+                where,
+                f"serves a generated model from update {first} on (k + warmup = {first}), "
+                f"but the protocol makes {p.served_periods} updates (protocol.warmup + valid + test): "
+                f"it never acts; lower {where}.{knobs.replace(' and ', ' / ')} or raise protocol.warmup",
+            )
+        ]
     if first > p.warmup + p.valid + 1:
         missed = first - (p.warmup + p.valid + 1)
-        return [Finding("warning", where,
-                        f"serves the updated model (no generated one) in the first {missed} of the {p.test} test "
-                        f"periods (k + warmup = {first} updates needed); raise protocol.warmup to "
-                        f"{first - 1 - p.valid} or lower {where}.{knobs.replace(' and ', ' / ')}")]
+        return [
+            Finding(
+                "warning",
+                where,
+                f"serves the updated model (no generated one) in the first {missed} of the {p.test} test "
+                f"periods (k + warmup = {first} updates needed); raise protocol.warmup to "
+                f"{first - 1 - p.valid} or lower {where}.{knobs.replace(' and ', ' / ')}",
+            )
+        ]
     return []
 
 
@@ -132,20 +162,40 @@ def _loss_update_findings(name: str, spec: RunSpec) -> list[Finding]:
     loss_name = spec.loss if isinstance(spec.loss, str) else next(iter(spec.loss))
     strategy = build_update(spec.update)
     if not strategy.trains and loss_name != "ce":
-        found.append(Finding("error", f"runs.{name}.loss",
-                             f"{loss_name} is a training loss, but update: none never trains: it never acts; "
-                             f"drop runs.{name}.loss or choose an update that trains"))
+        found.append(
+            Finding(
+                "error",
+                f"runs.{name}.loss",
+                f"{loss_name} is a training loss, but update: none never trains: it never acts; "
+                f"drop runs.{name}.loss or choose an update that trains",
+            )
+        )
     weight = getattr(loss.loss, "alpha", getattr(loss.loss, "beta", getattr(loss.loss, "weight", None)))
     if loss_name != "ce" and weight == 0.0:
-        found.append(Finding("warning", f"runs.{name}.loss.{loss_name}",
-                             "0 makes the loss plain cross-entropy (the run equals the same run with loss: ce)"))
+        found.append(
+            Finding(
+                "warning",
+                f"runs.{name}.loss.{loss_name}",
+                "0 makes the loss plain cross-entropy (the run equals the same run with loss: ce)",
+            )
+        )
     if loss.y_last == "compensated" and spec.memory is None:
-        found.append(Finding("warning", f"runs.{name}.loss.y_last",
-                             "compensated without a memory is the served base prediction (the same as served); "
-                             f"add runs.{name}.memory or drop y_last"))
+        found.append(
+            Finding(
+                "warning",
+                f"runs.{name}.loss.y_last",
+                "compensated without a memory is the served base prediction (the same as served); "
+                f"add runs.{name}.memory or drop y_last",
+            )
+        )
     if getattr(strategy, "ratio", None) == 0.0:
-        found.append(Finding("warning", f"runs.{name}.update.replay.ratio",
-                             "0 replays no rows: the run equals update: incremental; use a ratio > 0"))
+        found.append(
+            Finding(
+                "warning",
+                f"runs.{name}.update.replay.ratio",
+                "0 replays no rows: the run equals update: incremental; use a ratio > 0",
+            )
+        )
     return found
 
 

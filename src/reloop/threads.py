@@ -18,6 +18,7 @@ The rule (:func:`choose_threads`; measurements in ``docs/guide/quickstart.md``):
 
 ``--threads N`` (or ``RELOOP_THREADS``) overrides the rule.
 """
+
 from __future__ import annotations
 
 import math
@@ -134,8 +135,9 @@ def choose_threads(work: float | None, load: HostLoad) -> ThreadChoice:
     if load.cpus <= 1:
         return ThreadChoice(1, "auto: one usable CPU")
     if work is not None and work < SMALL_WORK:
-        return ThreadChoice(1, f"auto: small model, {work / 1e6:.1f}M dense multiply-adds per step "
-                               f"< {SMALL_WORK / 1e6:.0f}M")
+        return ThreadChoice(
+            1, f"auto: small model, {work / 1e6:.1f}M dense multiply-adds per step < {SMALL_WORK / 1e6:.0f}M"
+        )
     free = load.cpus - load.busy_here
     threads = max(1, min(load.cpus, math.floor(free + SLACK)))
     return ThreadChoice(threads, f"auto: {load.cpus} usable CPUs, {load.busy_here:.1f} busy with other work")
@@ -194,8 +196,7 @@ def current_setting() -> int | str | None:
     return parse_threads(os.environ.get("RELOOP_THREADS"))
 
 
-def apply_threads(setting: int | str | None, work: float | None,
-                  load: HostLoad | None = None) -> ThreadChoice | None:
+def apply_threads(setting: int | str | None, work: float | None, load: HostLoad | None = None) -> ThreadChoice | None:
     """Set torch's intra-op threads from ``setting`` (N, ``"auto"``: :func:`choose_threads` for a model
     doing ``work`` dense multiply-adds per step); None leaves torch as it is and returns None."""
     import torch

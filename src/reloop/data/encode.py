@@ -8,6 +8,7 @@
   when the encoder is frozen (``grow=False``, e.g. a served model that cannot learn new ids).
 * Numeric columns are z-scored (or quantile-bucketised) with statistics of the pretraining periods.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,11 @@ class TableVocab:
     def lookup(self) -> tuple[pl.Series, pl.Series]:
         key = (id(self.index), len(self.index))
         if self._lookup is None or self._lookup[0] != key:
-            self._lookup = (key, pl.Series(list(self.index), dtype=pl.String),
-                            pl.Series(list(self.index.values()), dtype=pl.Int64))
+            self._lookup = (
+                key,
+                pl.Series(list(self.index), dtype=pl.String),
+                pl.Series(list(self.index.values()), dtype=pl.Int64),
+            )
         return self._lookup[1], self._lookup[2]
 
     @property
@@ -74,8 +78,7 @@ class TableVocab:
         mapped = values.replace_strict(known, ids, default=None, return_dtype=pl.Int64)
         if grow:
             # Past capacity: hashed overflow bucket (stable for a given polars version and seed).
-            hashed = (values.hash(seed=HASH_SEED) % max(self.overflow, 1)).cast(pl.Int64) \
-                + N_RESERVED + self.capacity
+            hashed = (values.hash(seed=HASH_SEED) % max(self.overflow, 1)).cast(pl.Int64) + N_RESERVED + self.capacity
             fallback = hashed if self.overflow > 0 else pl.Series([OOV] * len(values), dtype=pl.Int64)
         else:
             fallback = pl.Series([OOV] * len(values), dtype=pl.Int64)
@@ -147,9 +150,15 @@ class FeatureEncoder:
                 fields.append(EncodedField(name=spec.name, kind="categorical", table=spec.name, size=size))
             else:
                 table = spec.vocab or spec.name
-                fields.append(EncodedField(name=spec.name, kind=spec.kind, table=table,
-                                           size=self.vocabs[table].size,
-                                           max_len=spec.max_len if spec.kind == "sequence" else 1))
+                fields.append(
+                    EncodedField(
+                        name=spec.name,
+                        kind=spec.kind,
+                        table=table,
+                        size=self.vocabs[table].size,
+                        max_len=spec.max_len if spec.kind == "sequence" else 1,
+                    )
+                )
         return FeatureMap(fields=fields, user_field=self.schema.user)
 
     # -- encoding ------------------------------------------------------------------------------
@@ -204,32 +213,38 @@ class FeatureEncoder:
                 col = columns[spec.name]
                 if spec.kind == "categorical":
                     index = self.vocabs[spec.vocab or spec.name].index
-                    out[spec.name] = torch.tensor([PAD if v is None else index[_id_key(v)] for v in col],
-                                                  dtype=torch.int64)
+                    out[spec.name] = torch.tensor(
+                        [PAD if v is None else index[_id_key(v)] for v in col], dtype=torch.int64
+                    )
                 elif spec.kind == "sequence":
                     index = self.vocabs[spec.vocab or spec.name].index
                     ids = torch.zeros((n, spec.max_len), dtype=torch.int64)
                     for r, items in enumerate(col):
                         if items:
-                            row = [index[_id_key(v)] for v in list(items)[:spec.max_len]]  # None -> KeyError
-                            ids[r, :len(row)] = torch.tensor(row, dtype=torch.int64)
+                            row = [index[_id_key(v)] for v in list(items)[: spec.max_len]]  # None -> KeyError
+                            ids[r, : len(row)] = torch.tensor(row, dtype=torch.int64)
                     out[spec.name] = ids
                 elif spec.numeric == "normalize":
                     mean, std = self.numeric_stats[spec.name]
-                    out[spec.name] = torch.tensor([0.0 if v is None else (float(v) - mean) / std for v in col],
-                                                  dtype=torch.float32)
+                    out[spec.name] = torch.tensor(
+                        [0.0 if v is None else (float(v) - mean) / std for v in col], dtype=torch.float32
+                    )
                 else:
                     vals = np.array([np.nan if v is None else float(v) for v in col], dtype=np.float64)
                     ids = np.searchsorted(self.bucket_edges[spec.name], vals, side="right") + N_RESERVED
                     ids[np.isnan(vals)] = PAD
                     out[spec.name] = torch.from_numpy(ids.astype(np.int64))
             label = columns.get(self.schema.label)
-            out["label"] = (torch.tensor([float(v) for v in label], dtype=torch.float32) if label is not None
-                            else torch.zeros(n, dtype=torch.float32))
+            out["label"] = (
+                torch.tensor([float(v) for v in label], dtype=torch.float32)
+                if label is not None
+                else torch.zeros(n, dtype=torch.float32)
+            )
             if self.schema.user:
                 users = self.users
-                out["user"] = torch.tensor([-1 if v is None else users[_id_key(v)] for v in columns[self.schema.user]],
-                                           dtype=torch.int64)
+                out["user"] = torch.tensor(
+                    [-1 if v is None else users[_id_key(v)] for v in columns[self.schema.user]], dtype=torch.int64
+                )
         except (KeyError, TypeError, ValueError):  # unseen id, or a value only the polars path can judge
             return None
         return out
@@ -248,12 +263,14 @@ class FeatureEncoder:
             part = pl.DataFrame({"row": pl.int_range(len(frame), eager=True), "v": col})
             if spec.kind == "sequence":
                 part = part.with_columns(pl.col("v").list.head(spec.max_len)).explode(
-                    "v", empty_as_null=False, keep_nulls=False)
+                    "v", empty_as_null=False, keep_nulls=False
+                )
                 part = part.with_columns(pos=pl.int_range(pl.len()).over("row"))
             else:
                 part = part.with_columns(pos=pl.lit(0, dtype=pl.Int64))
             part = part.with_columns(field=pl.lit(order, dtype=pl.Int64)).select(
-                "row", "field", pl.col("pos").cast(pl.Int64), pl.col("v").cast(pl.String))
+                "row", "field", pl.col("pos").cast(pl.Int64), pl.col("v").cast(pl.String)
+            )
             by_table.setdefault(spec.vocab or spec.name, []).append(part)
         for table, parts in by_table.items():
             arrivals = pl.concat(parts).sort(["row", "field", "pos"], maintain_order=True)["v"]
@@ -275,26 +292,35 @@ class FeatureEncoder:
         col = col.cast(pl.String)
         for v in col.drop_nulls().unique(maintain_order=True).to_list():
             self.users.setdefault(v, len(self.users))
-        mapped = col.replace_strict(pl.Series(list(self.users), dtype=pl.String),
-                                    pl.Series(list(self.users.values()), dtype=pl.Int64),
-                                    default=-1, return_dtype=pl.Int64)
+        mapped = col.replace_strict(
+            pl.Series(list(self.users), dtype=pl.String),
+            pl.Series(list(self.users.values()), dtype=pl.Int64),
+            default=-1,
+            return_dtype=pl.Int64,
+        )
         return mapped.fill_null(-1).to_numpy().astype(np.int64)
 
     # -- persistence (the service reloads the exact encoder) -----------------------------------
     def state_dict(self) -> dict:
-        return {"schema": self.schema.model_dump(), "config": self.config.__dict__,
-                "vocabs": {t: {"capacity": v.capacity, "overflow": v.overflow, "ids": list(v.index)}
-                           for t, v in self.vocabs.items()},
-                "numeric_stats": self.numeric_stats,
-                "bucket_edges": {k: v.tolist() for k, v in self.bucket_edges.items()},
-                "users": list(self.users)}
+        return {
+            "schema": self.schema.model_dump(),
+            "config": self.config.__dict__,
+            "vocabs": {
+                t: {"capacity": v.capacity, "overflow": v.overflow, "ids": list(v.index)}
+                for t, v in self.vocabs.items()
+            },
+            "numeric_stats": self.numeric_stats,
+            "bucket_edges": {k: v.tolist() for k, v in self.bucket_edges.items()},
+            "users": list(self.users),
+        }
 
     @classmethod
     def from_state(cls, state: dict) -> FeatureEncoder:
         enc = cls(FeatureSchema(**state["schema"]), EncoderConfig(**state["config"]))
         for t, v in state["vocabs"].items():
-            enc.vocabs[t] = TableVocab(v["capacity"], v["overflow"],
-                                       {s: N_RESERVED + i for i, s in enumerate(v["ids"])})
+            enc.vocabs[t] = TableVocab(
+                v["capacity"], v["overflow"], {s: N_RESERVED + i for i, s in enumerate(v["ids"])}
+            )
         enc.numeric_stats = {k: tuple(v) for k, v in state["numeric_stats"].items()}
         enc.bucket_edges = {k: np.asarray(v) for k, v in state["bucket_edges"].items()}
         enc.users = {u: i for i, u in enumerate(state["users"])}

@@ -1,4 +1,5 @@
 """Per-period look at an encoded stream: rows, label rate, share of ids never seen before."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -15,9 +16,12 @@ def inspect_stream(stream: Stream, protocol) -> list[dict[str, Any]]:
     out = []
     for i in range(1, stream.n_periods + 1):
         rows = stream.period(i)
-        entry: dict[str, Any] = {"period": i,
-                                 "phase": phase_of(i, protocol.pretrain, protocol.warmup, protocol.valid),
-                                 "rows": len(rows), "label_rate": float(rows.data["label"].mean())}
+        entry: dict[str, Any] = {
+            "period": i,
+            "phase": phase_of(i, protocol.pretrain, protocol.warmup, protocol.valid),
+            "rows": len(rows),
+            "label_rate": float(rows.data["label"].mean()),
+        }
         for n in cats:
             ids = rows.data[n]
             entry[f"new {n}"] = float((~torch.isin(ids, seen[n])).float().mean())

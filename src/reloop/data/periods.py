@@ -1,4 +1,5 @@
 """Split a time-ordered log into periods, and name the protocol phase of each period."""
+
 from __future__ import annotations
 
 from typing import Literal

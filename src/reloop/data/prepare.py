@@ -4,6 +4,7 @@ The encoded stream is written once as a ``.pt`` file keyed by the content hash o
 its schema, the period split, the encoder settings and the pretraining length; a second run with the
 same inputs skips loading and encoding entirely.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,8 +39,13 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("RELOOP_CACHE", Path.home() / ".cache" / "reloop"))
 
 
-def prepare_stream(data: dict[str, Any], pretrain: int, encoder: EncoderConfig | None = None,
-                   cache_dir: Path | None = None, use_cache: bool = True) -> Prepared:
+def prepare_stream(
+    data: dict[str, Any],
+    pretrain: int,
+    encoder: EncoderConfig | None = None,
+    cache_dir: Path | None = None,
+    use_cache: bool = True,
+) -> Prepared:
     """Load, split and encode a log. ``data`` is the config's ``data`` section."""
     from reloop.data.sources import load_source, parse_source_config
 
@@ -48,11 +54,18 @@ def prepare_stream(data: dict[str, Any], pretrain: int, encoder: EncoderConfig |
     log = load_source(source)
     frame = log.frame
     encoder = encoder or EncoderConfig()
-    key_material = json.dumps({
-        "rows": hashlib.sha256(frame.hash_rows(seed=0).to_numpy().tobytes()).hexdigest(),
-        "schema": log.schema.model_dump(), "periods": periods.model_dump(), "pretrain": pretrain,
-        "encoder": encoder.__dict__, "version": CACHE_VERSION,
-    }, sort_keys=True, default=str)
+    key_material = json.dumps(
+        {
+            "rows": hashlib.sha256(frame.hash_rows(seed=0).to_numpy().tobytes()).hexdigest(),
+            "schema": log.schema.model_dump(),
+            "periods": periods.model_dump(),
+            "pretrain": pretrain,
+            "encoder": encoder.__dict__,
+            "version": CACHE_VERSION,
+        },
+        sort_keys=True,
+        default=str,
+    )
     key = hashlib.sha256(key_material.encode()).hexdigest()[:20]
     cache_root = Path(data.get("cache") or cache_dir or default_cache_dir())
     cache_file = cache_root / f"stream-{key}.pt"
@@ -63,8 +76,12 @@ def prepare_stream(data: dict[str, Any], pretrain: int, encoder: EncoderConfig |
             blob = torch.load(cache_file, map_location="cpu", weights_only=True)
             return Prepared(_stream_from_blob(blob), FeatureEncoder.from_state(blob["encoder"]), report)
         except Exception as e:  # noqa: BLE001 - truncated, foreign or refused: rebuild it
-            logger.warning("stream cache %s cannot be used (%s: %s); rebuilding it", cache_file,
-                           type(e).__name__, str(e).strip().splitlines()[0][:200] if str(e).strip() else "")
+            logger.warning(
+                "stream cache %s cannot be used (%s: %s); rebuilding it",
+                cache_file,
+                type(e).__name__,
+                str(e).strip().splitlines()[0][:200] if str(e).strip() else "",
+            )
 
     times = frame[log.schema.time].to_numpy()
     bounds = period_bounds(times, periods)
@@ -75,8 +92,13 @@ def prepare_stream(data: dict[str, Any], pretrain: int, encoder: EncoderConfig |
     truth = None
     if log.truth is not None:
         truth = torch.from_numpy(frame[log.truth].to_numpy().astype(np.float32))
-    stream = Stream(feature_map=enc.feature_map(), rows=PeriodTensors(columns), bounds=bounds, truth=truth,
-                    meta={"key": key, "source": data.get("source")})
+    stream = Stream(
+        feature_map=enc.feature_map(),
+        rows=PeriodTensors(columns),
+        bounds=bounds,
+        truth=truth,
+        meta={"key": key, "source": data.get("source")},
+    )
     if use_cache:
         cache_root.mkdir(parents=True, exist_ok=True)
         # A temporary name of this writer's own: parallel workers (`bench paper --jobs N`) on a cold
@@ -86,9 +108,17 @@ def prepare_stream(data: dict[str, Any], pretrain: int, encoder: EncoderConfig |
         os.close(fd)
         tmp = Path(tmp_name)
         try:
-            torch.save({"columns": columns, "bounds": bounds, "truth": truth,
-                        "feature_map": stream.feature_map.model_dump(), "encoder": enc.state_dict(),
-                        "meta": stream.meta}, tmp)
+            torch.save(
+                {
+                    "columns": columns,
+                    "bounds": bounds,
+                    "truth": truth,
+                    "feature_map": stream.feature_map.model_dump(),
+                    "encoder": enc.state_dict(),
+                    "meta": stream.meta,
+                },
+                tmp,
+            )
             os.replace(tmp, cache_file)  # atomic: a killed run never leaves half a cache file
         finally:
             tmp.unlink(missing_ok=True)
@@ -96,5 +126,10 @@ def prepare_stream(data: dict[str, Any], pretrain: int, encoder: EncoderConfig |
 
 
 def _stream_from_blob(blob: dict[str, Any]) -> Stream:
-    return Stream(feature_map=FeatureMap(**blob["feature_map"]), rows=PeriodTensors(blob["columns"]),
-                  bounds=[tuple(b) for b in blob["bounds"]], truth=blob["truth"], meta=blob["meta"])
+    return Stream(
+        feature_map=FeatureMap(**blob["feature_map"]),
+        rows=PeriodTensors(blob["columns"]),
+        bounds=[tuple(b) for b in blob["bounds"]],
+        truth=blob["truth"],
+        meta=blob["meta"],
+    )

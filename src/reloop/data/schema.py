@@ -4,6 +4,7 @@ The schema is user-facing (YAML / config); the feature map is derived from it on
 periods fix the table capacities, and is persisted beside checkpoints so preprocessing and modelling
 stay separate (FuxiCTR's feature map idea).
 """
+
 from __future__ import annotations
 
 from typing import Literal

@@ -27,6 +27,7 @@ Example::
     >>> [b["x"].tolist() for b in ShardedPeriod(d).batches(2)]
     [[1, 2], [3]]
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
@@ -112,9 +113,14 @@ def _frames(frames: pl.DataFrame | Iterable[pl.DataFrame]) -> Iterator[pl.DataFr
         yield from frames
 
 
-def write_shards(frames: pl.DataFrame | Iterable[pl.DataFrame], directory: str | Path, *,
-                 rows_per_file: int = 1_000_000, row_group_rows: int = 65_536,
-                 compression: str = "zstd") -> list[Path]:
+def write_shards(
+    frames: pl.DataFrame | Iterable[pl.DataFrame],
+    directory: str | Path,
+    *,
+    rows_per_file: int = 1_000_000,
+    row_group_rows: int = 65_536,
+    compression: str = "zstd",
+) -> list[Path]:
     """Write rows (one frame, or an iterator of frames: never all in memory) as Parquet shards.
 
     E.g. ``write_shards(pl.scan_csv(path).collect_batches(), dir)`` for a log larger than memory.
@@ -130,8 +136,7 @@ def write_shards(frames: pl.DataFrame | Iterable[pl.DataFrame], directory: str |
     return writer.files
 
 
-def write_period_shards(frame: pl.DataFrame, bounds: list[tuple[int, int]], root: str | Path,
-                        **kwargs) -> list[Path]:
+def write_period_shards(frame: pl.DataFrame, bounds: list[tuple[int, int]], root: str | Path, **kwargs) -> list[Path]:
     """One shard directory per period (``period_dir(root, i)``) of a time-sorted frame; returns the dirs."""
     dirs = []
     for i, (start, end) in enumerate(bounds, start=1):
@@ -176,26 +181,38 @@ def write_tensors(rows: PeriodTensors | dict[str, Tensor], directory: str | Path
     data = rows.data if isinstance(rows, PeriodTensors) else rows
     n = len(next(iter(data.values()))) if data else 0
     rows_per_file = kwargs.pop("rows_per_file", 1_000_000)
-    writer = _ShardWriter(directory, rows_per_file, kwargs.pop("row_group_rows", 65_536),
-                          kwargs.pop("compression", "zstd"))
+    writer = _ShardWriter(
+        directory, rows_per_file, kwargs.pop("row_group_rows", 65_536), kwargs.pop("compression", "zstd")
+    )
     try:
         for start in range(0, n, chunk):
-            writer.write(tensors_to_arrow({k: v[start:start + chunk] for k, v in data.items()}))
+            writer.write(tensors_to_arrow({k: v[start : start + chunk] for k, v in data.items()}))
     finally:
         writer.close()
     return writer.files
 
 
-def encode_to_shards(frames: pl.DataFrame | Iterable[pl.DataFrame], encoder, directory: str | Path, *,
-                     grow: bool = True, first_row: int = 0, **kwargs) -> list[Path]:
+def encode_to_shards(
+    frames: pl.DataFrame | Iterable[pl.DataFrame],
+    encoder,
+    directory: str | Path,
+    *,
+    grow: bool = True,
+    first_row: int = 0,
+    **kwargs,
+) -> list[Path]:
     """Encode raw frames in arrival order, chunk by chunk, and write the encoded rows as shards.
 
     ``encoder`` must have its capacities fitted (``fit_capacities``); with ``grow`` new ids get indices
     exactly as one ``transform`` over all the rows would give them. A ``row`` column (global row number
     from ``first_row``) is added, as ``prepare_stream`` does.
     """
-    writer = _ShardWriter(directory, kwargs.pop("rows_per_file", 1_000_000), kwargs.pop("row_group_rows", 65_536),
-                          kwargs.pop("compression", "zstd"))
+    writer = _ShardWriter(
+        directory,
+        kwargs.pop("rows_per_file", 1_000_000),
+        kwargs.pop("row_group_rows", 65_536),
+        kwargs.pop("compression", "zstd"),
+    )
     row = first_row
     try:
         for frame in _frames(frames):
@@ -242,12 +259,24 @@ class ShardedPeriod:
     - ``columns``: the columns to read (default: all).
     """
 
-    def __init__(self, path: str | Path, encoder=None, *, grow: bool = False, columns: list[str] | None = None,
-                 read_rows: int = 65_536, shuffle_rows: int = 262_144, rank: int = 0, world: int = 1,
-                 int32: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        encoder=None,
+        *,
+        grow: bool = False,
+        columns: list[str] | None = None,
+        read_rows: int = 65_536,
+        shuffle_rows: int = 262_144,
+        rank: int = 0,
+        world: int = 1,
+        int32: bool = False,
+    ) -> None:
         if encoder is not None and grow and world > 1:
-            raise ValueError("a growing encoder cannot read a rank's share: every rank must see every new id "
-                             "(encode once with encode_to_shards, or freeze the encoder)")
+            raise ValueError(
+                "a growing encoder cannot read a rank's share: every rank must see every new id "
+                "(encode once with encode_to_shards, or freeze the encoder)"
+            )
         self.path = Path(path)
         self.encoder = encoder
         self.grow = grow
@@ -271,8 +300,9 @@ class ShardedPeriod:
         fmt, local = ds.ParquetFileFormat(), pafs.LocalFileSystem()
         for file, groups in by_file.items():
             fragment = fmt.make_fragment(str(file.resolve()), filesystem=local).subset(row_group_ids=groups)
-            scanner = ds.Scanner.from_fragment(fragment, columns=self.columns, batch_size=self.read_rows,
-                                               use_threads=False)
+            scanner = ds.Scanner.from_fragment(
+                fragment, columns=self.columns, batch_size=self.read_rows, use_threads=False
+            )
             for rb in scanner.to_batches():
                 if rb.num_rows:
                     yield rb
@@ -294,8 +324,9 @@ class ShardedPeriod:
             yield cols
 
     # -- the PeriodTensors protocol ------------------------------------------------------------------
-    def batches(self, batch_size: int, shuffle: bool = False,
-                generator: torch.Generator | None = None) -> Iterator[Batch]:
+    def batches(
+        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
+    ) -> Iterator[Batch]:
         """Batches of ``batch_size`` rows (the last one shorter), in order or shuffled within windows."""
         window = max(self.shuffle_rows, batch_size) if shuffle else batch_size
         pending: list[dict[str, Tensor]] = []
@@ -310,7 +341,7 @@ class ShardedPeriod:
                     buf = {k: v[order] for k, v in buf.items()}
                 usable = (held // batch_size) * batch_size
                 for i in range(0, usable, batch_size):
-                    yield {k: v[i:i + batch_size] for k, v in buf.items()}
+                    yield {k: v[i : i + batch_size] for k, v in buf.items()}
                 rest = {k: v[usable:] for k, v in buf.items()}
                 pending, held = ([rest], held - usable) if held > usable else ([], 0)
         if held:
@@ -319,7 +350,7 @@ class ShardedPeriod:
                 order = torch.randperm(held, generator=generator)
                 buf = {k: v[order] for k, v in buf.items()}
             for i in range(0, held, batch_size):
-                yield {k: v[i:i + batch_size] for k, v in buf.items()}
+                yield {k: v[i : i + batch_size] for k, v in buf.items()}
 
     @property
     def rank_local(self) -> bool:
@@ -327,8 +358,10 @@ class ShardedPeriod:
         return self.world > 1
 
     def take(self, index: Tensor) -> PeriodTensors:
-        raise TypeError("ShardedPeriod streams its rows; sharded training (torchrun) reads a rank's share "
-                        "with ShardedPeriod(..., rank=r, world=w) instead of a global batch split")
+        raise TypeError(
+            "ShardedPeriod streams its rows; sharded training (torchrun) reads a rank's share "
+            "with ShardedPeriod(..., rank=r, world=w) instead of a global batch split"
+        )
 
     def to_tensors(self) -> PeriodTensors:
         """All of this rank's rows in memory (tests, small periods)."""

@@ -5,6 +5,7 @@ float for numeric, ``[B, L]`` long for sequences, 0 = padding), plus ``label`` (
 when the log has one, ``user`` (``[B]`` long, for gAUC). Strategies may attach per-row columns
 (``y_last``: the served prediction, ``teacher``: the previous model's logit) before training.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -57,8 +58,9 @@ class PeriodTensors:
                 raise ValueError(f"column {name!r} has {col.shape[0]} rows, expected {len(self)}")
         return PeriodTensors({**self.data, **columns})
 
-    def batches(self, batch_size: int, shuffle: bool = False,
-                generator: torch.Generator | None = None) -> Iterator[Batch]:
+    def batches(
+        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
+    ) -> Iterator[Batch]:
         n = len(self)
         if shuffle:
             # Drawn on the CPU (same order on every device), moved once per pass, not once per batch.
@@ -66,11 +68,11 @@ class PeriodTensors:
             if self.data and self.device.type != "cpu":
                 order = order.to(self.device)
             for i in range(0, n, batch_size):
-                idx = order[i:i + batch_size]
+                idx = order[i : i + batch_size]
                 yield {k: v[idx] for k, v in self.data.items()}
         else:
             for i in range(0, n, batch_size):
-                yield {k: v[i:i + batch_size] for k, v in self.data.items()}
+                yield {k: v[i : i + batch_size] for k, v in self.data.items()}
 
     @staticmethod
     def concat(parts: Sequence[PeriodTensors]) -> PeriodTensors:

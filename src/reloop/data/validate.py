@@ -12,6 +12,7 @@ Canonical types: label Int8 (0/1), time Int64 (unix seconds), categorical String
 numeric Float64 (null = missing; NaN becomes null), sequence List(String) (null becomes []); feature
 values follow the rules of :mod:`reloop.data.values`, which the service applies too.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
@@ -300,7 +301,7 @@ def clean_frame(
     if user is not None and user not in features:
         cols[user] = parse_categorical(raw[user])
     for name, cfg in features.items():
-        kind = getattr(cfg, "kind")
+        kind = cfg.kind
         if kind == "numeric":
             val, problems = parse_numeric(raw[name])
             for problem, mask in problems.items():

@@ -42,6 +42,7 @@ Canonical values (what ``reloop.data.encode.FeatureEncoder`` reads):
 Bounds (an id's length, a sequence's items, ``|x|``) are the service's (``reloop.serve.guard.Limits``)
 and are checked there, after these rules; the offline loaders have none.
 """
+
 from __future__ import annotations
 
 import math
@@ -145,7 +146,9 @@ def number_value(v: Any) -> float | None:
         try:
             x = float(v)
         except OverflowError:
-            raise ValueProblem(NOT_A_NUMBER, "expected a finite number, got an integer beyond the float range") from None
+            raise ValueProblem(
+                NOT_A_NUMBER, "expected a finite number, got an integer beyond the float range"
+            ) from None
     elif isinstance(v, str):
         text = v.strip(WHITESPACE)
         if not text:
@@ -196,15 +199,18 @@ def sequence_value(v: Any, separator: str = DEFAULT_SEPARATOR) -> list[str]:
             try:
                 item = id_value(x)
             except ValueProblem:
-                raise ValueProblem(NOT_AN_ID, f"sequence item: expected a string or integer id, "
-                                              f"got {type(x).__name__}") from None
+                raise ValueProblem(
+                    NOT_AN_ID, f"sequence item: expected a string or integer id, got {type(x).__name__}"
+                ) from None
             if item is not None:
                 out.append(item)
         return out
     if isinstance(v, (float, np.floating)) and math.isnan(v):
         return []
-    raise ValueProblem(NOT_AN_ID, f"expected a list of string or integer ids or a {separator!r}-delimited "
-                                  f"string, got {type(v).__name__}")
+    raise ValueProblem(
+        NOT_AN_ID,
+        f"expected a list of string or integer ids or a {separator!r}-delimited string, got {type(v).__name__}",
+    )
 
 
 def sequence_column(s: pl.Series, separator: str = DEFAULT_SEPARATOR) -> pl.Series:
@@ -219,7 +225,8 @@ def sequence_column(s: pl.Series, separator: str = DEFAULT_SEPARATOR) -> pl.Seri
             distinct = s.explode().drop_nulls().fill_nan(None).drop_nulls().unique()
             mapped = pl.Series([_float_id(v) for v in distinct.to_list()], dtype=pl.String)
             val = s.cast(pl.List(inner)).list.eval(
-                pl.element().fill_nan(None).replace_strict(distinct, mapped, default=None, return_dtype=pl.String))
+                pl.element().fill_nan(None).replace_strict(distinct, mapped, default=None, return_dtype=pl.String)
+            )
         else:
             val = s.cast(pl.List(pl.String))
     elif dtype == pl.String:

@@ -5,6 +5,7 @@ prediction is compensated, ``ŷ' = clip(ŷ_q + λ·ê)``. See ``base`` for the e
 ``exact`` for the two memories, ``compensate`` for the wrapper the protocol and the service share,
 ``config`` for the ``memory:`` config block.
 """
+
 from reloop.memory.base import ErrorMemory, Neighbours
 from reloop.memory.compensate import Compensator, compensate
 from reloop.memory.config import ExactConfig, MemoryConfig, SketchConfig, build_memory, make_memory

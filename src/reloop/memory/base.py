@@ -17,6 +17,7 @@ Subclasses implement ``_retrieve`` (neighbours plus optional log-weights), ``_st
 plumbing; writing policy, decay ticks, estimation and state validation live here so every memory
 behaves the same.
 """
+
 from __future__ import annotations
 
 import math
@@ -74,9 +75,18 @@ class ErrorMemory(ABC):
 
     kind: ClassVar[str] = ""
 
-    def __init__(self, dim: int, *, temperature: float = 0.1, gamma: float = 1.0,
-                 write_policy: str = "all", error_threshold: float = 0.0, decay: float = 1.0,
-                 center: bool = False, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        dim: int,
+        *,
+        temperature: float = 0.1,
+        gamma: float = 1.0,
+        write_policy: str = "all",
+        error_threshold: float = 0.0,
+        decay: float = 1.0,
+        center: bool = False,
+        device: str | torch.device = "cpu",
+    ) -> None:
         if int(dim) < 1:
             raise ValueError(f"dim: must be >= 1, got {dim}")
         if not (temperature > 0 and math.isfinite(temperature)):
@@ -112,7 +122,7 @@ class ErrorMemory(ABC):
     def _retrieve(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
         """``(s, y, y_base, valid, log_w)`` for float32 queries ``[B, d]``; ``log_w`` may be None."""
 
-    def _on_tick(self) -> None:
+    def _on_tick(self) -> None:  # noqa: B027  (an optional hook: most memories do nothing here)
         """Called once per ``write`` call before storing; memories that fade in place do it here."""
 
     @abstractmethod
@@ -154,10 +164,17 @@ class ErrorMemory(ABC):
 
     def config(self) -> dict[str, StateValue]:
         """Every constructor setting (structure and estimator), as stored in ``state_dict``."""
-        return {"kind": self.kind, "dim": self.dim, **self._config(),
-                "temperature": self.temperature, "gamma": self.gamma,
-                "write_policy": self.write_policy, "error_threshold": self.error_threshold,
-                "decay": self.decay, "center": self.center}
+        return {
+            "kind": self.kind,
+            "dim": self.dim,
+            **self._config(),
+            "temperature": self.temperature,
+            "gamma": self.gamma,
+            "write_policy": self.write_policy,
+            "error_threshold": self.error_threshold,
+            "decay": self.decay,
+            "center": self.center,
+        }
 
     @torch.no_grad()
     def write(self, h: Tensor, y: Tensor, y_hat: Tensor) -> None:
@@ -191,7 +208,7 @@ class ErrorMemory(ABC):
         r = self._block_rows
         if h.shape[0] <= r:
             return Neighbours(*self._retrieve(h)[:4])
-        parts = [self._retrieve(h[a:a + r])[:4] for a in range(0, h.shape[0], r)]
+        parts = [self._retrieve(h[a : a + r])[:4] for a in range(0, h.shape[0], r)]
         return Neighbours(*(torch.cat(p) for p in zip(*parts)))
 
     @torch.no_grad()
@@ -262,26 +279,25 @@ class ErrorMemory(ABC):
         expected = set(self.config()) | set(self._scalars()) | set(self._all_tensors())
         missing, extra = expected - set(state), set(state) - expected
         if missing or extra:
-            raise ValueError(f"{name}.load_state_dict: missing keys {sorted(missing)}, "
-                             f"unexpected keys {sorted(extra)}")
-        mismatched = [f"{k}: state has {state[k]!r}, this memory has {v!r}"
-                      for k, v in self.config().items() if state[k] != v]
+            raise ValueError(f"{name}.load_state_dict: missing keys {sorted(missing)}, unexpected keys {sorted(extra)}")
+        mismatched = [
+            f"{k}: state has {state[k]!r}, this memory has {v!r}" for k, v in self.config().items() if state[k] != v
+        ]
         if mismatched:
-            raise ValueError(f"{name}.load_state_dict: state comes from another configuration: "
-                             + "; ".join(mismatched))
+            raise ValueError(
+                f"{name}.load_state_dict: state comes from another configuration: " + "; ".join(mismatched)
+            )
         for key, t in self._all_tensors().items():
             src = state[key]
             if not isinstance(src, Tensor) or src.shape != t.shape or src.dtype != t.dtype:
-                got = (f"{tuple(src.shape)} {src.dtype}" if isinstance(src, Tensor)
-                       else type(src).__name__)
-                raise ValueError(f"{name}.load_state_dict: {key}: expected {tuple(t.shape)} "
-                                 f"{t.dtype}, got {got}")
+                got = f"{tuple(src.shape)} {src.dtype}" if isinstance(src, Tensor) else type(src).__name__
+                raise ValueError(f"{name}.load_state_dict: {key}: expected {tuple(t.shape)} {t.dtype}, got {got}")
         self._check_fixed(state)
         for key, t in self._all_tensors().items():
             t.copy_(state[key])
         self._set_scalars(state)
 
-    def _check_fixed(self, state: dict[str, Any]) -> None:
+    def _check_fixed(self, state: dict[str, Any]) -> None:  # noqa: B027  (an optional hook)
         """Hook: validate tensors that must match exactly (e.g. hash planes) before loading."""
 
     def __repr__(self) -> str:

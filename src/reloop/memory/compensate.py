@@ -11,6 +11,7 @@ log loss on feedback already received. The rows are scored with an ê that exist
 did (the one served, when the caller passes it back, else the memory re-read just before their write),
 so a batch's labels only ever move the λ of later batches. See ``docs/methods/reloop2.md``.
 """
+
 from __future__ import annotations
 
 import math
@@ -80,9 +81,17 @@ class LambdaTuner:
         window, min_rows, margin: ``select: auc`` only (see above).
     """
 
-    def __init__(self, grid: Sequence[float] = DEFAULT_GRID, eta: float = 1.0, share: float = 0.0,
-                 select: Literal["mix", "leader", "auc"] = "mix", eps: float = DEFAULT_EPS,
-                 window: int = 8192, min_rows: int = 1024, margin: float = 0.001) -> None:
+    def __init__(
+        self,
+        grid: Sequence[float] = DEFAULT_GRID,
+        eta: float = 1.0,
+        share: float = 0.0,
+        select: Literal["mix", "leader", "auc"] = "mix",
+        eps: float = DEFAULT_EPS,
+        window: int = 8192,
+        min_rows: int = 1024,
+        margin: float = 0.001,
+    ) -> None:
         values = sorted(float(v) for v in grid)
         if not values or any(not (0.0 <= v <= 1.0 and math.isfinite(v)) for v in values):
             raise ValueError(f"grid: expected values in [0, 1], got {list(grid)}")
@@ -136,9 +145,14 @@ class LambdaTuner:
         """``select: auc``: λ* = the grid λ whose compensated scores rank the last ``window`` labelled rows
         best (ROC AUC; ties: the smallest λ). λ = 0 (off) until ``min_rows`` rows have arrived. Rows are
         scored with the ê they were served with, so a batch's labels only move later batches' λ."""
-        rows = torch.stack([y_hat.detach().float().cpu().flatten(), e_hat.detach().float().cpu().flatten(),
-                            y.detach().float().cpu().flatten()])
-        self._recent = torch.cat([self._recent, rows], dim=1)[:, -self.window:]
+        rows = torch.stack(
+            [
+                y_hat.detach().float().cpu().flatten(),
+                e_hat.detach().float().cpu().flatten(),
+                y.detach().float().cpu().flatten(),
+            ]
+        )
+        self._recent = torch.cat([self._recent, rows], dim=1)[:, -self.window :]
         if self._recent.shape[1] < self.min_rows:
             return
         p, e, labels = self._recent
@@ -156,8 +170,12 @@ class LambdaTuner:
         self._chosen = 0.0
 
     def config(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"grid": list(self.grid), "eta": self.hedge.eta, "share": self.hedge.share,
-                               "select": self.select}
+        out: dict[str, Any] = {
+            "grid": list(self.grid),
+            "eta": self.hedge.eta,
+            "share": self.hedge.share,
+            "select": self.select,
+        }
         if self.select == "auc":
             out.update(window=self.window, min_rows=self.min_rows, margin=self.margin)
         return out
@@ -170,8 +188,10 @@ class LambdaTuner:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("select") != self.select:
-            raise ValueError(f"LambdaTuner.load_state_dict: select: state has {state.get('select')!r}, "
-                             f"this tuner has {self.select!r}")
+            raise ValueError(
+                f"LambdaTuner.load_state_dict: select: state has {state.get('select')!r}, "
+                f"this tuner has {self.select!r}"
+            )
         self.hedge.load_state_dict(state["hedge"])
         if self.select == "auc":
             self._recent = state["recent"].clone().float()
@@ -204,8 +224,16 @@ class Compensator:
     share (``share > 0``) is what lets the choice move when it should. ``reset()`` forgets both.
     """
 
-    def __init__(self, memory: ErrorMemory, lam: float = 0.5, *, eps: float = DEFAULT_EPS,
-                 reset_on_update: bool = True, key: str = "hidden", tuner: LambdaTuner | None = None) -> None:
+    def __init__(
+        self,
+        memory: ErrorMemory,
+        lam: float = 0.5,
+        *,
+        eps: float = DEFAULT_EPS,
+        reset_on_update: bool = True,
+        key: str = "hidden",
+        tuner: LambdaTuner | None = None,
+    ) -> None:
         if not isinstance(memory, ErrorMemory):
             raise TypeError(f"memory: expected an ErrorMemory, got {type(memory).__name__}")
         if not 0.0 < eps < 0.5:
@@ -292,8 +320,9 @@ class Compensator:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore memory (and tuner); λ and the other settings must match (a mismatch raises ValueError)."""
         mine = self._settings()
-        bad = [f"{k}: state has {state.get(k)!r}, this compensator has {v!r}"
-               for k, v in mine.items() if state.get(k) != v]
+        bad = [
+            f"{k}: state has {state.get(k)!r}, this compensator has {v!r}" for k, v in mine.items() if state.get(k) != v
+        ]
         if bad:
             raise ValueError("Compensator.load_state_dict: " + "; ".join(bad))
         self.memory.load_state_dict(state["memory"])

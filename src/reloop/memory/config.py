@@ -15,6 +15,7 @@ Exactly one of ``sketch`` or ``exact``, plus the keys both share::
 
 Unknown keys are errors, reported with their dotted path (``memory.sketch.bitz: ...``).
 """
+
 from __future__ import annotations
 
 import math
@@ -90,8 +91,16 @@ class AdaptConfig(BaseModel):
         return v
 
     def build(self, eps: float) -> LambdaTuner:
-        return LambdaTuner(self.grid, eta=self.eta, share=self.share, select=self.select, eps=eps,
-                           window=self.window, min_rows=self.min_rows, margin=self.margin)
+        return LambdaTuner(
+            self.grid,
+            eta=self.eta,
+            share=self.share,
+            select=self.select,
+            eps=eps,
+            window=self.window,
+            min_rows=self.min_rows,
+            margin=self.margin,
+        )
 
 
 class MemoryConfig(BaseModel):
@@ -99,9 +108,11 @@ class MemoryConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     #: ``reloop tune``'s candidates (keys as written in YAML); the paper's λ range is 0.4-0.9
-    search_space: ClassVar[dict[str, list[Any]]] = {"lambda": [0.1, 0.3, 0.5, 0.8, "auto"],
-                                                    "key": ["hidden", "embeddings"],
-                                                    "reset_on_update": [True, False]}
+    search_space: ClassVar[dict[str, list[Any]]] = {
+        "lambda": [0.1, 0.3, 0.5, 0.8, "auto"],
+        "key": ["hidden", "embeddings"],
+        "reset_on_update": [True, False],
+    }
     sketch: SketchConfig | None = None
     exact: ExactConfig | None = None
     lam: float | Literal["auto"] = Field(default=0.5, alias="lambda")
@@ -184,23 +195,35 @@ def format_errors(e: ValidationError, prefix: str = "memory") -> str:
     return "; ".join(parts)
 
 
-def make_memory(cfg: MemoryConfig, dim: int, seed: int = 0,
-                device: str | torch.device = "cpu") -> ErrorMemory:
+def make_memory(cfg: MemoryConfig, dim: int, seed: int = 0, device: str | torch.device = "cpu") -> ErrorMemory:
     """The bare ``ErrorMemory`` described by ``cfg`` for keys of width ``dim``, its state on ``device``."""
     common: ErrorMemoryOptions = {
-        "temperature": cfg.temperature, "gamma": cfg.gamma, "write_policy": cfg.write,
-        "error_threshold": cfg.error_threshold, "decay": cfg.decay, "center": cfg.center, "device": device}
+        "temperature": cfg.temperature,
+        "gamma": cfg.gamma,
+        "write_policy": cfg.write,
+        "error_threshold": cfg.error_threshold,
+        "decay": cfg.decay,
+        "center": cfg.center,
+        "device": device,
+    }
     if cfg.sketch is not None:
-        return SketchMemory(dim, arrays=cfg.sketch.arrays, bits=cfg.sketch.bits,
-                            similarity=cfg.sketch.similarity, seed=seed,
-                            hash_dtype=getattr(torch, cfg.sketch.hash_dtype), project=cfg.sketch.project,
-                            **common)
+        return SketchMemory(
+            dim,
+            arrays=cfg.sketch.arrays,
+            bits=cfg.sketch.bits,
+            similarity=cfg.sketch.similarity,
+            seed=seed,
+            hash_dtype=getattr(torch, cfg.sketch.hash_dtype),
+            project=cfg.sketch.project,
+            **common,
+        )
     assert cfg.exact is not None
     return ExactMemory(dim, size=cfg.exact.size, top_k=cfg.exact.top_k, seed=seed, **common)
 
 
-def build_memory(cfg: MemoryConfig | Mapping[str, Any], dim: int, seed: int,
-                 device: str | torch.device = "cpu") -> Compensator:
+def build_memory(
+    cfg: MemoryConfig | Mapping[str, Any], dim: int, seed: int, device: str | torch.device = "cpu"
+) -> Compensator:
     """Build the ``Compensator`` (memory + λ) a config describes; a mapping is parsed first."""
     if not isinstance(cfg, MemoryConfig):
         cfg = MemoryConfig.parse(cfg)

@@ -9,6 +9,7 @@ weight ρ^t (``log w_i = t·log ρ``), the same weight the sketch gives it, so t
 when every sample is retrieved (k = M). Selection of the top-k is by cosine alone; the buffer
 itself already forgets everything older than M samples.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,9 @@ class ExactMemory(ErrorMemory):
 
     kind = "exact"
 
-    def __init__(self, dim: int, size: int = 10000, top_k: int = 64, seed: int = 0,
-                 **kwargs: Unpack[ErrorMemoryOptions]) -> None:
+    def __init__(
+        self, dim: int, size: int = 10000, top_k: int = 64, seed: int = 0, **kwargs: Unpack[ErrorMemoryOptions]
+    ) -> None:
         super().__init__(dim, **kwargs)
         if int(size) < 1:
             raise ValueError(f"size: must be >= 1, got {size}")
@@ -111,10 +113,10 @@ class ExactMemory(ErrorMemory):
     def _check_fixed(self, state: dict[str, Any]) -> None:
         ptr, filled = int(state["ptr"]), int(state["filled"])
         # Retrieval relies on the filled slots being the prefix [0, filled) until the first wrap.
-        if not (0 <= filled <= self.size and 0 <= ptr < self.size
-                and (filled == self.size or ptr == filled)):
-            raise ValueError(f"ExactMemory.load_state_dict: ptr/filled inconsistent for size "
-                             f"{self.size}: ptr={ptr}, filled={filled}")
+        if not (0 <= filled <= self.size and 0 <= ptr < self.size and (filled == self.size or ptr == filled)):
+            raise ValueError(
+                f"ExactMemory.load_state_dict: ptr/filled inconsistent for size {self.size}: ptr={ptr}, filled={filled}"
+            )
 
     def _set_scalars(self, state: dict[str, Any]) -> None:
         super()._set_scalars(state)

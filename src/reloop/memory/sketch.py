@@ -20,6 +20,7 @@ flattened ``[K·2^L]`` bucket axis. Python loops only walk cache-sized blocks: r
 random updates of a group land in cache). The projection matmul dominates the cost (K·L·d
 multiply-adds per sample); ``hash_dtype=torch.bfloat16`` roughly halves it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -58,10 +59,19 @@ class SketchMemory(ErrorMemory):
 
     kind = "sketch"
 
-    def __init__(self, dim: int, arrays: int = 64, bits: int = 8, similarity: str = "density",
-                 seed: int = 0, *, accum_dtype: torch.dtype = torch.float64,
-                 hash_dtype: torch.dtype = torch.float32, project: int | None = None,
-                 **kwargs: Unpack[ErrorMemoryOptions]) -> None:
+    def __init__(
+        self,
+        dim: int,
+        arrays: int = 64,
+        bits: int = 8,
+        similarity: str = "density",
+        seed: int = 0,
+        *,
+        accum_dtype: torch.dtype = torch.float64,
+        hash_dtype: torch.dtype = torch.float32,
+        project: int | None = None,
+        **kwargs: Unpack[ErrorMemoryOptions],
+    ) -> None:
         super().__init__(dim, **kwargs)
         if int(arrays) < 1:
             raise ValueError(f"arrays: must be >= 1, got {arrays}")
@@ -87,7 +97,7 @@ class SketchMemory(ErrorMemory):
         gen = torch.Generator().manual_seed(self.seed)
         # Drawn on CPU so a seed gives the same planes on every device.
         self.planes = torch.randn((K, L, d), generator=gen).to(self.device)
-        self.proj = (torch.randn((self.dim, d), generator=gen) / d ** 0.5).to(self.device) if self.project else None
+        self.proj = (torch.randn((self.dim, d), generator=gen) / d**0.5).to(self.device) if self.project else None
         # A view in float32 (tests may set planes in place); a bfloat16 copy otherwise.
         self._planes_flat = self.planes.view(K * L, d).to(hash_dtype)
         pow2 = 2.0 ** torch.arange(L, dtype=torch.float32, device=self.device)
@@ -97,8 +107,9 @@ class SketchMemory(ErrorMemory):
         self._fused_offsets = self._offsets.view(K, 1, 1).float() if exact else None
         # Rows n, Σy, Σŷ over the flattened (array, bucket) axis: one index_add_ covers all three.
         self.acc = torch.zeros((3, K * nb), dtype=accum_dtype, device=self.device)
-        self.hsum = (torch.zeros((K * nb, d), dtype=torch.float32, device=self.device)
-                     if similarity == "centroid" else None)
+        self.hsum = (
+            torch.zeros((K * nb, d), dtype=torch.float32, device=self.device) if similarity == "centroid" else None
+        )
         self._mass = 0.0
         width = max(L, 3, d if self.hsum is not None else 0)
         self._chunk = max(64, _CHUNK_ELEMS // (K * width))
@@ -156,7 +167,7 @@ class SketchMemory(ErrorMemory):
         h = self._projected(h)
         vals = torch.stack([torch.ones_like(y), y, y_hat]).to(self.accum_dtype)  # rows n, Σy, Σŷ
         for a in range(0, h.shape[0], self._write_rows):
-            self._store_block(h[a:a + self._write_rows], vals[:, a:a + self._write_rows])
+            self._store_block(h[a : a + self._write_rows], vals[:, a : a + self._write_rows])
         self._mass += float(h.shape[0])
 
     def _store_block(self, h: Tensor, vals: Tensor) -> None:
@@ -169,7 +180,7 @@ class SketchMemory(ErrorMemory):
         # so its n random updates hit cache instead of sweeping the whole sketch per row chunk.
         for k0 in range(0, self.arrays, self._group):
             g = min(self.arrays, k0 + self._group) - k0
-            ii = idx[k0:k0 + g].view(-1)
+            ii = idx[k0 : k0 + g].view(-1)
             self.acc.index_add_(1, ii, vals.unsqueeze(1).expand(3, g, n).reshape(3, -1))
             if self.hsum is not None:
                 self.hsum.index_add_(0, ii, h.unsqueeze(0).expand(g, n, h.shape[1]).reshape(-1, h.shape[1]))
@@ -186,8 +197,7 @@ class SketchMemory(ErrorMemory):
                 torch.index_select(self.acc[j], 0, idx, out=got[j, a:b].view(-1))
             if self.hsum is not None:
                 cen = self.hsum.index_select(0, idx).view(b - a, K, h.shape[1])
-                s[a:b] = torch.nn.functional.cosine_similarity(
-                    cen, h[a:b].unsqueeze(1), dim=-1, eps=1e-12)
+                s[a:b] = torch.nn.functional.cosine_similarity(cen, h[a:b].unsqueeze(1), dim=-1, eps=1e-12)
         cnt = got[0]
         valid = cnt > 0
         # Empty buckets divide 0 by `tiny`: 0, and they are masked anyway.
@@ -237,9 +247,15 @@ class SketchMemory(ErrorMemory):
         self._mass = 0.0
 
     def _config(self) -> dict[str, StateValue]:
-        return {"arrays": self.arrays, "bits": self.bits, "similarity": self.similarity,
-                "seed": self.seed, "accum_dtype": str(self.accum_dtype),
-                "hash_dtype": str(self.hash_dtype), "project": self.project or 0}
+        return {
+            "arrays": self.arrays,
+            "bits": self.bits,
+            "similarity": self.similarity,
+            "seed": self.seed,
+            "accum_dtype": str(self.accum_dtype),
+            "hash_dtype": str(self.hash_dtype),
+            "project": self.project or 0,
+        }
 
     def _tensors(self) -> dict[str, Tensor]:
         out = {"planes": self.planes, "acc": self.acc}
@@ -258,5 +274,7 @@ class SketchMemory(ErrorMemory):
 
     def _check_fixed(self, state: dict[str, Any]) -> None:
         if not torch.equal(state["planes"].to(self.planes.device), self.planes):
-            raise ValueError(f"{type(self).__name__}.load_state_dict: planes: the hash planes differ "
-                             "although the seed matches (another torch RNG?); buckets would not match")
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: planes: the hash planes differ "
+                "although the seed matches (another torch RNG?); buckets would not match"
+            )

@@ -1,4 +1,5 @@
 """AFN+ (Cheng et al., AAAI 2020): logarithmic neurons for adaptive-order interactions, ensembled with a DNN."""
+
 from __future__ import annotations
 
 import torch

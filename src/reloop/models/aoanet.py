@@ -1,4 +1,5 @@
 """AOANet (Lang et al., KDD 2021): DNN + generalized interaction network."""
+
 from __future__ import annotations
 
 import torch

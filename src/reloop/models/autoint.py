@@ -1,4 +1,5 @@
 """AutoInt+ (Song et al., CIKM 2019): stacked multi-head self-attention over fields, plus a DNN."""
+
 from __future__ import annotations
 
 import torch
@@ -57,8 +58,11 @@ class AutoInt(CTRModel):
         self.embedding = FeatureEmbedding(feature_map, d, options.init_std)
         layers, in_dim = [], d
         for _ in range(options.attention_layers):
-            layers.append(InteractingLayer(in_dim, options.attention_dim, options.num_heads,
-                                           options.use_residual, options.use_scale))
+            layers.append(
+                InteractingLayer(
+                    in_dim, options.attention_dim, options.num_heads, options.use_residual, options.use_scale
+                )
+            )
             in_dim = layers[-1].out_dim
         self.interacting = nn.Sequential(*layers)
         h_dim = f * in_dim

@@ -4,6 +4,7 @@ Every model is ``h = body(batch)``; ``logit = head(h)`` with ``head`` one ``nn.L
 ``h`` (the input of the output layer) is what the error memory (ReLoop2) keys on; the split of
 parameters into ``embedding`` and ``dense`` groups is what ASMG's generator needs.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,8 +69,10 @@ class CTRModel(nn.Module):
             return emb
         found = [m for m in self.modules() if isinstance(m, FeatureEmbedding)]
         if not found:
-            raise ValueError(f"model {self.name}: no FeatureEmbedding layer, so memory key 'embeddings' is "
-                             "unavailable; use key: hidden")
+            raise ValueError(
+                f"model {self.name}: no FeatureEmbedding layer, so memory key 'embeddings' is "
+                "unavailable; use key: hidden"
+            )
         return max(found, key=lambda m: m.dim)
 
     def forward_key(self, batch: Batch, key: str = "hidden") -> tuple[Tensor, Tensor]:
@@ -202,8 +205,11 @@ def save_model(model: CTRModel, path: str | Path) -> None:
     """Write ``model`` as ``MODEL_FORMAT`` (CPU tensors: loads on any machine)."""
     from safetensors.torch import save_file
 
-    meta = {"format": MODEL_FORMAT, "config": json.dumps(model.config()),
-            "feature_map": json.dumps(model.feature_map.model_dump())}
+    meta = {
+        "format": MODEL_FORMAT,
+        "config": json.dumps(model.config()),
+        "feature_map": json.dumps(model.feature_map.model_dump()),
+    }
     save_file(_plain_state(model.state_dict()), str(path), metadata=meta)
 
 
@@ -217,8 +223,9 @@ def _normalised(config: dict[str, Any]) -> dict[str, Any]:
     return {"name": cls.name, **options.model_dump()}
 
 
-def _read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, tuple[int, ...]] | None,
-                                           Callable[[], object]]:
+def _read_checkpoint(
+    path: Path,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, tuple[int, ...]] | None, Callable[[], object]]:
     """``(config, feature_map, shapes, tensors)`` of a model file without running anything it contains.
 
     ``shapes`` come from the safetensors header (None for a legacy file); ``tensors`` is a callable
@@ -240,13 +247,15 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[s
         meta = f.metadata() or {}
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
     if meta.get("format") != MODEL_FORMAT:
-        raise CheckpointError(f"{path}: not a reloop model file (format {meta.get('format')!r}, "
-                              f"expected {MODEL_FORMAT!r})")
+        raise CheckpointError(
+            f"{path}: not a reloop model file (format {meta.get('format')!r}, expected {MODEL_FORMAT!r})"
+        )
     return json.loads(meta["config"]), json.loads(meta["feature_map"]), shapes, lambda: load_file(str(path))
 
 
-def load_model(path: str | Path, feature_map: FeatureMap | None = None,
-               expect_config: dict[str, Any] | None = None) -> CTRModel:
+def load_model(
+    path: str | Path, feature_map: FeatureMap | None = None, expect_config: dict[str, Any] | None = None
+) -> CTRModel:
     """Load a checkpoint written by ``save_model``; nothing in the file is executed.
 
     Refused with a one-line ``CheckpointError`` (before any model is built) when the file cannot be
@@ -262,8 +271,10 @@ def load_model(path: str | Path, feature_map: FeatureMap | None = None,
     except Exception as e:  # noqa: BLE001 - truncated, foreign, a refused pickle, bad JSON: one line
         raise CheckpointError(f"{path}: unreadable model file ({_one_line(e)})") from None
     if feature_map is not None and stored != feature_map:
-        raise IncompatibleCheckpoint(f"{path}: checkpoint was built for another feature map "
-                                     f"({json.dumps(stored.tables)} vs {json.dumps(feature_map.tables)})")
+        raise IncompatibleCheckpoint(
+            f"{path}: checkpoint was built for another feature map "
+            f"({json.dumps(stored.tables)} vs {json.dumps(feature_map.tables)})"
+        )
     try:
         got = _normalised(config)
     except Exception as e:  # noqa: BLE001 - an unknown model name, bad options, not a mapping at all
@@ -280,9 +291,11 @@ def load_model(path: str | Path, feature_map: FeatureMap | None = None,
     def check(found: dict[str, tuple[int, ...]]) -> None:
         if found != expected:
             bad = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
-            raise IncompatibleCheckpoint(f"{path}: tensors do not fit model {got['name']} ({len(bad)} differ, "
-                                         f"e.g. {bad[0]}: {found.get(bad[0])} in the file, "
-                                         f"{expected.get(bad[0])} expected)")
+            raise IncompatibleCheckpoint(
+                f"{path}: tensors do not fit model {got['name']} ({len(bad)} differ, "
+                f"e.g. {bad[0]}: {found.get(bad[0])} in the file, "
+                f"{expected.get(bad[0])} expected)"
+            )
 
     try:
         if shapes is not None:

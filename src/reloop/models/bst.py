@@ -1,4 +1,5 @@
 """Behavior Sequence Transformer (Chen et al., DLP-KDD 2019)."""
+
 from __future__ import annotations
 
 import torch
@@ -8,8 +9,13 @@ from torch import Tensor, nn
 from reloop.data.schema import FeatureMap
 from reloop.models.base import CTRModel, register_model
 from reloop.models.layers import MLP, Batch, FeatureEmbedding
-from reloop.models.sequence import (SequenceOptions, TransformerBlock, other_fields, recency_positions,
-                                    resolve_sequence_fields)
+from reloop.models.sequence import (
+    SequenceOptions,
+    TransformerBlock,
+    other_fields,
+    recency_positions,
+    resolve_sequence_fields,
+)
 
 
 class BSTOptions(SequenceOptions):

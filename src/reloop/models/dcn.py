@@ -1,4 +1,5 @@
 """Deep & Cross Network (Wang et al., ADKDD 2017)."""
+
 from __future__ import annotations
 
 import torch

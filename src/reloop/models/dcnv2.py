@@ -1,4 +1,5 @@
 """DCN-V2 (Wang et al., WWW 2021): matrix cross network, optionally low-rank or a mixture of experts."""
+
 from __future__ import annotations
 
 from typing import Literal

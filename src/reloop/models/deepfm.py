@@ -1,4 +1,5 @@
 """DeepFM (Guo et al., IJCAI 2017): first-order + FM second-order + deep tower, one logit."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Deep Interest Evolution Network (Zhou et al., AAAI 2019): GRU interest extraction + AUGRU evolution."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Deep Interest Network (Zhou et al., KDD 2018): target attention over the behaviour sequence."""
+
 from __future__ import annotations
 
 import torch

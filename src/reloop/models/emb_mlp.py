@@ -1,4 +1,5 @@
 """Embedding&MLP: the ASMG base model (Peng et al., RecSys 2021, §4.1.2)."""
+
 from __future__ import annotations
 
 from pydantic import Field

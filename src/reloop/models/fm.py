@@ -1,4 +1,5 @@
 """Factorization Machines (Rendle, ICDM 2010)."""
+
 from __future__ import annotations
 
 import torch

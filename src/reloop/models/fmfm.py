@@ -1,4 +1,5 @@
 """FmFM: Field-matrixed Factorization Machines (Sun et al., WWW 2021)."""
+
 from __future__ import annotations
 
 import torch

@@ -19,6 +19,7 @@ How it is chosen: ``lr`` has ``optimizer: adam | ftrl`` and ``ftrl_alpha/ftrl_be
 its options; the trainer builds ``make_ftrl(model.parameters(), alpha, beta, l1, l2)`` when
 ``model.options.optimizer == "ftrl"`` (see :func:`optimizer_for`) and Adam otherwise.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -38,8 +39,14 @@ class FTRL(torch.optim.Optimizer):
     -0.0667
     """
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], alpha: float = 0.05,
-                 beta: float = 1.0, l1: float = 0.0, l2: float = 0.0) -> None:
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        alpha: float = 0.05,
+        beta: float = 1.0,
+        l1: float = 0.0,
+        l2: float = 0.0,
+    ) -> None:
         if alpha <= 0:
             raise ValueError(f"ftrl: alpha must be > 0, got {alpha}")
         if beta < 0 or l1 < 0 or l2 < 0:
@@ -82,8 +89,13 @@ class FTRL(torch.optim.Optimizer):
         return loss
 
 
-def make_ftrl(params: Iterable[Tensor] | Iterable[dict[str, Any]], alpha: float = 0.05, beta: float = 1.0,
-              l1: float = 0.0, l2: float = 0.0) -> FTRL:
+def make_ftrl(
+    params: Iterable[Tensor] | Iterable[dict[str, Any]],
+    alpha: float = 0.05,
+    beta: float = 1.0,
+    l1: float = 0.0,
+    l2: float = 0.0,
+) -> FTRL:
     """The FTRL-Proximal optimizer over ``params`` (see the module docstring for the update)."""
     return FTRL(params, alpha=alpha, beta=beta, l1=l1, l2=l2)
 
@@ -93,5 +105,4 @@ def optimizer_for(model: torch.nn.Module) -> FTRL | None:
     opts = getattr(model, "options", None)
     if opts is None or getattr(opts, "optimizer", "adam") != "ftrl":
         return None
-    return make_ftrl(model.parameters(), alpha=opts.ftrl_alpha, beta=opts.ftrl_beta, l1=opts.ftrl_l1,
-                     l2=opts.ftrl_l2)
+    return make_ftrl(model.parameters(), alpha=opts.ftrl_alpha, beta=opts.ftrl_beta, l1=opts.ftrl_l1, l2=opts.ftrl_l2)

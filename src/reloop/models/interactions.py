@@ -4,6 +4,7 @@ Each layer is stateless in ``forward`` (no buffers updated, no Python state), so
 them work under ``torch.func.functional_call``. Formulas are in each docstring; ``F`` = fields,
 ``d`` = embedding dimension, ``P = F(F-1)/2`` field pairs.
 """
+
 from __future__ import annotations
 
 import math
@@ -116,8 +117,15 @@ class MultiHeadSelfAttention(nn.Module):
     ``mask`` ``[B, T]`` (True = real token) removes padded keys; every row needs one real key.
     """
 
-    def __init__(self, in_dim: int, head_dim: int, num_heads: int, scale: bool = True,
-                 out_dim: int | None = None, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        head_dim: int,
+        num_heads: int,
+        scale: bool = True,
+        out_dim: int | None = None,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.num_heads, self.head_dim = num_heads, head_dim
         self.scale = 1.0 / math.sqrt(head_dim) if scale else 1.0

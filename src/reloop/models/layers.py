@@ -1,4 +1,5 @@
 """Shared layers every model is composed from (embedding -> interaction -> MLP -> logit)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -57,8 +58,9 @@ class _LookupRows(torch.autograd.Function):
                 flat = i
             else:  # element index row * dim + k (int32 while it fits: half the memory traffic)
                 wide = i if shape[0] * dim < 2**31 else i.long()
-                flat = torch.add(torch.arange(dim, dtype=wide.dtype, device=i.device), wide.unsqueeze(1),
-                                 alpha=dim).view(-1)
+                flat = torch.add(
+                    torch.arange(dim, dtype=wide.dtype, device=i.device), wide.unsqueeze(1), alpha=dim
+                ).view(-1)
             acc.view(-1).index_add_(0, flat, grad[:, j].to(dtype).reshape(-1))
         for g in grads:
             if g is not None:
@@ -183,8 +185,14 @@ class FeatureEmbedding(nn.Module):
 class MLP(nn.Module):
     """Dense tower: Linear -> activation (-> dropout) per hidden layer; output = last hidden layer."""
 
-    def __init__(self, in_dim: int, hidden_units: list[int], dropout: float = 0.0,
-                 activation: type[nn.Module] = nn.ReLU, batch_norm: bool = False) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_units: list[int],
+        dropout: float = 0.0,
+        activation: type[nn.Module] = nn.ReLU,
+        batch_norm: bool = False,
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         d = in_dim
@@ -248,8 +256,11 @@ class CrossNet(nn.Module):
 
     def forward(self, x0: Tensor) -> Tensor:
         ws, bs = list(self.w), list(self.b)
-        if torch.is_grad_enabled() and x0.device.type == "cpu" and (x0.requires_grad or any(
-                t.requires_grad for t in ws + bs)):
+        if (
+            torch.is_grad_enabled()
+            and x0.device.type == "cpu"
+            and (x0.requires_grad or any(t.requires_grad for t in ws + bs))
+        ):
             return apply_function(_CrossLayers, len(ws), x0, *ws, *bs)
         return _cross_forward(x0, ws, bs)[0]
 
@@ -291,16 +302,16 @@ class _CrossLayers(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         n = ctx.n
         saved = ctx.saved_tensors
-        x0, ws, inputs, scales = saved[0], saved[1:1 + n], saved[1 + n:1 + 2 * n], saved[1 + 2 * n:]
+        x0, ws, inputs, scales = saved[0], saved[1 : 1 + n], saved[1 + n : 1 + 2 * n], saved[1 + 2 * n :]
         g = grad.to(x0.dtype, copy=True)  # updated in place below
         gx0 = torch.zeros_like(x0)
         gws: list[Tensor | None] = [None] * n
         gbs: list[Tensor | None] = [None] * n
-        for l in reversed(range(n)):
+        for layer in reversed(range(n)):
             ds = torch.linalg.vecdot(g, x0)  # dL/ds_l, [B]
-            gbs[l] = g.sum(0)
-            gx0.addcmul_(g, scales[l].to(g.dtype))
-            gws[l] = torch.mv(inputs[l].to(g.dtype).t(), ds).to(ws[l].dtype)
-            g.addr_(ds, ws[l].to(g.dtype))  # dL/dx_l = g + ds w_l^T
+            gbs[layer] = g.sum(0)
+            gx0.addcmul_(g, scales[layer].to(g.dtype))
+            gws[layer] = torch.mv(inputs[layer].to(g.dtype).t(), ds).to(ws[layer].dtype)
+            g.addr_(ds, ws[layer].to(g.dtype))  # dL/dx_l = g + ds w_l^T
         gx0.add_(g)  # x_0 is x0
         return (None, gx0, *gws, *gbs)

@@ -1,4 +1,5 @@
 """Logistic regression, ReLoop's LR baseline (trained with Adam or FTRL-Proximal, McMahan et al., KDD 2013)."""
+
 from __future__ import annotations
 
 from typing import Literal

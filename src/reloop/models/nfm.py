@@ -1,4 +1,5 @@
 """Neural Factorization Machines (He & Chua, SIGIR 2017)."""
+
 from __future__ import annotations
 
 import torch

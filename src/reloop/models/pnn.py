@@ -1,4 +1,5 @@
 """Product-based Neural Network, inner-product variant IPNN (Qu et al., ICDM 2016)."""
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ Sequences are ``[B, L]`` id tensors, oldest first, with ``0`` = padding anywhere
 here masks padding explicitly, so outputs do not depend on how many padding columns a batch carries or
 where they sit (only the order of the real items matters).
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,18 +27,23 @@ class SequenceOptions(ModelOptions):
     sequence: str | None = None
 
 
-def resolve_sequence_fields(feature_map: FeatureMap, target: str | None, sequence: str | None,
-                            model: str) -> tuple[str, str]:
+def resolve_sequence_fields(
+    feature_map: FeatureMap, target: str | None, sequence: str | None, model: str
+) -> tuple[str, str]:
     """``(target, sequence)`` field names for a sequence model; a clear ``ValueError`` when there are none."""
     fields = {f.name: f for f in feature_map.fields}
     categorical = [f for f in feature_map.fields if f.kind == "categorical"]
     sequences = [f for f in feature_map.fields if f.kind == "sequence"]
     if target is not None and (target not in fields or fields[target].kind != "categorical"):
-        raise ValueError(f"model.target: {model} needs a categorical field, got {target!r}; "
-                         f"categorical fields: {[f.name for f in categorical]}")
+        raise ValueError(
+            f"model.target: {model} needs a categorical field, got {target!r}; "
+            f"categorical fields: {[f.name for f in categorical]}"
+        )
     if sequence is not None and (sequence not in fields or fields[sequence].kind != "sequence"):
-        raise ValueError(f"model.sequence: {model} needs a sequence field, got {sequence!r}; "
-                         f"sequence fields: {[f.name for f in sequences]}")
+        raise ValueError(
+            f"model.sequence: {model} needs a sequence field, got {sequence!r}; "
+            f"sequence fields: {[f.name for f in sequences]}"
+        )
     if sequence is None:
         tables = {fields[target].table} if target is not None else {f.table for f in categorical}
         sequence = next((f.name for f in sequences if f.table in tables), None)
@@ -160,8 +166,9 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float = 0.0) -> None:
         super().__init__()
-        self.attention = MultiHeadSelfAttention(dim, max(1, dim // num_heads), num_heads, scale=True,
-                                                out_dim=dim, dropout=dropout)
+        self.attention = MultiHeadSelfAttention(
+            dim, max(1, dim // num_heads), num_heads, scale=True, out_dim=dim, dropout=dropout
+        )
         self.norm1 = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.LeakyReLU(), nn.Linear(ffn_dim, dim))
         self.norm2 = nn.LayerNorm(dim)

@@ -1,4 +1,5 @@
 """Wide & Deep (Cheng et al., DLRS 2016)."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """xDeepFM (Lian et al., KDD 2018): linear + CIN + DNN."""
+
 from __future__ import annotations
 
 import torch
@@ -25,7 +26,9 @@ class XDeepFM(CTRModel):
     """
 
     name = "xdeepfm"
-    paper = "Lian et al., xDeepFM: Combining Explicit and Implicit Feature Interactions for Recommender Systems, KDD 2018"
+    paper = (
+        "Lian et al., xDeepFM: Combining Explicit and Implicit Feature Interactions for Recommender Systems, KDD 2018"
+    )
     Options = XDeepFMOptions
 
     def __init__(self, feature_map: FeatureMap, options: XDeepFMOptions) -> None:

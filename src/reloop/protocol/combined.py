@@ -14,6 +14,7 @@ loss is within ``[ln K + (T−1)·ln(1/(1−α))]/η + (η/8)·Σ_b R_b²`` of t
 rows (with a delay, ``Hedge.mixture_loss`` is not the served loss: the metrics are computed on what was
 served).
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -33,14 +34,23 @@ def experts_of(cfg: Config, name: str) -> list[str]:
     """The runs a ``combine:`` run mixes (itself first): ``experts``, or every run without ``combine``."""
     options = cfg.runs[name].combine
     assert options is not None
-    others = options.experts if options.experts is not None else [
-        r for r, spec in cfg.runs.items() if r != name and spec.combine is None]
+    others = (
+        options.experts
+        if options.experts is not None
+        else [r for r, spec in cfg.runs.items() if r != name and spec.combine is None]
+    )
     return [name, *[r for r in others if r != name]]
 
 
-def combine_served(cfg: Config, stream: Stream, name: str, served: dict[str, Tensor], seed: int,
-                   options: CombineOptions, last_period: int | None = None,
-                   ) -> tuple[list[dict[str, Any]], Hedge, Tensor]:
+def combine_served(
+    cfg: Config,
+    stream: Stream,
+    name: str,
+    served: dict[str, Tensor],
+    seed: int,
+    options: CombineOptions,
+    last_period: int | None = None,
+) -> tuple[list[dict[str, Any]], Hedge, Tensor]:
     """Per-period metric rows of the mixture of ``served[expert]`` (served probability per global row).
 
     Returns the rows (one per served period, as ``run_one``'s, with each expert's weight at the end of
@@ -77,7 +87,14 @@ def combine_served(cfg: Config, stream: Stream, name: str, served: dict[str, Ten
         out[start:end] = mixed
         users = part.data["user"].cpu().numpy() if "user" in part.data else None
         metrics = period_metrics(labels.numpy(), mixed.numpy(), users)
-        rows.append({"run": name, "seed": seed, "period": period,
-                     "phase": phase_of(period, p.pretrain, p.warmup, p.valid), **metrics,
-                     "weights": {n: round(float(w), 6) for n, w in zip(names, hedge.weights)}})
+        rows.append(
+            {
+                "run": name,
+                "seed": seed,
+                "period": period,
+                "phase": phase_of(period, p.pretrain, p.warmup, p.valid),
+                **metrics,
+                "weights": {n: round(float(w), 6) for n, w in zip(names, hedge.weights)},
+            }
+        )
     return rows, hedge, out

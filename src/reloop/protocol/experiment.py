@@ -1,4 +1,5 @@
 """``reloop run``: every run × seed of a config, with progress, written as result files."""
+
 from __future__ import annotations
 
 import json
@@ -78,7 +79,7 @@ def expected_rows(cfg: Config, spec: RunSpec, period_rows: Sequence[int]) -> int
     from reloop.update.replay import Replay
     from reloop.update.strategies import BatchWindow, FullRetrain
 
-    rows = lambda a, b: sum(period_rows[max(a, 1) - 1:b])
+    rows = lambda a, b: sum(period_rows[max(a, 1) - 1 : b])
     strategy = build_update(spec.update)
     gen_name, gen = parse_generator(spec.generator)
     min_models: int = getattr(gen, "k", 1)
@@ -101,9 +102,15 @@ def expected_rows(cfg: Config, spec: RunSpec, period_rows: Sequence[int]) -> int
     return int(total)
 
 
-def run_experiment(cfg: Config, out: Path, resume: bool = False, show_progress: bool = True,
-                   console: Console | None = None, pretrain_dir: Path | None = None,
-                   threads: int | str | None = None) -> ExperimentResult:
+def run_experiment(
+    cfg: Config,
+    out: Path,
+    resume: bool = False,
+    show_progress: bool = True,
+    console: Console | None = None,
+    pretrain_dir: Path | None = None,
+    threads: int | str | None = None,
+) -> ExperimentResult:
     """Run every run × seed of ``cfg`` into ``out``. ``pretrain_dir`` shares Θ0 between experiments
     that use the same data and model (the paper benchmark pairs all its sections on one Θ0 per seed).
 
@@ -150,10 +157,18 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, show_progress: 
     with Progress(*columns, console=console, disable=not show_progress, transient=False) as bar:
         for seed in cfg.protocol.seeds:
             task = bar.add_task(f"seed {seed}: pretrain Θ0", total=pre_rows * cfg.train.pretrain_epochs)
-            theta0, optim0 = pretrain(cfg, stream, seed, pretrain_dir or out, device=device,
-                                      on_batch=lambda n, task=task: bar.advance(task, n))
+            theta0, optim0 = pretrain(
+                cfg,
+                stream,
+                seed,
+                pretrain_dir or out,
+                device=device,
+                on_batch=lambda n, task=task: bar.advance(task, n),
+            )
             bar.update(task, completed=pre_rows * cfg.train.pretrain_epochs)
-            def progress_for(name: str, seed: int = seed) -> Any:
+            tasks: dict[str, tuple[Any, int]] = {}  # run -> (its progress bar, its row total)
+
+            def progress_for(name: str, seed: int = seed, tasks: dict[str, tuple[Any, int]] = tasks) -> Any:
                 """Before each run: re-check threads for a large model; a bar with the run's row total."""
                 nonlocal choice
                 if recheck and choice is not None:
@@ -172,23 +187,35 @@ def run_experiment(cfg: Config, out: Path, resume: bool = False, show_progress: 
 
                 return tick if show_progress else None
 
-            def finished(name: str, rows: list[dict[str, Any]], seed: int = seed) -> None:
+            def finished(
+                name: str, rows: list[dict[str, Any]], seed: int = seed, tasks: dict[str, tuple[Any, int]] = tasks
+            ) -> None:
                 task, total = tasks[name]
                 bar.update(task, completed=total)
                 test = [r["auc"] for r in rows if r["phase"] == "test"]
                 log.info("seed %s %s: test AUC %.4f", seed, name, sum(test) / max(len(test), 1))
 
-            tasks: dict[str, tuple[Any, int]] = {}
-            all_rows += run_seed(cfg, stream, seed, theta0, optim0, out=out, resume=resume, device=device,
-                                 progress_for=progress_for, on_run=finished)
+            all_rows += run_seed(
+                cfg,
+                stream,
+                seed,
+                theta0,
+                optim0,
+                out=out,
+                resume=resume,
+                device=device,
+                progress_for=progress_for,
+                on_run=finished,
+            )
     result = write_results(cfg, out, all_rows, {p: o["auc"] for p, o in oracle.items()})
     if oracle:
         result.files.append("oracle.json")
     return result
 
 
-def write_results(cfg: Config, out: Path, rows: list[dict[str, Any]],
-                  oracle_auc: dict[int, float] | None = None) -> ExperimentResult:
+def write_results(
+    cfg: Config, out: Path, rows: list[dict[str, Any]], oracle_auc: dict[int, float] | None = None
+) -> ExperimentResult:
     write_periods(rows, out / "periods.csv")
     summary = summarize(rows)
     title = f"{cfg.data.get('source')} · model {cfg.model.get('name')} · test periods · seeds {cfg.protocol.seeds}"

@@ -1,4 +1,5 @@
 """AUC, gAUC and LogLoss, vectorised (numpy), agreeing with scikit-learn's definitions."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -64,10 +65,12 @@ def logloss(labels: np.ndarray, probs: np.ndarray) -> float:
 
 
 def period_metrics(labels: np.ndarray, probs: np.ndarray, users: np.ndarray | None) -> dict[str, float]:
-    return {"auc": auc(labels, probs),
-            "gauc": gauc(labels, probs, users) if users is not None else float("nan"),
-            "logloss": logloss(labels, probs),
-            "rows": int(len(labels))}
+    return {
+        "auc": auc(labels, probs),
+        "gauc": gauc(labels, probs, users) if users is not None else float("nan"),
+        "logloss": logloss(labels, probs),
+        "rows": int(len(labels)),
+    }
 
 
 def global_auc(labels: Tensor, scores: Tensor) -> float:

@@ -4,6 +4,7 @@
 ddof=1 when there are several seeds); imp% = (m − m_IU) / m_IU · 100 (sign flipped for LogLoss so
 that positive is better), as in the ASMG and ReLoop2 papers.
 """
+
 from __future__ import annotations
 
 import csv
@@ -16,8 +17,7 @@ from typing import Any
 import numpy as np
 
 PERIOD_COLUMNS = ["run", "seed", "period", "phase", "auc", "gauc", "logloss", "rows"]
-SUMMARY_COLUMNS = ["run", "auc_mean", "auc_std", "gauc_mean", "gauc_std", "logloss_mean", "logloss_std",
-                   "auc_imp_pct"]
+SUMMARY_COLUMNS = ["run", "auc_mean", "auc_std", "gauc_mean", "gauc_std", "logloss_mean", "logloss_std", "auc_imp_pct"]
 
 
 def write_periods(rows: list[dict[str, Any]], path: Path) -> None:
@@ -34,9 +34,18 @@ def read_periods(path: Path) -> list[dict[str, Any]]:
     out = []
     with path.open() as fh:
         for r in csv.DictReader(fh):
-            out.append({"run": r["run"], "seed": int(r["seed"]), "period": int(r["period"]), "phase": r["phase"],
-                        "auc": float(r["auc"]), "gauc": float(r["gauc"]), "logloss": float(r["logloss"]),
-                        "rows": int(r["rows"])})
+            out.append(
+                {
+                    "run": r["run"],
+                    "seed": int(r["seed"]),
+                    "period": int(r["period"]),
+                    "phase": r["phase"],
+                    "auc": float(r["auc"]),
+                    "gauc": float(r["gauc"]),
+                    "logloss": float(r["logloss"]),
+                    "rows": int(r["rows"]),
+                }
+            )
     return out
 
 
@@ -68,8 +77,11 @@ def summarize(rows: list[dict[str, Any]], phase: str = "test", baseline: str = "
     base = next((e for e in out if e["run"] == baseline), None)
     for e in out:
         for m, sign in (("auc", 1), ("gauc", 1), ("logloss", -1)):
-            e[f"{m}_imp_pct"] = (sign * (e[f"{m}_mean"] - base[f"{m}_mean"]) / base[f"{m}_mean"] * 100
-                                 if base is not None else float("nan"))
+            e[f"{m}_imp_pct"] = (
+                sign * (e[f"{m}_mean"] - base[f"{m}_mean"]) / base[f"{m}_mean"] * 100
+                if base is not None
+                else float("nan")
+            )
     return out
 
 
@@ -86,9 +98,12 @@ def write_summary(summary: list[dict[str, Any]], csv_path: Path, md_path: Path, 
 
 def summary_markdown(summary: list[dict[str, Any]], title: str = "") -> str:
     lines = [f"### {title}", ""] if title else []
-    lines += ["| run | AUC | gAUC | LogLoss | AUC imp% | gAUC imp% | LogLoss imp% | seeds |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "| run | AUC | gAUC | LogLoss | AUC imp% | gAUC imp% | LogLoss imp% | seeds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for e in summary:
+
         def f(m: str, e: dict[str, Any] = e) -> str:
             return f"{e[m + '_mean']:.4f} ± {e[m + '_std']:.4f}"
 
@@ -96,8 +111,10 @@ def summary_markdown(summary: list[dict[str, Any]], title: str = "") -> str:
             v = e[f"{m}_imp_pct"]
             return "" if math.isnan(v) else f"{v:+.2f}"
 
-        lines.append(f"| {e['run']} | {f('auc')} | {f('gauc')} | {f('logloss')} | {imp('auc')} | {imp('gauc')} "
-                     f"| {imp('logloss')} | {e['seeds']} |")
+        lines.append(
+            f"| {e['run']} | {f('auc')} | {f('gauc')} | {f('logloss')} | {imp('auc')} | {imp('gauc')} "
+            f"| {imp('logloss')} | {e['seeds']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -107,8 +124,7 @@ def summary_markdown(summary: list[dict[str, Any]], title: str = "") -> str:
 # seeds, and the table's imp% per run with its spread over seeds.
 
 #: A qualitative palette (matplotlib's tab10); the baseline is drawn in black.
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-           "#bcbd22", "#17becf")
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 #: Seven markers: seven is coprime with the ten colours, so (colour, marker) repeats only after 70 runs.
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 #: Changes every ten runs, which keeps (colour, marker, line style) distinct for 280 runs.
@@ -127,8 +143,13 @@ class RunStyle:
     linewidth: float = 1.3
 
     def line_kwargs(self) -> dict[str, Any]:
-        return {"color": self.color, "marker": self.marker, "linestyle": self.linestyle,
-                "linewidth": self.linewidth, "markersize": 4}
+        return {
+            "color": self.color,
+            "marker": self.marker,
+            "linestyle": self.linestyle,
+            "linewidth": self.linewidth,
+            "markersize": 4,
+        }
 
 
 def run_styles(runs: Sequence[str], baseline: str | None = "IU") -> dict[str, RunStyle]:
@@ -141,8 +162,9 @@ def run_styles(runs: Sequence[str], baseline: str | None = "IU") -> dict[str, Ru
         if run == baseline:
             styles[run] = RunStyle(BASELINE_COLOR, "o", "-", 2.0)
             continue
-        styles[run] = RunStyle(PALETTE[j % len(PALETTE)], MARKERS[j % len(MARKERS)],
-                               LINESTYLES[(j // len(PALETTE)) % len(LINESTYLES)])
+        styles[run] = RunStyle(
+            PALETTE[j % len(PALETTE)], MARKERS[j % len(MARKERS)], LINESTYLES[(j // len(PALETTE)) % len(LINESTYLES)]
+        )
         j += 1
     return styles
 
@@ -166,8 +188,9 @@ class PeriodDifference:
     seeds: int
 
 
-def period_differences(rows: list[dict[str, Any]], metric: str = "auc", baseline: str = "IU",
-                       band: str = "std") -> dict[str, PeriodDifference]:
+def period_differences(
+    rows: list[dict[str, Any]], metric: str = "auc", baseline: str = "IU", band: str = "std"
+) -> dict[str, PeriodDifference]:
     """Per run (the baseline included, at 0) and served period, the paired imp% vs the baseline.
 
     For each seed s and period p: d = sign · (m_run − m_base) / m_base · 100 (sign −1 for LogLoss, so
@@ -204,10 +227,12 @@ def period_differences(rows: list[dict[str, Any]], metric: str = "auc", baseline
     return out
 
 
-def seed_improvements(rows: list[dict[str, Any]], metric: str = "auc", baseline: str = "IU",
-                      phase: str = "test") -> dict[str, np.ndarray]:
+def seed_improvements(
+    rows: list[dict[str, Any]], metric: str = "auc", baseline: str = "IU", phase: str = "test"
+) -> dict[str, np.ndarray]:
     """Per run, one imp% per seed: sign · (m̄_run,s − m̄_base,s) / m̄_base,s · 100 with m̄ the seed's mean
     over the ``phase`` periods (paired by seed). Their spread is the whisker of the summary chart."""
+
     def seed_means(run: str) -> dict[int, float]:
         by: dict[int, list[float]] = {}
         for r in rows:
@@ -245,8 +270,13 @@ def _metric_label(metric: str) -> str:
     return "LogLoss" if metric == "logloss" else metric.upper().replace("GAUC", "gAUC")
 
 
-def draw_raw(ax: Any, rows: list[dict[str, Any]], styles: dict[str, RunStyle], metric: str = "auc",
-             oracle: dict[int, float] | None = None) -> None:
+def draw_raw(
+    ax: Any,
+    rows: list[dict[str, Any]],
+    styles: dict[str, RunStyle],
+    metric: str = "auc",
+    oracle: dict[int, float] | None = None,
+) -> None:
     """The metric per served period, mean over seeds, one line per run; the oracle dashed when given."""
     _shade_phases(ax, rows)
     served = sorted({r["period"] for r in rows if r["phase"] != "pretrain"})
@@ -256,15 +286,22 @@ def draw_raw(ax: Any, rows: list[dict[str, Any]], styles: dict[str, RunStyle], m
         ax.plot(periods, means, label=run, **style.line_kwargs())
     if oracle and served:
         ps = sorted(p for p in oracle if served[0] <= p <= served[-1])
-        ax.plot(ps, [oracle[p] for p in ps], color="0.35", linestyle=(0, (4, 2)), linewidth=1.2,
-                label="oracle (true p)")
+        ax.plot(
+            ps, [oracle[p] for p in ps], color="0.35", linestyle=(0, (4, 2)), linewidth=1.2, label="oracle (true p)"
+        )
     integer_period_axis(ax, served)
     ax.set_ylabel(f"{_metric_label(metric)} (mean over seeds)")
     ax.grid(alpha=0.3)
 
 
-def draw_differences(ax: Any, diffs: dict[str, PeriodDifference], styles: dict[str, RunStyle],
-                     rows: list[dict[str, Any]], metric: str = "auc", baseline: str = "IU") -> None:
+def draw_differences(
+    ax: Any,
+    diffs: dict[str, PeriodDifference],
+    styles: dict[str, RunStyle],
+    rows: list[dict[str, Any]],
+    metric: str = "auc",
+    baseline: str = "IU",
+) -> None:
     """imp% vs the baseline per served period: one line per run and its band over seeds."""
     _shade_phases(ax, rows)
     ax.axhline(0.0, color=BASELINE_COLOR, linewidth=1.6, zorder=1)
@@ -281,8 +318,14 @@ def draw_differences(ax: Any, diffs: dict[str, PeriodDifference], styles: dict[s
     ax.grid(alpha=0.3)
 
 
-def draw_summary(ax: Any, summary: list[dict[str, Any]], seed_imps: dict[str, np.ndarray],
-                 styles: dict[str, RunStyle], metric: str = "auc", baseline: str = "IU") -> None:
+def draw_summary(
+    ax: Any,
+    summary: list[dict[str, Any]],
+    seed_imps: dict[str, np.ndarray],
+    styles: dict[str, RunStyle],
+    metric: str = "auc",
+    baseline: str = "IU",
+) -> None:
     """Horizontal bars: each run's imp% as in the summary table, whiskers ± std over seeds of the
     per-seed (paired) imp%; runs top to bottom in table order."""
     runs = [e["run"] for e in summary if not math.isnan(e[f"{metric}_imp_pct"])]
@@ -290,16 +333,37 @@ def draw_summary(ax: Any, summary: list[dict[str, Any]], seed_imps: dict[str, np
     errs = [float(seed_imps[r].std(ddof=1)) if r in seed_imps and len(seed_imps[r]) > 1 else 0.0 for r in runs]
     y = np.arange(len(runs))
     colors = [styles[r].color if r in styles else BASELINE_COLOR for r in runs]
-    ax.barh(y, values, xerr=errs, color=colors, alpha=0.85, height=0.7,
-            error_kw={"ecolor": "0.2", "capsize": 3, "linewidth": 1})
+    ax.barh(
+        y,
+        values,
+        xerr=errs,
+        color=colors,
+        alpha=0.85,
+        height=0.7,
+        error_kw={"ecolor": "0.2", "capsize": 3, "linewidth": 1},
+    )
     for yi, run, v in zip(y, runs, values):  # the run's marker links the bar to the line panels
         style = styles.get(run, RunStyle(BASELINE_COLOR, "o", "-"))
-        ax.plot([v], [yi], marker=style.marker, color="white", markeredgecolor=style.color, markersize=6,
-                linestyle="none", zorder=3)
+        ax.plot(
+            [v],
+            [yi],
+            marker=style.marker,
+            color="white",
+            markeredgecolor=style.color,
+            markersize=6,
+            linestyle="none",
+            zorder=3,
+        )
     span = max([abs(v) + e for v, e in zip(values, errs)] + [1e-9])
     for yi, v, e in zip(y, values, errs):
-        ax.text(v + (e + 0.03 * span) * (1 if v >= 0 else -1), yi, f"{v:+.2f}", va="center",
-                ha="left" if v >= 0 else "right", fontsize=8)
+        ax.text(
+            v + (e + 0.03 * span) * (1 if v >= 0 else -1),
+            yi,
+            f"{v:+.2f}",
+            va="center",
+            ha="left" if v >= 0 else "right",
+            fontsize=8,
+        )
     ax.set_yticks(y, runs, fontsize=8)
     ax.set_ylim(max(len(runs), 8) - 0.5, -0.5)  # top to bottom; few runs keep slim bars
     ax.axvline(0.0, color=BASELINE_COLOR, linewidth=1.0)
@@ -308,9 +372,15 @@ def draw_summary(ax: Any, summary: list[dict[str, Any]], seed_imps: dict[str, np
     ax.grid(axis="x", alpha=0.3)
 
 
-def plot_periods(rows: list[dict[str, Any]], path: Path, metric: str = "auc",
-                 oracle: dict[int, float] | None = None, title: str = "", baseline: str = "IU",
-                 band: str = "std") -> None:
+def plot_periods(
+    rows: list[dict[str, Any]],
+    path: Path,
+    metric: str = "auc",
+    oracle: dict[int, float] | None = None,
+    title: str = "",
+    baseline: str = "IU",
+    band: str = "std",
+) -> None:
     """Write the result figure to ``path``.
 
     Panels: (a) the metric per served period (mean over seeds; the oracle dashed where the data has
@@ -343,12 +413,17 @@ def plot_periods(rows: list[dict[str, Any]], path: Path, metric: str = "auc",
     if compare:
         draw_differences(ax_diff, diffs, styles, rows, metric, baseline)
         band_text = {"std": "mean ± std", "minmax": "mean, min–max"}[band]
-        ax_diff.set_title(f"(b) difference to {baseline}, paired by seed (line and band: {band_text} over "
-                          f"{seeds} seed{'s' if seeds != 1 else ''})", loc="left", fontsize=10)
+        ax_diff.set_title(
+            f"(b) difference to {baseline}, paired by seed (line and band: {band_text} over "
+            f"{seeds} seed{'s' if seeds != 1 else ''})",
+            loc="left",
+            fontsize=10,
+        )
         summary = summarize(rows, baseline=baseline)
         draw_summary(ax_sum, summary, seed_improvements(rows, metric, baseline), styles, metric, baseline)
-        ax_sum.set_title("(c) mean over test periods, as in the table\n(whiskers: ± std over seeds)",
-                         loc="left", fontsize=10)
+        ax_sum.set_title(
+            "(c) mean over test periods, as in the table\n(whiskers: ± std over seeds)", loc="left", fontsize=10
+        )
     else:
         ax_raw.set_xlabel("served period")
     handles, labels = ax_raw.get_legend_handles_labels()

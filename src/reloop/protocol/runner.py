@@ -13,6 +13,7 @@ Each finished period is checkpointed (model, optimizer, strategy, generator, mem
 predictions, RNG states), so ``resume`` continues where a killed run stopped and gives the same
 metrics as an uninterrupted run.
 """
+
 from __future__ import annotations
 
 import copy
@@ -30,11 +31,11 @@ import torch
 from reloop.components import memory_key
 from reloop.config import Config, RunSpec
 from reloop.data.periods import phase_of
-from reloop.errors import ConfigError
 from reloop.data.tensors import Stream
 from reloop.device import clock, to_cpu
 from reloop.distributed import runtime_device
 from reloop.engine import RunEngine
+from reloop.errors import ConfigError
 from reloop.models.base import CTRModel, build_model
 from reloop.protocol.combined import combine_served, experts_of
 from reloop.protocol.metrics import period_metrics
@@ -70,9 +71,14 @@ def _device(cfg: Config, device: torch.device | str | None) -> torch.device:
     return runtime_device(cfg.device) if device is None else torch.device(device)
 
 
-def pretrain(cfg: Config, stream: Stream, seed: int, out: Path | None = None,
-             on_batch: Callable[[int], None] | None = None,
-             device: torch.device | str | None = None) -> tuple[CTRModel, dict]:
+def pretrain(
+    cfg: Config,
+    stream: Stream,
+    seed: int,
+    out: Path | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[CTRModel, dict]:
     """Θ0: ``train.pretrain_epochs`` passes over periods 1..P (cached per seed under ``out``).
 
     Trained on ``device`` (default: the config's ``device``, resolved); Θ0 is returned there.
@@ -80,8 +86,13 @@ def pretrain(cfg: Config, stream: Stream, seed: int, out: Path | None = None,
     device = _device(cfg, device)
     path = out / "pretrain" / f"seed{seed}.pt" if out is not None else None
     # Θ0 is reused only for the same data, model, training settings and pretraining span.
-    fields = {"data": stream.meta.get("key"), "model": cfg.model, "train": cfg.train.model_dump(),
-              "pretrain": cfg.protocol.pretrain, "seed": seed}
+    fields = {
+        "data": stream.meta.get("key"),
+        "model": cfg.model,
+        "train": cfg.train.model_dump(),
+        "pretrain": cfg.protocol.pretrain,
+        "seed": seed,
+    }
     if device.type != "cpu":  # a GPU's Θ0 differs in the last bits; CPU caches keep their old key
         fields["device"] = device.type
     key = json.dumps(fields, sort_keys=True, default=str)
@@ -116,14 +127,22 @@ def _exclusive(path: Path | None):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _pretrain_fresh(cfg: Config, stream: Stream, seed: int, path: Path | None, key: str,
-                    on_batch: Callable[[int], None] | None, device: torch.device) -> tuple[CTRModel, dict]:
+def _pretrain_fresh(
+    cfg: Config,
+    stream: Stream,
+    seed: int,
+    path: Path | None,
+    key: str,
+    on_batch: Callable[[int], None] | None,
+    device: torch.device,
+) -> tuple[CTRModel, dict]:
     model = fresh_model(cfg, stream, seed, device)
     optimizer = make_optimizer(model, cfg.train)
     gen = torch.Generator().manual_seed(seed)
     rows = stream.periods(1, cfg.protocol.pretrain)
-    train_rows(model, optimizer, rows, CrossEntropy(), cfg.train, gen, epochs=cfg.train.pretrain_epochs,
-               on_batch=on_batch)
+    train_rows(
+        model, optimizer, rows, CrossEntropy(), cfg.train, gen, epochs=cfg.train.pretrain_epochs, on_batch=on_batch
+    )
     _warn_if_constant(model, rows, seed)
     if path is not None:
         _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "key": key}, path)
@@ -137,9 +156,13 @@ def _warn_if_constant(model: CTRModel, rows, seed: int, sample: int = 4096) -> N
 
     logits, _ = predict_rows(model, rows.slice(0, min(len(rows), sample)), hidden=False)
     if len(logits) > 1 and (not bool(torch.isfinite(logits).all()) or float(logits.std()) < 1e-6):
-        warnings.warn(f"seed {seed}: the pretrained model gives every row the same score (or a non-finite "
-                      "one); results of this seed are not meaningful — check train.lr, model.init_std, "
-                      "model.hidden_units", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"seed {seed}: the pretrained model gives every row the same score (or a non-finite "
+            "one); results of this seed are not meaningful — check train.lr, model.init_std, "
+            "model.hidden_units",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 @dataclass
@@ -163,9 +186,13 @@ def run_fingerprint(cfg: Config, stream: Stream, name: str, spec: RunSpec) -> di
     ``protocol.pretrain``). Left out: ``protocol.seeds`` (one checkpoint per seed) and ``device``
     (checkpoints resume on any device).
     """
-    fields = {"data": stream.meta.get("key"), "model": cfg.model, "train": cfg.train.model_dump(mode="json"),
-              "protocol": cfg.protocol.model_dump(mode="json", exclude={"seeds"}),
-              f"runs.{name}": spec.model_dump(mode="json")}
+    fields = {
+        "data": stream.meta.get("key"),
+        "model": cfg.model,
+        "train": cfg.train.model_dump(mode="json"),
+        "protocol": cfg.protocol.model_dump(mode="json", exclude={"seeds"}),
+        f"runs.{name}": spec.model_dump(mode="json"),
+    }
     return json.loads(json.dumps(fields, default=str))  # plain JSON values: compared as written
 
 
@@ -179,8 +206,11 @@ def _show(value: Any) -> str:
 def _changes(old: Any, new: Any, path: str) -> list[str]:
     """``path.key=<old>, config has <new>`` for every leaf where two fingerprints differ."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return [c for k in sorted(old.keys() | new.keys())
-                for c in _changes(old.get(k, _UNSET), new.get(k, _UNSET), f"{path}.{k}" if path else k)]
+        return [
+            c
+            for k in sorted(old.keys() | new.keys())
+            for c in _changes(old.get(k, _UNSET), new.get(k, _UNSET), f"{path}.{k}" if path else k)
+        ]
     return [] if old == new else [f"{path}={_show(old)}, config has {_show(new)}"]
 
 
@@ -190,16 +220,20 @@ def check_checkpoint(stored: dict[str, Any] | None, expected: dict[str, Any], na
     A checkpoint without a fingerprint (written before reloop stored one) resumes with a warning.
     """
     if stored is None:
-        warnings.warn(f"resume: runs.{name}: {path} has no record of its settings (written by an older "
-                      "reloop); resuming without comparing it with the config")
+        warnings.warn(
+            f"resume: runs.{name}: {path} has no record of its settings (written by an older "
+            "reloop); resuming without comparing it with the config",
+            stacklevel=2,
+        )
         return
     if stored.get("data") != expected.get("data"):
         changed = ["other data (the loaded rows, data.periods, encoder or protocol.pretrain differ)"]
     else:
         changed = _changes(stored, expected, "")
     if changed:
-        raise ConfigError(f"resume: runs.{name}: checkpoint was made with {'; '.join(changed)}; "
-                          "use a new --out or drop --resume")
+        raise ConfigError(
+            f"resume: runs.{name}: checkpoint was made with {'; '.join(changed)}; use a new --out or drop --resume"
+        )
 
 
 def check_resume(cfg: Config, stream: Stream, out: Path) -> None:
@@ -213,17 +247,28 @@ def check_resume(cfg: Config, stream: Stream, out: Path) -> None:
                 check_checkpoint(blob.get("fingerprint"), expected, name, path)
 
 
-def run_one(cfg: Config, stream: Stream, name: str, spec: RunSpec, seed: int, theta0: CTRModel,
-            optim0: dict, out: Path | None = None, resume: bool = False,
-            progress: Progress | None = None, stop_after: int | None = None,
-            device: torch.device | str | None = None,
-            on_period: Callable[[int], None] | None = None,
-            served_out: dict[str, torch.Tensor] | None = None) -> list[dict[str, Any]]:
+def run_one(
+    cfg: Config,
+    stream: Stream,
+    name: str,
+    spec: RunSpec,
+    seed: int,
+    theta0: CTRModel,
+    optim0: dict,
+    out: Path | None = None,
+    resume: bool = False,
+    progress: Progress | None = None,
+    stop_after: int | None = None,
+    device: torch.device | str | None = None,
+    on_period: Callable[[int], None] | None = None,
+    served_out: dict[str, torch.Tensor] | None = None,
+) -> list[dict[str, Any]]:
     """One run under one seed; returns its per-period metric rows.
 
     ``served_out``, when given, receives ``{"base", "final"}``: the served probability per global row
-    (NaN outside the served periods), for a ``combine:`` run to mix. ``progress(name, n)`` is told the rows of each training step; ``on_period(t)`` is called once period
-    ``t`` is trained on, served and checkpointed (a progress bar with a known total).
+    (NaN outside the served periods), for a ``combine:`` run to mix. ``progress(name, n)`` is told the
+    rows of each training step; ``on_period(t)`` is called once period ``t`` is trained on, served and
+    checkpointed (a progress bar with a known total).
 
     The period step itself (update, generator, guard, memory reset) is :class:`reloop.engine.RunEngine`'s,
     shared with the service's ``retrain``; this function feeds it the stream, serves each period and
@@ -236,8 +281,14 @@ def run_one(cfg: Config, stream: Stream, name: str, spec: RunSpec, seed: int, th
     stream = stream.to(device)
     P = cfg.protocol.pretrain
     last_t = P + cfg.protocol.served_periods
-    engine = RunEngine(cfg, spec, seed, stream.feature_map,
-                       key_dim=theta0.key_dim(memory_key(spec.memory)) if spec.memory else None, device=device)
+    engine = RunEngine(
+        cfg,
+        spec,
+        seed,
+        stream.feature_map,
+        key_dim=theta0.key_dim(memory_key(spec.memory)) if spec.memory else None,
+        device=device,
+    )
     compensator = engine.compensator
     n_rows = len(stream.rows)
     ckpt = _checkpoint_path(out, name, seed) if out is not None else None
@@ -258,8 +309,9 @@ def run_one(cfg: Config, stream: Stream, name: str, spec: RunSpec, seed: int, th
         nan = torch.full((n_rows,), float("nan"))  # served predictions per global row: on the CPU
         state = RunState(P, copy.deepcopy(theta0).to(device), copy.deepcopy(optim0), nan, nan.clone(), [])
         # Θ0 serves period P+1 so that its served predictions exist when training on it.
-        served = serve_period(state.model, stream.period(P + 1), compensator,
-                              cfg.protocol.serve_batch_size, cfg.protocol.feedback_delay)
+        served = serve_period(
+            state.model, stream.period(P + 1), compensator, cfg.protocol.serve_batch_size, cfg.protocol.feedback_delay
+        )
         _record(state, stream, P + 1, served, cfg, name, seed)
         torch.manual_seed(seed)
 
@@ -269,25 +321,37 @@ def run_one(cfg: Config, stream: Stream, name: str, spec: RunSpec, seed: int, th
         y_last = state.served_final if engine.loss_spec.y_last == "compensated" else state.served_base
         step = engine.step(state.model, state.optim_state, stream, t, y_last, on_batch)
         t_serve = clock(device)
-        served = serve_period(step.serving, stream.period(t + 1), compensator, cfg.protocol.serve_batch_size,
-                              cfg.protocol.feedback_delay)
+        served = serve_period(
+            step.serving, stream.period(t + 1), compensator, cfg.protocol.serve_batch_size, cfg.protocol.feedback_delay
+        )
         t_served = clock(device)
         state.model, state.optim_state, state.t = step.model, step.optim_state, t
         _record(state, stream, t + 1, served, cfg, name, seed)
         y_last = state.served_final if engine.loss_spec.y_last == "compensated" else state.served_base
         fit_s = engine.learn(stream, t + 1, y_last, state.model, on_batch)
-        state.rows[-1].update(update_s=step.seconds["update_s"],
-                              generate_s=step.seconds["generate_s"] + step.seconds["guard_s"],
-                              serve_s=t_served - t_serve, generator_fit_s=fit_s,
-                              fallback=step.guard.reason)
+        state.rows[-1].update(
+            update_s=step.seconds["update_s"],
+            generate_s=step.seconds["generate_s"] + step.seconds["guard_s"],
+            serve_s=t_served - t_serve,
+            generator_fit_s=fit_s,
+            fallback=step.guard.reason,
+        )
         if ckpt is not None:
-            _atomic_save({"fingerprint": fingerprint, "t": t, "model": state.model.state_dict(),
-                          "optim": state.optim_state,
-                          "served_base": state.served_base, "served_final": state.served_final,
-                          "rows": state.rows, "engine": engine.state_dict(),
-                          "torch_rng": torch.get_rng_state(),
-                          "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-                         ckpt)
+            _atomic_save(
+                {
+                    "fingerprint": fingerprint,
+                    "t": t,
+                    "model": state.model.state_dict(),
+                    "optim": state.optim_state,
+                    "served_base": state.served_base,
+                    "served_final": state.served_final,
+                    "rows": state.rows,
+                    "engine": engine.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                },
+                ckpt,
+            )
         if on_period is not None:
             on_period(t)
         if stop_after is not None and t >= stop_after:
@@ -311,14 +375,29 @@ def _record(state: RunState, stream: Stream, period: int, served, cfg: Config, n
     users = rows.data["user"].cpu().numpy() if "user" in rows.data else None
     metrics = period_metrics(rows.data["label"].cpu().numpy(), served.final.cpu().numpy(), users)
     p = cfg.protocol
-    state.rows.append({"run": name, "seed": seed, "period": period,
-                       "phase": phase_of(period, p.pretrain, p.warmup, p.valid), **metrics})
+    state.rows.append(
+        {
+            "run": name,
+            "seed": seed,
+            "period": period,
+            "phase": phase_of(period, p.pretrain, p.warmup, p.valid),
+            **metrics,
+        }
+    )
 
 
-def run_seed(cfg: Config, stream: Stream, seed: int, theta0: CTRModel, optim0: dict, out: Path | None = None,
-             resume: bool = False, device: torch.device | str | None = None,
-             progress_for: Callable[[str], Progress | None] | None = None,
-             on_run: Callable[[str, list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+def run_seed(
+    cfg: Config,
+    stream: Stream,
+    seed: int,
+    theta0: CTRModel,
+    optim0: dict,
+    out: Path | None = None,
+    resume: bool = False,
+    device: torch.device | str | None = None,
+    progress_for: Callable[[str], Progress | None] | None = None,
+    on_run: Callable[[str, list[dict[str, Any]]], None] | None = None,
+) -> list[dict[str, Any]]:
     """Every run of ``cfg`` under one seed (Θ0 shared, paired comparisons); returns their period rows.
 
     Runs without ``combine:`` go first, in config order; then each ``combine:`` run trains its own
@@ -326,15 +405,28 @@ def run_seed(cfg: Config, stream: Stream, seed: int, theta0: CTRModel, optim0: d
     (:func:`reloop.protocol.combined.combine_served`). ``progress_for(name)`` gives a run's
     ``progress`` callback; ``on_run(name, rows)`` is called as each run finishes.
     """
-    order = [n for n, s in cfg.runs.items() if s.combine is None] + [n for n, s in cfg.runs.items()
-                                                                       if s.combine is not None]
+    order = [n for n, s in cfg.runs.items() if s.combine is None] + [
+        n for n, s in cfg.runs.items() if s.combine is not None
+    ]
     served: dict[str, torch.Tensor] = {}
     all_rows: list[dict[str, Any]] = []
     for name in order:
         spec = cfg.runs[name]
         got: dict[str, torch.Tensor] = {}
-        rows = run_one(cfg, stream, name, spec, seed, theta0, optim0, out=out, resume=resume, device=device,
-                       progress=progress_for(name) if progress_for else None, served_out=got)
+        rows = run_one(
+            cfg,
+            stream,
+            name,
+            spec,
+            seed,
+            theta0,
+            optim0,
+            out=out,
+            resume=resume,
+            device=device,
+            progress=progress_for(name) if progress_for else None,
+            served_out=got,
+        )
         served[name] = got["final"]
         if spec.combine is not None:
             experts = experts_of(cfg, name)

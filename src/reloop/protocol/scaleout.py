@@ -3,6 +3,7 @@
 :mod:`reloop.distributed` holds the process-group mechanics (below the models and the trainer);
 this module puts the protocol on top of them.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,8 +18,9 @@ from reloop.data.prepare import prepare_stream
 from reloop.protocol.experiment import ExperimentResult, run_experiment
 
 
-def run_experiment_distributed(cfg: Config, out: Path, resume: bool = False, show_progress: bool = True,
-                               console: Any = None) -> ExperimentResult:
+def run_experiment_distributed(
+    cfg: Config, out: Path, resume: bool = False, show_progress: bool = True, console: Any = None
+) -> ExperimentResult:
     """``run_experiment`` in every process of a ``torchrun`` job; rank 0's result directory is ``out``.
 
     Rank 0 prepares (and caches) the encoded stream first, then the others load it from the cache. Each
@@ -31,8 +33,9 @@ def run_experiment_distributed(cfg: Config, out: Path, resume: bool = False, sho
     try:
         with rd.rank_zero_first():
             prepare_stream(cfg.data, cfg.protocol.pretrain, EncoderConfig(**cfg.encoder.model_dump()))
-        result = run_experiment(cfg, rd.rank_out_dir(out, env), resume=resume,
-                                show_progress=show_progress and env.is_main, console=console)
+        result = run_experiment(
+            cfg, rd.rank_out_dir(out, env), resume=resume, show_progress=show_progress and env.is_main, console=console
+        )
         rd.barrier()
         return result
     finally:

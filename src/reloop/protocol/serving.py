@@ -4,6 +4,7 @@ The error memory (when configured) is read before a batch's labels exist and wri
 afterwards, ``feedback_delay`` batches later (label latency). A batch's own labels can therefore
 never influence its predictions.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -25,8 +26,13 @@ class Served:
 
 
 @torch.no_grad()
-def serve_period(model: CTRModel, rows: PeriodTensors, compensator: Compensator | None = None, batch_size: int = 1024,
-                 feedback_delay: int = 0) -> Served:
+def serve_period(
+    model: CTRModel,
+    rows: PeriodTensors,
+    compensator: Compensator | None = None,
+    batch_size: int = 1024,
+    feedback_delay: int = 0,
+) -> Served:
     """Predict every row of ``rows`` in order; feed labels back to ``compensator`` after the fact.
 
     Runs on the model's device (the rows are moved there once when they are elsewhere; the

@@ -17,6 +17,7 @@
 The chosen config is then run once in full; ``tune.csv`` lists every trial with its validation score
 and ``tuned.yaml`` is the config to copy.
 """
+
 from __future__ import annotations
 
 import copy
@@ -73,6 +74,7 @@ class TuneResult:
 
 
 # --- search spaces: read from the components -------------------------------------------------------
+
 
 def _name(value: str | dict[str, Any]) -> str:
     return value if isinstance(value, str) else next(iter(value))
@@ -133,6 +135,7 @@ def _setting_label(setting: dict[str, Any]) -> str:
 
 # --- trials -----------------------------------------------------------------------------------------
 
+
 def valid_score(rows: Iterable[dict[str, Any]]) -> tuple[float, float]:
     """Mean over seeds of the mean AUC and LogLoss over the ``valid`` periods."""
     by_seed: dict[int, list[dict[str, Any]]] = {}
@@ -157,8 +160,13 @@ def _check_valid_periods(cfg: Config) -> None:
         raise ValueError("protocol.valid: tuning needs at least one valid period (it never reads test periods)")
 
 
-def evaluate(cfg: Config, stream: Stream, name: str, spec: RunSpec, theta0s: dict[int, tuple[Any, dict]],
-             ) -> tuple[float, float]:
+def evaluate(
+    cfg: Config,
+    stream: Stream,
+    name: str,
+    spec: RunSpec,
+    theta0s: dict[int, tuple[Any, dict]],
+) -> tuple[float, float]:
     """Run ``spec`` under every seed up to the last ``valid`` period; its validation score."""
     rows: list[dict[str, Any]] = []
     for seed in cfg.protocol.seeds:
@@ -168,8 +176,14 @@ def evaluate(cfg: Config, stream: Stream, name: str, spec: RunSpec, theta0s: dic
     return valid_score(rows)
 
 
-def tune(cfg: Config, stream: Stream, runs: list[str] | None = None, tune_train: bool = True,
-         report: Report | None = None, pretrain_dir: Path | None = None) -> TuneResult:
+def tune(
+    cfg: Config,
+    stream: Stream,
+    runs: list[str] | None = None,
+    tune_train: bool = True,
+    report: Report | None = None,
+    pretrain_dir: Path | None = None,
+) -> TuneResult:
     """Choose base training settings and each run's settings on the ``valid`` periods (module docstring)."""
     _check_valid_periods(cfg)
     say = report or (lambda _msg: None)
@@ -240,12 +254,19 @@ def write_trials(trials: list[Trial], path: Path) -> None:
         w = csv.writer(fh)
         w.writerow(["run", "setting", "valid_auc", "valid_logloss", "chosen"])
         for t in trials:
-            w.writerow([t.run, _setting_label(t.setting), f"{t.valid_auc:.6f}", f"{t.valid_logloss:.6f}",
-                        int(t.chosen)])
+            w.writerow(
+                [t.run, _setting_label(t.setting), f"{t.valid_auc:.6f}", f"{t.valid_logloss:.6f}", int(t.chosen)]
+            )
 
 
-def tune_experiment(cfg: Config, out: Path, runs: list[str] | None = None, tune_train: bool = True,
-                    show_progress: bool = True, console: Console | None = None) -> tuple[TuneResult, ExperimentResult]:
+def tune_experiment(
+    cfg: Config,
+    out: Path,
+    runs: list[str] | None = None,
+    tune_train: bool = True,
+    show_progress: bool = True,
+    console: Console | None = None,
+) -> tuple[TuneResult, ExperimentResult]:
     """``reloop tune``: choose on the valid periods (:func:`tune`), then run the chosen config once in full.
 
     Writes ``OUT/tune.csv`` (every trial and its validation score), ``OUT/tuned.yaml`` (the config to copy)
@@ -256,16 +277,23 @@ def tune_experiment(cfg: Config, out: Path, runs: list[str] | None = None, tune_
     check_before_run(cfg, [end - start for start, end in prepared.stream.bounds])
     apply_threads(current_setting(), None)
     out.mkdir(parents=True, exist_ok=True)
-    result = tune(cfg, prepared.stream, runs, tune_train,
-                  report=(lambda msg: console.print(f"[dim]tune[/] {msg}", highlight=False)) if show_progress else None,
-                  pretrain_dir=out / "pretrain")
+    result = tune(
+        cfg,
+        prepared.stream,
+        runs,
+        tune_train,
+        report=(lambda msg: console.print(f"[dim]tune[/] {msg}", highlight=False)) if show_progress else None,
+        pretrain_dir=out / "pretrain",
+    )
     write_trials(result.trials, out / "tune.csv")
     (out / "tuned.yaml").write_text(dump_config(result.config))
     for t in result.trials:
         if t.chosen:
-            console.print(f"[bold]chosen[/] {t.run}: {_setting_label(t.setting)} (valid AUC {t.valid_auc:.4f})",
-                          highlight=False)
-    experiment = run_experiment(result.config, out, show_progress=show_progress, console=console,
-                                pretrain_dir=out / "pretrain")
+            console.print(
+                f"[bold]chosen[/] {t.run}: {_setting_label(t.setting)} (valid AUC {t.valid_auc:.4f})", highlight=False
+            )
+    experiment = run_experiment(
+        result.config, out, show_progress=show_progress, console=console, pretrain_dir=out / "pretrain"
+    )
     experiment.files += [f for f in ("tune.csv", "tuned.yaml") if (out / f).exists()]
     return result, experiment

@@ -16,6 +16,7 @@
 
 Imports are lazy (``reloop.cli`` imports this package; FastAPI loads only when serving).
 """
+
 from __future__ import annotations
 
 from typing import Any

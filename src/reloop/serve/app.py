@@ -27,6 +27,7 @@ naming ``records[i].field`` (the records quarantined); a non-finite prediction 4
 impression id 404 (nothing of the batch logged); a refused version on ``POST /admin/reload`` 422
 (unreadable) or 409 (another model); a retrain already running 409; the log busy 503.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -106,14 +107,24 @@ def admin_token_from_env() -> str | None:
 def _unknown_ids_body(e: UnknownImpressions) -> dict[str, Any]:
     shown = [printable(i) for i in e.ids[:MAX_ERRORS_SHOWN]]
     more = f" (+{len(e.ids) - MAX_ERRORS_SHOWN} more)" if len(e.ids) > MAX_ERRORS_SHOWN else ""
-    return {"detail": f"unknown impression id(s): {', '.join(shown)}{more}", "impression_ids": e.ids,
-            "field": "events.impression_id"}
+    return {
+        "detail": f"unknown impression id(s): {', '.join(shown)}{more}",
+        "impression_ids": e.ids,
+        "field": "events.impression_id",
+    }
 
 
-def create_app(model_dir: str | Path, max_batch: int = 4096, retrain_every: int = 0,
-               retrain_options: RetrainOptions | None = None, poll_interval: float = 0.5,
-               metrics_window: int = 10000, limits: Limits | None = None,
-               admin_token: str | None = None, docs_need_token: bool = False) -> FastAPI:
+def create_app(
+    model_dir: str | Path,
+    max_batch: int = 4096,
+    retrain_every: int = 0,
+    retrain_options: RetrainOptions | None = None,
+    poll_interval: float = 0.5,
+    metrics_window: int = 10000,
+    limits: Limits | None = None,
+    admin_token: str | None = None,
+    docs_need_token: bool = False,
+) -> FastAPI:
     """The FastAPI app serving ``model_dir`` (see the module docstring).
 
     ``admin_token``: the bearer token ``/admin/*`` requires (None: ``RELOOP_ADMIN_TOKEN``; empty or
@@ -121,17 +132,27 @@ def create_app(model_dir: str | Path, max_batch: int = 4096, retrain_every: int 
     too (``reloop serve`` sets it on a non-loopback bind).
     """
     token = check_token((admin_token if admin_token is not None else admin_token_from_env()) or None)
-    service = Service(model_dir, max_batch=max_batch, retrain_every=retrain_every,
-                      retrain_options=retrain_options, poll_interval=poll_interval, metrics_window=metrics_window,
-                      limits=limits)
+    service = Service(
+        model_dir,
+        max_batch=max_batch,
+        retrain_every=retrain_every,
+        retrain_options=retrain_options,
+        poll_interval=poll_interval,
+        metrics_window=metrics_window,
+        limits=limits,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         service.close()
 
-    app = FastAPI(title="reloop", description="CTR prediction with feedback, durable log and hot-swapped models",
-                  lifespan=lifespan, default_response_class=SafeJSONResponse)
+    app = FastAPI(
+        title="reloop",
+        description="CTR prediction with feedback, durable log and hot-swapped models",
+        lifespan=lifespan,
+        default_response_class=SafeJSONResponse,
+    )
     app.state.service = service
     metrics = service.metrics
 
@@ -146,8 +167,15 @@ def create_app(model_dir: str | Path, max_batch: int = 4096, retrain_every: int 
         service.log.quarantine(path, payload, reason)
         metrics.quarantined.labels(path if path in ENDPOINTS else "other").inc()
 
-    app.add_middleware(Guard, limits=service.limits, admin_token=token, docs_need_token=docs_need_token,
-                       quarantine=quarantine, observe=observe, errors=service.errors)
+    app.add_middleware(
+        Guard,
+        limits=service.limits,
+        admin_token=token,
+        docs_need_token=docs_need_token,
+        quarantine=quarantine,
+        observe=observe,
+        errors=service.errors,
+    )
 
     # -- domain exceptions -> status codes ---------------------------------------------------------
     @app.exception_handler(BatchTooLarge)
@@ -157,13 +185,13 @@ def create_app(model_dir: str | Path, max_batch: int = 4096, retrain_every: int 
     @app.exception_handler(InvalidRecords)
     async def _invalid_records(request: Request, exc: InvalidRecords) -> SafeJSONResponse:
         detail = [{"loc": ["body", "records", i, f], "msg": m, "type": "value_error"} for i, f, m in exc.errors]
-        return SafeJSONResponse({"detail": detail, "field": exc.field, "quarantined": exc.quarantined},
-                                status_code=422)
+        return SafeJSONResponse({"detail": detail, "field": exc.field, "quarantined": exc.quarantined}, status_code=422)
 
     @app.exception_handler(NonFinitePrediction)
     async def _non_finite(request: Request, exc: NonFinitePrediction) -> SafeJSONResponse:
-        detail = [{"loc": ["body", "records", i], "msg": str(exc), "type": "value_error"}
-                  for i in exc.rows[:MAX_ERRORS_SHOWN]]
+        detail = [
+            {"loc": ["body", "records", i], "msg": str(exc), "type": "value_error"} for i in exc.rows[:MAX_ERRORS_SHOWN]
+        ]
         return SafeJSONResponse({"detail": detail, "field": exc.field}, status_code=422)
 
     @app.exception_handler(UnknownImpressions)
@@ -173,8 +201,15 @@ def create_app(model_dir: str | Path, max_batch: int = 4096, retrain_every: int 
     @app.exception_handler(VersionError)
     async def _refused(request: Request, exc: VersionError) -> SafeJSONResponse:
         status = 409 if isinstance(exc, IncompatibleVersion) else 422
-        return SafeJSONResponse({"detail": str(exc), "field": "CURRENT", "refused_version": exc.version,
-                                 "model_version": service.state.version}, status_code=status)
+        return SafeJSONResponse(
+            {
+                "detail": str(exc),
+                "field": "CURRENT",
+                "refused_version": exc.version,
+                "model_version": service.state.version,
+            },
+            status_code=status,
+        )
 
     @app.exception_handler(RetrainBusy)
     async def _busy_retrain(request: Request, exc: RetrainBusy) -> SafeJSONResponse:
@@ -188,13 +223,20 @@ def create_app(model_dir: str | Path, max_batch: int = 4096, retrain_every: int 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> SafeJSONResponse:
         field = {404: "path", 405: "method"}.get(exc.status_code, "request")
-        return SafeJSONResponse({"detail": exc.detail, "field": field}, status_code=exc.status_code,
-                                headers=getattr(exc, "headers", None))
+        return SafeJSONResponse(
+            {"detail": exc.detail, "field": field}, status_code=exc.status_code, headers=getattr(exc, "headers", None)
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> SafeJSONResponse:
-        errors = [{"loc": [p if isinstance(p, int) else printable(str(p)) for p in e.get("loc", ())],
-                   "msg": printable(str(e.get("msg", ""))), "type": e.get("type", "")} for e in exc.errors()]
+        errors = [
+            {
+                "loc": [p if isinstance(p, int) else printable(str(p)) for p in e.get("loc", ())],
+                "msg": printable(str(e.get("msg", ""))),
+                "type": e.get("type", ""),
+            }
+            for e in exc.errors()
+        ]
         field = "body" if not errors or errors[0]["type"] == "json_invalid" else field_name(errors[0]["loc"])
         reason = "; ".join(f"{field_name(e['loc'])}: {e['msg']}" for e in errors[:MAX_ERRORS_SHOWN])
         body = exc.body

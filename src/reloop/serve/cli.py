@@ -3,6 +3,7 @@
 Mounted on the main ``reloop`` app by ``reloop.cli``; also runnable alone as
 ``python -m reloop.serve.cli serve|retrain ...`` (the tests and the benchmark start servers so).
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -92,27 +93,82 @@ def _setup_logging() -> None:
 
 
 def serve(
-    config: Annotated[Path | None, typer.Option("--config", help="Run config (YAML); needed to bootstrap an empty --model-dir.")] = None,
-    model_dir: Annotated[Path | None, typer.Option("--model-dir", help="Model directory (created and bootstrapped when empty).")] = None,
-    host: Annotated[str, typer.Option(help="Interface to bind (loopback by default; any other needs an admin token).")] = "127.0.0.1",
+    config: Annotated[
+        Path | None, typer.Option("--config", help="Run config (YAML); needed to bootstrap an empty --model-dir.")
+    ] = None,
+    model_dir: Annotated[
+        Path | None, typer.Option("--model-dir", help="Model directory (created and bootstrapped when empty).")
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="Interface to bind (loopback by default; any other needs an admin token).")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port (--demo picks a free one).")] = 8080,
-    run: Annotated[str | None, typer.Option("--run", help="Which run of the config composes the service (default: the first).")] = None,
+    run: Annotated[
+        str | None, typer.Option("--run", help="Which run of the config composes the service (default: the first).")
+    ] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key: a.b.c=<YAML value>.")] = None,
-    max_batch: Annotated[int, typer.Option("--max-batch", help="Largest records/events per request (413 above).")] = 4096,
-    retrain_every: Annotated[int, typer.Option("--retrain-every", help="Retrain in the background every N feedback events (0: never; use `reloop retrain`).")] = 0,
-    max_auc_drop: Annotated[float, typer.Option("--max-auc-drop", help="Reject a candidate whose held-out AUC is lower than the serving model's by more than this.")] = 0.01,
-    holdout: Annotated[float, typer.Option("--holdout", help="Share of the period's last rows held out for validation.")] = 0.1,
-    label_timeout: Annotated[float, typer.Option("--label-timeout", help="Seconds after which an unlabelled impression counts as a negative (<0: never).")] = 3600.0,
-    poll_interval: Annotated[float, typer.Option("--poll-interval", help="Seconds between checks of the CURRENT pointer.")] = 0.5,
-    admin_token_file: Annotated[Path | None, typer.Option("--admin-token-file", help="File whose first line is the admin token (else RELOOP_ADMIN_TOKEN); /admin/* needs it as 'Authorization: Bearer <token>'.")] = None,
-    max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", help="Largest request body (413 above).")] = 8 * 2**20,
-    max_id_length: Annotated[int, typer.Option("--max-id-length", help="Longest id (categorical value, sequence item) in characters (422 above).")] = 256,
-    body_timeout: Annotated[float, typer.Option("--body-timeout", help="Seconds to receive a whole request body (408 after).")] = 10.0,
-    admin_rate: Annotated[float, typer.Option("--admin-rate", help="Admin requests per minute per client (bursts of 10; 429 above).")] = 30.0,
+    max_batch: Annotated[
+        int, typer.Option("--max-batch", help="Largest records/events per request (413 above).")
+    ] = 4096,
+    retrain_every: Annotated[
+        int,
+        typer.Option(
+            "--retrain-every",
+            help="Retrain in the background every N feedback events (0: never; use `reloop retrain`).",
+        ),
+    ] = 0,
+    max_auc_drop: Annotated[
+        float,
+        typer.Option(
+            "--max-auc-drop",
+            help="Reject a candidate whose held-out AUC is lower than the serving model's by more than this.",
+        ),
+    ] = 0.01,
+    holdout: Annotated[
+        float, typer.Option("--holdout", help="Share of the period's last rows held out for validation.")
+    ] = 0.1,
+    label_timeout: Annotated[
+        float,
+        typer.Option(
+            "--label-timeout", help="Seconds after which an unlabelled impression counts as a negative (<0: never)."
+        ),
+    ] = 3600.0,
+    poll_interval: Annotated[
+        float, typer.Option("--poll-interval", help="Seconds between checks of the CURRENT pointer.")
+    ] = 0.5,
+    admin_token_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--admin-token-file",
+            help="File whose first line is the admin token (else RELOOP_ADMIN_TOKEN); /admin/* needs it as 'Authorization: Bearer <token>'.",
+        ),
+    ] = None,
+    max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", help="Largest request body (413 above).")] = 8
+    * 2**20,
+    max_id_length: Annotated[
+        int,
+        typer.Option(
+            "--max-id-length", help="Longest id (categorical value, sequence item) in characters (422 above)."
+        ),
+    ] = 256,
+    body_timeout: Annotated[
+        float, typer.Option("--body-timeout", help="Seconds to receive a whole request body (408 after).")
+    ] = 10.0,
+    admin_rate: Annotated[
+        float, typer.Option("--admin-rate", help="Admin requests per minute per client (bursts of 10; 429 above).")
+    ] = 30.0,
     max_connections: Annotated[int, typer.Option("--max-connections", help="Concurrent connections (503 above).")] = 64,
-    demo: Annotated[bool, typer.Option("--demo", help="Replay the embedded synthetic stream through a live server; write OUT/live.png and live.json.")] = False,
+    demo: Annotated[
+        bool,
+        typer.Option(
+            "--demo",
+            help="Replay the embedded synthetic stream through a live server; write OUT/live.png and live.json.",
+        ),
+    ] = False,
     out: Annotated[Path, typer.Option("--out", help="Output directory of --demo.")] = Path("runs/serve-demo"),
-    demo_periods: Annotated[int | None, typer.Option("--demo-periods", help="--demo: replay only this many served periods.")] = None,
+    demo_periods: Annotated[
+        int | None, typer.Option("--demo-periods", help="--demo: replay only this many served periods.")
+    ] = None,
 ) -> None:
     """Serve predictions over HTTP with feedback, a durable log and hot-swapped models."""
     from reloop.serve.retrain import RetrainOptions
@@ -122,17 +178,27 @@ def serve(
     if demo:
         from reloop.serve.replay import run_demo
 
-        summary = run_demo(out, run=run, periods=demo_periods, options=options,
-                           config=config, overrides=set_ or [], log=lambda m: typer.echo(m, err=True))
-        typer.echo(json.dumps({k: summary[k] for k in ("live_auc", "frozen_auc", "requests", "failed_requests",
-                                                        "seconds")}))
+        summary = run_demo(
+            out,
+            run=run,
+            periods=demo_periods,
+            options=options,
+            config=config,
+            overrides=set_ or [],
+            log=lambda m: typer.echo(m, err=True),
+        )
+        typer.echo(
+            json.dumps({k: summary[k] for k in ("live_auc", "frozen_auc", "requests", "failed_requests", "seconds")})
+        )
         return
     if model_dir is None:
         _err("--model-dir is required (or --demo)")
     token = _admin_token(admin_token_file)
     if not is_loopback(host) and token is None:
-        _err(f"--host {host} is not a loopback address: set RELOOP_ADMIN_TOKEN or --admin-token-file "
-             "(admin routes and /docs then need it)")
+        _err(
+            f"--host {host} is not a loopback address: set RELOOP_ADMIN_TOKEN or --admin-token-file "
+            "(admin routes and /docs then need it)"
+        )
     from reloop.config import ConfigError
     from reloop.serve.registry import ModelDir, RegistryError, bootstrap, pick_run
 
@@ -151,8 +217,10 @@ def serve(
                 _err(f"{model_dir} serves run {stored_run!r}; --run {chosen!r} needs a new --model-dir")
             problems = _compatible(md.config(), cfg, stored_run)
             if problems:
-                _err(f"{config} differs from the config {model_dir} was bootstrapped with in: {', '.join(problems)}; "
-                     "use a new --model-dir")
+                _err(
+                    f"{config} differs from the config {model_dir} was bootstrapped with in: {', '.join(problems)}; "
+                    "use a new --model-dir"
+                )
             from reloop.config import dump_config
             from reloop.serve.registry import write_atomic
 
@@ -168,29 +236,56 @@ def serve(
     from reloop.serve.app import create_app
     from reloop.serve.guard import Limits
 
-    limits = Limits(max_body_bytes=max_body_bytes, max_id=max_id_length, body_timeout=body_timeout,
-                    admin_per_minute=admin_rate)
+    limits = Limits(
+        max_body_bytes=max_body_bytes, max_id=max_id_length, body_timeout=body_timeout, admin_per_minute=admin_rate
+    )
     try:
-        application = create_app(md.path, max_batch=max_batch, retrain_every=retrain_every,
-                                 retrain_options=options, poll_interval=poll_interval, limits=limits,
-                                 admin_token=token or "", docs_need_token=not is_loopback(host))
+        application = create_app(
+            md.path,
+            max_batch=max_batch,
+            retrain_every=retrain_every,
+            retrain_options=options,
+            poll_interval=poll_interval,
+            limits=limits,
+            admin_token=token or "",
+            docs_need_token=not is_loopback(host),
+        )
     except ConfigError as e:
         _err(f"config error {md.path / 'config.yaml'}: {e} (pass --config with --set device=cpu to change it)")
     except RegistryError as e:
         _err(str(e))
     svc = application.state.service
-    typer.echo(f"reloop serve: {md.path} version {svc.state.version} (run {svc.run}) on http://{host}:{port}"
-               f"; admin routes {'need the token' if token else 'off (no RELOOP_ADMIN_TOKEN)'}", err=True)
-    uvicorn.run(application, host=host, port=port, log_level="warning", access_log=False,
-                limit_concurrency=max_connections)
+    typer.echo(
+        f"reloop serve: {md.path} version {svc.state.version} (run {svc.run}) on http://{host}:{port}"
+        f"; admin routes {'need the token' if token else 'off (no RELOOP_ADMIN_TOKEN)'}",
+        err=True,
+    )
+    uvicorn.run(
+        application, host=host, port=port, log_level="warning", access_log=False, limit_concurrency=max_connections
+    )
 
 
 def retrain(
     model_dir: Annotated[Path, typer.Option("--model-dir", help="Model directory of a (running or stopped) service.")],
-    max_auc_drop: Annotated[float, typer.Option("--max-auc-drop", help="Reject a candidate whose held-out AUC is lower than the serving model's by more than this.")] = 0.01,
-    holdout: Annotated[float, typer.Option("--holdout", help="Share of the period's last rows held out for validation.")] = 0.1,
-    label_timeout: Annotated[float, typer.Option("--label-timeout", help="Seconds after which an unlabelled impression counts as a negative (<0: never).")] = 3600.0,
-    min_rows: Annotated[int, typer.Option("--min-rows", help="Skip (keep the period open) with fewer labelled impressions.")] = 1,
+    max_auc_drop: Annotated[
+        float,
+        typer.Option(
+            "--max-auc-drop",
+            help="Reject a candidate whose held-out AUC is lower than the serving model's by more than this.",
+        ),
+    ] = 0.01,
+    holdout: Annotated[
+        float, typer.Option("--holdout", help="Share of the period's last rows held out for validation.")
+    ] = 0.1,
+    label_timeout: Annotated[
+        float,
+        typer.Option(
+            "--label-timeout", help="Seconds after which an unlabelled impression counts as a negative (<0: never)."
+        ),
+    ] = 3600.0,
+    min_rows: Annotated[
+        int, typer.Option("--min-rows", help="Skip (keep the period open) with fewer labelled impressions.")
+    ] = 1,
 ) -> None:
     """Close the open period, train on its logged impressions and feedback, validate and publish."""
     from reloop.serve.registry import RegistryError
@@ -198,8 +293,9 @@ def retrain(
     from reloop.serve.retrain import retrain as run_retrain
 
     _setup_logging()
-    options = RetrainOptions(max_auc_drop=max_auc_drop, holdout=holdout, label_timeout=_label_timeout(label_timeout),
-                             min_rows=min_rows)
+    options = RetrainOptions(
+        max_auc_drop=max_auc_drop, holdout=holdout, label_timeout=_label_timeout(label_timeout), min_rows=min_rows
+    )
     from reloop.config import ConfigError
 
     try:

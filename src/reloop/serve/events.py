@@ -7,6 +7,7 @@ A value with a space, a quote, an ``=`` or a character outside printable ASCII i
 string (so every line stays one line and splits on spaces outside quotes); None is ``-``. A value is
 cut at :data:`MAX_VALUE` characters.
 """
+
 from __future__ import annotations
 
 import json

@@ -20,6 +20,7 @@
   logged through ``logging`` by :class:`ErrorLog` — the traceback once per kind of error, then at most
   one line per kind every minute with the count — never a traceback per request.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -108,8 +109,11 @@ def check_json(value: Any, body: bytes, limits: Limits) -> tuple[tuple, str] | N
     Walks the document only when a cheap look at the raw bytes says it could break one (deeper than
     allowed, a string longer than allowed, a surrogate escape).
     """
-    if (len(body) <= limits.max_string and body.count(b"[") + body.count(b"{") <= limits.max_depth
-            and not _SURROGATE_ESCAPE.search(body)):
+    if (
+        len(body) <= limits.max_string
+        and body.count(b"[") + body.count(b"{") <= limits.max_depth
+        and not _SURROGATE_ESCAPE.search(body)
+    ):
         return None
     stack: list[tuple[Any, tuple, int]] = [(value, (), 0)]
     while stack:
@@ -234,12 +238,27 @@ class ErrorLog:
                     return
                 count, entry[0], entry[1] = int(entry[0]), 0.0, now
         if first:
-            log_event(logger, logging.ERROR, "internal_error", where=where, error=type(exc).__name__,
-                      message=message, traceback="below, once for this kind",
-                      exc_info=(type(exc), exc, exc.__traceback__))
+            log_event(
+                logger,
+                logging.ERROR,
+                "internal_error",
+                where=where,
+                error=type(exc).__name__,
+                message=message,
+                traceback="below, once for this kind",
+                exc_info=(type(exc), exc, exc.__traceback__),
+            )
         else:
-            log_event(logger, logging.ERROR, "internal_error", where=where, error=type(exc).__name__,
-                      message=message, count=count, seconds=round(self.interval))
+            log_event(
+                logger,
+                logging.ERROR,
+                "internal_error",
+                where=where,
+                error=type(exc).__name__,
+                message=message,
+                count=count,
+                seconds=round(self.interval),
+            )
 
 
 # -- the middleware -------------------------------------------------------------------------------
@@ -262,9 +281,16 @@ class Guard:
     ``observe(path, status, seconds)`` records metrics; ``errors`` is the app's :class:`ErrorLog`.
     """
 
-    def __init__(self, app: Callable, limits: Limits, admin_token: str | None, docs_need_token: bool,
-                 quarantine: Callable[[str, str, str], None], observe: Callable[[str, int, float], None],
-                 errors: ErrorLog) -> None:
+    def __init__(
+        self,
+        app: Callable,
+        limits: Limits,
+        admin_token: str | None,
+        docs_need_token: bool,
+        quarantine: Callable[[str, str, str], None],
+        observe: Callable[[str, int, float], None],
+        errors: ErrorLog,
+    ) -> None:
         self.app = app
         self.limits = limits
         self.token = admin_token
@@ -294,8 +320,7 @@ class Guard:
         except Exception as e:  # noqa: BLE001 - every unexpected error ends here: logged once, bounded
             self.errors.report(f"{scope.get('method', '?')} {printable(path)[:100]}", e)
             if not started[0]:
-                await respond(send_observed, 500, {"detail": "internal error (logged by the server)",
-                                                   "field": None})
+                await respond(send_observed, 500, {"detail": "internal error (logged by the server)", "field": None})
         finally:
             self.observe(path, status[0], time.perf_counter() - start)
 
@@ -333,13 +358,26 @@ class Guard:
         wait = self.admin_limiter.take(str(client[0]))
         if wait > 0:
             lim = self.limits
-            await respond(send, 429, {"detail": f"admin rate limit: {lim.admin_per_minute:g} requests per minute "
-                                                f"per client (bursts of {lim.admin_burst}); retry in {wait:.1f} s",
-                                      "field": "admin"}, {"retry-after": str(max(1, round(wait)))})
+            await respond(
+                send,
+                429,
+                {
+                    "detail": f"admin rate limit: {lim.admin_per_minute:g} requests per minute "
+                    f"per client (bursts of {lim.admin_burst}); retry in {wait:.1f} s",
+                    "field": "admin",
+                },
+                {"retry-after": str(max(1, round(wait)))},
+            )
             return False
         if self.token is None:
-            await respond(send, 403, {"detail": f"admin routes are off: start the server with {TOKEN_ENV} set or "
-                                                "--admin-token-file", "field": "authorization"})
+            await respond(
+                send,
+                403,
+                {
+                    "detail": f"admin routes are off: start the server with {TOKEN_ENV} set or --admin-token-file",
+                    "field": "authorization",
+                },
+            )
             return False
         given = ""
         for k, v in scope.get("headers", []):
@@ -347,11 +385,18 @@ class Guard:
                 given = v.decode("latin-1")
                 break
         scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode("utf-8", "replace"),
-                                                                  self.token.encode("utf-8")):
-            await respond(send, 401, {"detail": "admin routes need 'Authorization: Bearer <token>' with the "
-                                                "server's admin token", "field": "authorization"},
-                          {"www-authenticate": "Bearer"})
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            value.strip().encode("utf-8", "replace"), self.token.encode("utf-8")
+        ):
+            await respond(
+                send,
+                401,
+                {
+                    "detail": "admin routes need 'Authorization: Bearer <token>' with the server's admin token",
+                    "field": "authorization",
+                },
+                {"www-authenticate": "Bearer"},
+            )
             return False
         return True
 
@@ -377,9 +422,16 @@ class Guard:
             try:
                 message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
             except TimeoutError:
-                await respond(send, 408, {"detail": f"body not complete after {self.limits.body_timeout:g} s "
-                                                    f"({size:,} of {declared if declared is not None else '?'} "
-                                                    "bytes)", "field": "body"})
+                await respond(
+                    send,
+                    408,
+                    {
+                        "detail": f"body not complete after {self.limits.body_timeout:g} s "
+                        f"({size:,} of {declared if declared is not None else '?'} "
+                        "bytes)",
+                        "field": "body",
+                    },
+                )
                 return None
             if message["type"] == "http.disconnect":
                 return None

@@ -20,6 +20,7 @@ problems are domain exceptions (``registry.VersionError`` / ``IncompatibleVersio
   entries pending until the caller commits them with the impressions (:meth:`take_pending` /
   :meth:`committed`); a swap writes a fresh snapshot.
 """
+
 from __future__ import annotations
 
 import logging
@@ -75,9 +76,17 @@ class Scored:
 class ModelHost:
     """The serving model, its error memory and the live encoder of one model directory."""
 
-    def __init__(self, md: ModelDir, cfg: Config, run: str, log: ServeLog, device: torch.device,
-                 poll_interval: float = 0.5, metrics: ServiceMetrics | None = None,
-                 errors: ErrorLog | None = None) -> None:
+    def __init__(
+        self,
+        md: ModelDir,
+        cfg: Config,
+        run: str,
+        log: ServeLog,
+        device: torch.device,
+        poll_interval: float = 0.5,
+        metrics: ServiceMetrics | None = None,
+        errors: ErrorLog | None = None,
+    ) -> None:
         self.md = md
         self.cfg = cfg
         self.spec = cfg.runs[run]
@@ -94,8 +103,9 @@ class ModelHost:
         self.encoder = md.encoder()
         self._restore_vocab()
         schema = self.encoder.schema
-        self.online = OnlineEncoder(self.encoder, *md.user_capacity()) if schema.user else \
-            OnlineEncoder(self.encoder, 0, 0)
+        self.online = (
+            OnlineEncoder(self.encoder, *md.user_capacity()) if schema.user else OnlineEncoder(self.encoder, 0, 0)
+        )
         self._pending_vocab: dict[tuple[str, str], int] = {}
 
         self.key = memory_key(self.spec.memory)
@@ -105,8 +115,9 @@ class ModelHost:
         self.state = self._startup_version()
         self._next_poll = time.monotonic() + poll_interval
         self._loading = False
-        self.compensator = build_memory(self.spec.memory, dim=self.state.model.key_dim(self.key),
-                                        seed=int(md.info().get("seed", 0)), device=device)
+        self.compensator = build_memory(
+            self.spec.memory, dim=self.state.model.key_dim(self.key), seed=int(md.info().get("seed", 0)), device=device
+        )
         self.reset_on_update = memory_resets_on_update(self.spec.memory)
         self._rebuild_memory()
         self.metrics.version.set(self.state.version)
@@ -119,12 +130,15 @@ class ModelHost:
         meta = self.md.meta(version)
         fp = model_fingerprint(model, self.key)
         if self.fingerprint is not None and fp != self.fingerprint:
-            raise IncompatibleVersion(version, f"version {version}: another model than the one serving "
-                                               f"({fingerprint_diff(fp, self.fingerprint)})")
+            raise IncompatibleVersion(
+                version,
+                f"version {version}: another model than the one serving ({fingerprint_diff(fp, self.fingerprint)})",
+            )
         memory = (meta.get("composition") or {}).get("memory", self.spec.memory)
         if memory != self.spec.memory:
-            raise IncompatibleVersion(version, f"version {version}: made for memory {memory!r}, the service runs "
-                                               f"{self.spec.memory!r}")
+            raise IncompatibleVersion(
+                version, f"version {version}: made for memory {memory!r}, the service runs {self.spec.memory!r}"
+            )
         if self.fingerprint is None:
             self.fingerprint = fp
         return Serving(version, model.to(self.device).eval(), meta)
@@ -148,12 +162,21 @@ class ModelHost:
                 continue
             self.refused = {"version": wanted, "reason": problem}
             self.metrics.refused.inc()
-            log_event(logger, logging.WARNING, "current_unservable", current=wanted, serving=version,
-                      action=f"serving version {version}, the newest earlier version that loads "
-                             "(fix the version or publish a new one)", reason=problem)
+            log_event(
+                logger,
+                logging.WARNING,
+                "current_unservable",
+                current=wanted,
+                serving=version,
+                action=f"serving version {version}, the newest earlier version that loads "
+                "(fix the version or publish a new one)",
+                reason=problem,
+            )
             return state
-        raise RegistryError(f"{self.md.path}: no version can be served: {problem}"
-                            + (f"; earlier versions: {'; '.join(tried[:2])}" if tried else "")[:1000])
+        raise RegistryError(
+            f"{self.md.path}: no version can be served: {problem}"
+            + (f"; earlier versions: {'; '.join(tried[:2])}" if tried else "")[:1000]
+        )
 
     def serving(self) -> Serving:
         """The model to use for this request (also the cheap, rate-limited poll of ``CURRENT``).
@@ -166,8 +189,7 @@ class ModelHost:
                     self._next_poll = now + self.poll_interval
                     if self.md.current_stamp() != self._stamp:
                         self._loading = True
-                        threading.Thread(target=self._reload_background, daemon=True,
-                                         name="reloop-reload").start()
+                        threading.Thread(target=self._reload_background, daemon=True, name="reloop-reload").start()
         return self.state
 
     def _reload_background(self) -> None:
@@ -185,8 +207,9 @@ class ModelHost:
         self._stamp = stamp  # retried when CURRENT changes again (or on POST /admin/reload)
         refused = {"version": version, "reason": reason}
         if refused != self.refused:
-            log_event(logger, logging.WARNING, "version_refused", version=version, serving=self.state.version,
-                      reason=reason)
+            log_event(
+                logger, logging.WARNING, "version_refused", version=version, serving=self.state.version, reason=reason
+            )
             self.metrics.refused.inc()
         self.refused = refused
 
@@ -224,8 +247,14 @@ class ModelHost:
             with self._enc_lock:
                 snapshot = self.encoder.state_dict()
             self.md.save_encoder_state(snapshot)
-            log_event(logger, logging.INFO, "version_swapped", version=version, previous=previous,
-                      memory_reset=self.compensator is not None and self.reset_on_update)
+            log_event(
+                logger,
+                logging.INFO,
+                "version_swapped",
+                version=version,
+                previous=previous,
+                memory_reset=self.compensator is not None and self.reset_on_update,
+            )
             return True, version
 
     # -- vocabularies --------------------------------------------------------------------------
@@ -308,10 +337,13 @@ class ModelHost:
         rows = self.log.feedback_for_version(self.state.version if self.reset_on_update else None, limit=1_000_000)
         d = self.state.model.key_dim(self.key)
         for i in range(0, len(rows), MEMORY_CHUNK):
-            self._write_memory(rows[i:i + MEMORY_CHUNK], d)
+            self._write_memory(rows[i : i + MEMORY_CHUNK], d)
 
     def memory_info(self) -> dict[str, Any] | None:
         if self.compensator is None:
             return None
-        return {"n_written": self.compensator.memory.n_written, "nbytes": self.compensator.memory.nbytes,
-                "reset_on_update": self.reset_on_update}
+        return {
+            "n_written": self.compensator.memory.n_written,
+            "nbytes": self.compensator.memory.nbytes,
+            "reset_on_update": self.reset_on_update,
+        }

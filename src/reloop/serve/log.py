@@ -26,6 +26,7 @@ Example::
     >>> log.current_period()
     4
 """
+
 from __future__ import annotations
 
 import json
@@ -93,7 +94,7 @@ class RowCodec:
             rec[name] = columns[name].numpy()
         raw = rec.tobytes()
         size = self.dtype.itemsize
-        return [raw[i * size:(i + 1) * size] for i in range(n)]
+        return [raw[i * size : (i + 1) * size] for i in range(n)]
 
     def decode(self, blobs: Sequence[bytes]) -> dict[str, torch.Tensor]:
         rec = np.frombuffer(b"".join(blobs), dtype=self.dtype)
@@ -124,8 +125,7 @@ class ServeLog:
         self._lock = threading.RLock()
         self._qlock = threading.Lock()
         self._queue: list[_Pending] = []
-        self.conn = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None,
-                                    check_same_thread=False)
+        self.conn = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None, check_same_thread=False)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")
         self.conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
@@ -208,9 +208,16 @@ class ServeLog:
         return [{"period": p, "opened": o, "closed": c, "outcome": out} for p, o, c, out in rows]
 
     # -- impressions ---------------------------------------------------------------------------
-    def write_impressions(self, ids: Sequence[str], model_version: int, features: Sequence[bytes],
-                          h: Sequence[bytes], p_base: Sequence[float], p_served: Sequence[float],
-                          vocab: Iterable[tuple[str, str, int]] = ()) -> int:
+    def write_impressions(
+        self,
+        ids: Sequence[str],
+        model_version: int,
+        features: Sequence[bytes],
+        h: Sequence[bytes],
+        p_base: Sequence[float],
+        p_served: Sequence[float],
+        vocab: Iterable[tuple[str, str, int]] = (),
+    ) -> int:
         """Log a predicted batch (and the vocabulary entries it relies on) in one durable commit.
 
         Returns the period the impressions were logged into (the open one at commit time).
@@ -228,8 +235,11 @@ class ServeLog:
             c.executemany(
                 "INSERT INTO impressions(id, ts, model_version, period, features, h, p_base, p_served) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [(i, ts, model_version, period, f, hh, float(pb), float(ps))
-                 for i, f, hh, pb, ps in zip(ids, features, h, p_base, p_served)])
+                [
+                    (i, ts, model_version, period, f, hh, float(pb), float(ps))
+                    for i, f, hh, pb, ps in zip(ids, features, h, p_base, p_served)
+                ],
+            )
             return period
 
         return self._group(work)
@@ -268,10 +278,13 @@ class ServeLog:
             for chunk in _chunks(ids, 500):
                 marks = ",".join("?" * len(chunk))
                 for i, h, pb, ps, v in c.execute(
-                        f"SELECT id, h, p_base, p_served, model_version FROM impressions WHERE id IN ({marks})", chunk):
+                    f"SELECT id, h, p_base, p_served, model_version FROM impressions WHERE id IN ({marks})", chunk
+                ):
                     found[i] = ImpressionRow(i, h, pb, ps, v)
-                seen.update(r[0] for r in c.execute(
-                    f"SELECT impression_id FROM feedback WHERE impression_id IN ({marks})", chunk))
+                seen.update(
+                    r[0]
+                    for r in c.execute(f"SELECT impression_id FROM feedback WHERE impression_id IN ({marks})", chunk)
+                )
             unknown = [i for i in ids if i not in found]
             if unknown:
                 raise UnknownImpressions(unknown)  # nothing of this request is written
@@ -284,17 +297,22 @@ class ServeLog:
                 seen.add(i)
                 accepted.append((found[i], int(label)))
             if accepted:
-                c.executemany("INSERT INTO feedback(impression_id, label, ts) VALUES (?, ?, ?)",
-                              [(r.id, y, ts) for r, y in accepted])
+                c.executemany(
+                    "INSERT INTO feedback(impression_id, label, ts) VALUES (?, ?, ?)",
+                    [(r.id, y, ts) for r, y in accepted],
+                )
             return FeedbackResult(accepted, duplicates)
 
         return self._group(work)
 
     def feedback_for_version(self, version: int | None, limit: int | None = None) -> list[tuple[bytes, int, float]]:
         """``(h, label, p_base)`` of labelled impressions (of ``version``, or all), in feedback order."""
-        q = ("SELECT i.h, f.label, i.p_base FROM feedback f JOIN impressions i ON i.id = f.impression_id "
-             + ("WHERE i.model_version = ? " if version is not None else "")
-             + "ORDER BY f.rowid DESC" + (f" LIMIT {int(limit)}" if limit else ""))
+        q = (
+            "SELECT i.h, f.label, i.p_base FROM feedback f JOIN impressions i ON i.id = f.impression_id "
+            + ("WHERE i.model_version = ? " if version is not None else "")
+            + "ORDER BY f.rowid DESC"
+            + (f" LIMIT {int(limit)}" if limit else "")
+        )
         with self._lock:
             rows = self.conn.execute(q, (version,) if version is not None else ()).fetchall()
         return rows[::-1]
@@ -304,7 +322,9 @@ class ServeLog:
         with self._lock:
             rows = self.conn.execute(
                 "SELECT f.label, i.p_served FROM feedback f JOIN impressions i ON i.id = f.impression_id "
-                "ORDER BY f.rowid DESC LIMIT ?", (int(limit),)).fetchall()
+                "ORDER BY f.rowid DESC LIMIT ?",
+                (int(limit),),
+            ).fetchall()
         return rows[::-1]
 
     # -- quarantine ----------------------------------------------------------------------------
@@ -314,8 +334,15 @@ class ServeLog:
     def quarantine_many(self, endpoint: str, items: Sequence[tuple[Any, str]]) -> None:
         ts = time.time()
         # printable: a lone UTF-16 surrogate (valid JSON, no UTF-8 form) would make SQLite fail
-        rows = [(ts, printable(endpoint), printable((p if isinstance(p, str) else _json_or_repr(p))[:MAX_PAYLOAD]),
-                 printable(r)) for p, r in items]
+        rows = [
+            (
+                ts,
+                printable(endpoint),
+                printable((p if isinstance(p, str) else _json_or_repr(p))[:MAX_PAYLOAD]),
+                printable(r),
+            )
+            for p, r in items
+        ]
 
         def work(c: sqlite3.Connection) -> None:
             c.executemany("INSERT INTO quarantine(ts, endpoint, payload, reason) VALUES (?, ?, ?, ?)", rows)
@@ -337,54 +364,77 @@ class ServeLog:
         with self._lock:
             return int(self.conn.execute("SELECT COALESCE(MAX(rowid), 0) FROM impressions").fetchone()[0])
 
-    def period_rows(self, period: int, upto_rowid: int) -> list[tuple[str, float, bytes, float, float, int | None, float | None]]:
+    def period_rows(
+        self, period: int, upto_rowid: int
+    ) -> list[tuple[str, float, bytes, float, float, int | None, float | None]]:
         """Impressions of ``period`` (rowid ≤ ``upto_rowid``) in log order, with their label if any:
         ``(id, ts, features, p_base, p_served, label, feedback_ts)``."""
         with self._lock:
             return self.conn.execute(
                 "SELECT i.id, i.ts, i.features, i.p_base, i.p_served, f.label, f.ts FROM impressions i "
                 "LEFT JOIN feedback f ON f.impression_id = i.id WHERE i.period = ? AND i.rowid <= ? "
-                "ORDER BY i.rowid", (period, upto_rowid)).fetchall()
+                "ORDER BY i.rowid",
+                (period, upto_rowid),
+            ).fetchall()
 
     def closed_rows(self) -> list[tuple[int, int, bytes, int, float, float]]:
         """Rows of closed periods that entered training: ``(row_id, period, features, label, p_base, p_served)``."""
         with self._lock:
             return self.conn.execute(
                 "SELECT row_id, period, features, label_used, p_base, p_served FROM impressions "
-                "WHERE row_id IS NOT NULL ORDER BY row_id").fetchall()
+                "WHERE row_id IS NOT NULL ORDER BY row_id"
+            ).fetchall()
 
     def next_row_id(self, first: int) -> int:
         with self._lock:
             row = self.conn.execute("SELECT MAX(row_id) FROM impressions").fetchone()
         return first if row[0] is None else max(first, int(row[0]) + 1)
 
-    def close_period(self, period: int, upto_rowid: int, rows: Sequence[tuple[str, int, int]],
-                     outcome: str, detail: dict[str, Any], published: tuple[int, dict[str, Any]] | None) -> None:
+    def close_period(
+        self,
+        period: int,
+        upto_rowid: int,
+        rows: Sequence[tuple[str, int, int]],
+        outcome: str,
+        detail: dict[str, Any],
+        published: tuple[int, dict[str, Any]] | None,
+    ) -> None:
         """Close ``period`` in one transaction: impressions logged after ``upto_rowid`` move to the
         next period, training rows get their ``row_id``/``label_used``, the next period opens."""
         now = time.time()
         with self._tx() as c:
-            c.execute("UPDATE impressions SET period = ? WHERE period = ? AND rowid > ?", (period + 1, period, upto_rowid))
-            c.executemany("UPDATE impressions SET row_id = ?, label_used = ? WHERE id = ?",
-                          [(r, y, i) for i, r, y in rows])
+            c.execute(
+                "UPDATE impressions SET period = ? WHERE period = ? AND rowid > ?", (period + 1, period, upto_rowid)
+            )
+            c.executemany(
+                "UPDATE impressions SET row_id = ?, label_used = ? WHERE id = ?", [(r, y, i) for i, r, y in rows]
+            )
             c.execute("UPDATE periods SET closed = ?, outcome = ? WHERE period = ?", (now, outcome, period))
             c.execute("INSERT OR IGNORE INTO periods(period, opened) VALUES (?, ?)", (period + 1, now))
-            c.execute("INSERT INTO retrains(ts, period, outcome, detail) VALUES (?, ?, ?, ?)",
-                      (now, period, outcome, json.dumps(detail, default=str)))
+            c.execute(
+                "INSERT INTO retrains(ts, period, outcome, detail) VALUES (?, ?, ?, ?)",
+                (now, period, outcome, json.dumps(detail, default=str)),
+            )
             if published is not None:
                 version, meta = published
-                c.execute("INSERT OR REPLACE INTO published(version, ts, period, meta) VALUES (?, ?, ?, ?)",
-                          (version, now, period, json.dumps(meta, default=str)))
+                c.execute(
+                    "INSERT OR REPLACE INTO published(version, ts, period, meta) VALUES (?, ?, ?, ?)",
+                    (version, now, period, json.dumps(meta, default=str)),
+                )
 
     def record_retrain(self, period: int | None, outcome: str, detail: dict[str, Any]) -> None:
         with self._tx() as c:
-            c.execute("INSERT INTO retrains(ts, period, outcome, detail) VALUES (?, ?, ?, ?)",
-                      (time.time(), period, outcome, json.dumps(detail, default=str)))
+            c.execute(
+                "INSERT INTO retrains(ts, period, outcome, detail) VALUES (?, ?, ?, ?)",
+                (time.time(), period, outcome, json.dumps(detail, default=str)),
+            )
 
     def record_published(self, version: int, period: int | None, meta: dict[str, Any]) -> None:
         with self._tx() as c:
-            c.execute("INSERT OR REPLACE INTO published(version, ts, period, meta) VALUES (?, ?, ?, ?)",
-                      (version, time.time(), period, json.dumps(meta, default=str)))
+            c.execute(
+                "INSERT OR REPLACE INTO published(version, ts, period, meta) VALUES (?, ?, ?, ?)",
+                (version, time.time(), period, json.dumps(meta, default=str)),
+            )
 
     def retrains(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -429,7 +479,7 @@ class _Transaction:
 
 def _chunks(items: list, size: int):
     for i in range(0, len(items), size):
-        yield items[i:i + size]
+        yield items[i : i + size]
 
 
 def _json_or_repr(value: Any) -> str:

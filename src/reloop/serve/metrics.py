@@ -16,6 +16,7 @@ Exposed (``GET /metrics``, Prometheus text format)::
     reloop_rolling_auc / reloop_rolling_logloss    gauges over the last N feedback events
     reloop_rolling_events                          gauge (events in the window)
 """
+
 from __future__ import annotations
 
 import threading
@@ -67,28 +68,35 @@ class ServiceMetrics:
     def __init__(self, window: int = 10000) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("reloop_requests", "HTTP requests by endpoint and status code",
-                                ["endpoint", "status"], registry=r)
-        self.latency = Histogram("reloop_request_seconds", "Request latency by endpoint", ["endpoint"],
-                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            "reloop_requests", "HTTP requests by endpoint and status code", ["endpoint", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "reloop_request_seconds", "Request latency by endpoint", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r
+        )
         self.impressions = Counter("reloop_impressions", "Impressions predicted and logged", registry=r)
         self.feedback = Counter("reloop_feedback", "Feedback events logged", registry=r)
         self.duplicates = Counter("reloop_feedback_duplicates", "Duplicate feedback events ignored", registry=r)
         self.quarantined = Counter("reloop_quarantined", "Malformed inputs quarantined", ["endpoint"], registry=r)
         self.version = Gauge("reloop_model_version", "Model version serving", registry=r)
         self.swaps = Counter("reloop_model_swaps", "Hot swaps to a newly published version", registry=r)
-        self.refused = Counter("reloop_refused_versions", "Published versions refused (unreadable or another model)",
-                               registry=r)
-        self.internal_errors = Counter("reloop_internal_errors", "Requests answered 500 (internal errors)",
-                                       ["endpoint"], registry=r)
+        self.refused = Counter(
+            "reloop_refused_versions", "Published versions refused (unreadable or another model)", registry=r
+        )
+        self.internal_errors = Counter(
+            "reloop_internal_errors", "Requests answered 500 (internal errors)", ["endpoint"], registry=r
+        )
         self.retrains = Counter("reloop_retrains", "Retrains run by this process, by outcome", ["outcome"], registry=r)
-        self.memory_written = Gauge("reloop_memory_written", "Samples written to the error memory since its last reset",
-                                    registry=r)
+        self.memory_written = Gauge(
+            "reloop_memory_written", "Samples written to the error memory since its last reset", registry=r
+        )
         self.memory_bytes = Gauge("reloop_memory_bytes", "Bytes of the error memory state", registry=r)
-        self.rolling_auc = Gauge("reloop_rolling_auc", "AUC of served predictions over the last N feedback events",
-                                 registry=r)
-        self.rolling_logloss = Gauge("reloop_rolling_logloss",
-                                     "LogLoss of served predictions over the last N feedback events", registry=r)
+        self.rolling_auc = Gauge(
+            "reloop_rolling_auc", "AUC of served predictions over the last N feedback events", registry=r
+        )
+        self.rolling_logloss = Gauge(
+            "reloop_rolling_logloss", "LogLoss of served predictions over the last N feedback events", registry=r
+        )
         self.rolling_events = Gauge("reloop_rolling_events", "Feedback events in the rolling window", registry=r)
         self.window = RollingWindow(window)
 

@@ -15,6 +15,7 @@ vocabulary and of every user whenever one grew: 185 ms per request at 500k known
 ``tests/test_serve_bounds.py`` checks that the result equals ``transform(grow=True)`` while the
 tables have room and overflow alike, and that the cost stays flat as the vocabularies fill.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,8 +51,9 @@ class OnlineEncoder:
         self.user_capacity = user_capacity
         self.user_overflow = user_overflow
         schema = encoder.schema
-        self.fields = [(s.name, s.kind == "sequence", s.vocab or s.name, s.max_len)
-                       for s in schema.features if s.kind != "numeric"]
+        self.fields = [
+            (s.name, s.kind == "sequence", s.vocab or s.name, s.max_len) for s in schema.features if s.kind != "numeric"
+        ]
         self.user = schema.user
 
     def encode(self, columns: dict[str, list], n: int) -> tuple[dict[str, torch.Tensor], list[tuple[str, str, int]]]:
@@ -66,7 +68,9 @@ class OnlineEncoder:
             raise RuntimeError("online encoder: a value could not be encoded after resolving its ids")
         return cols, new
 
-    def _resolve(self, columns: dict[str, list], n: int) -> tuple[list[tuple[str, str, int]], dict[str, dict[str, int]]]:
+    def _resolve(
+        self, columns: dict[str, list], n: int
+    ) -> tuple[list[tuple[str, str, int]], dict[str, dict[str, int]]]:
         """Give unseen ids the next indices (arrival order, up to capacity); the others their bucket."""
         vocabs = self.encoder.vocabs
         new: list[tuple[str, str, int]] = []
@@ -78,7 +82,7 @@ class OnlineEncoder:
                     continue
                 vocab = vocabs[table]
                 index = vocab.index
-                for v in (value[:max_len] if is_seq else (value,)):
+                for v in value[:max_len] if is_seq else (value,):
                     if v in index:
                         continue
                     if len(index) < vocab.capacity:
@@ -86,8 +90,10 @@ class OnlineEncoder:
                         new.append((table, v, index[v]))
                     else:
                         late.setdefault(table, {})[v] = None
-        overflow = {t: dict(zip(ids, overflow_buckets(vocabs[t].capacity, vocabs[t].overflow, list(ids))))
-                    for t, ids in late.items()}
+        overflow = {
+            t: dict(zip(ids, overflow_buckets(vocabs[t].capacity, vocabs[t].overflow, list(ids))))
+            for t, ids in late.items()
+        }
         if self.user:
             users = self.encoder.users
             late_users: dict[str, None] = {}

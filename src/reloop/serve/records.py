@@ -7,6 +7,7 @@ to whole columns — so a record encodes online exactly as the same row would of
 sequences of at most ``max_sequence`` items, numbers with ``|x| <= max_abs_number``, no lone UTF-16
 surrogate.
 """
+
 from __future__ import annotations
 
 import functools
@@ -45,8 +46,9 @@ class RecordParser:
     :data:`~reloop.data.values.DEFAULT_SEPARATOR` for the others).
     """
 
-    def __init__(self, schema: FeatureSchema, limits: Limits | None = None,
-                 separators: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, schema: FeatureSchema, limits: Limits | None = None, separators: Mapping[str, str] | None = None
+    ) -> None:
         self.schema = schema
         self.limits = limits or Limits()
         self.separators = dict(separators or {})
@@ -80,8 +82,11 @@ class RecordParser:
 
     def frame(self, data: Columns) -> pl.DataFrame:
         """The columns as the typed polars frame ``FeatureEncoder.transform`` reads."""
-        dtypes: dict[str, pl.DataType] = {"categorical": pl.String(), "numeric": pl.Float64(),
-                                           "sequence": pl.List(pl.String)}
+        dtypes: dict[str, pl.DataType] = {
+            "categorical": pl.String(),
+            "numeric": pl.Float64(),
+            "sequence": pl.List(pl.String),
+        }
         out = {name: pl.Series(name, data[name], dtype=dtypes[kind]) for name, kind in self.columns}
         n = len(next(iter(data.values()))) if data else 0
         out[self.schema.label] = pl.Series(self.schema.label, [0] * n, dtype=pl.Int8)
@@ -105,7 +110,9 @@ class RecordParser:
     def _bounded_id(self, v: str | None) -> str | None:
         if v is not None:
             if len(v) > self.limits.max_id:
-                raise values.ValueProblem(values.NOT_AN_ID, f"id of {len(v):,} characters (at most {self.limits.max_id})")
+                raise values.ValueProblem(
+                    values.NOT_AN_ID, f"id of {len(v):,} characters (at most {self.limits.max_id})"
+                )
             if not utf8_ok(v):
                 raise values.ValueProblem(values.NOT_AN_ID, "invalid unicode (a lone UTF-16 surrogate)")
         return v
@@ -116,15 +123,17 @@ class RecordParser:
     def _number(self, v: Any) -> float | None:
         x = values.number_value(v)
         if x is not None and abs(x) > self.limits.max_abs_number:
-            raise values.ValueProblem(values.NOT_A_NUMBER,
-                                      f"expected a finite number with |x| <= {self.limits.max_abs_number:g}")
+            raise values.ValueProblem(
+                values.NOT_A_NUMBER, f"expected a finite number with |x| <= {self.limits.max_abs_number:g}"
+            )
         return x
 
     def _sequence(self, v: Any, separator: str) -> list[str]:
         items = values.sequence_value(v, separator)
         if len(items) > self.limits.max_sequence:
-            raise values.ValueProblem(values.NOT_AN_ID,
-                                      f"sequence of {len(items):,} ids (at most {self.limits.max_sequence})")
+            raise values.ValueProblem(
+                values.NOT_AN_ID, f"sequence of {len(items):,} ids (at most {self.limits.max_sequence})"
+            )
         for x in items:
             try:
                 self._bounded_id(x)

@@ -24,6 +24,7 @@ renames it into ``versions/`` and only then replaces ``CURRENT`` (write a tempor
 ``os.replace``, fsync the directory). A reader that sees a version number in ``CURRENT`` therefore
 always finds the complete version; a crash in between leaves the previous version serving.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,19 @@ from reloop.models.base import (
 logger = logging.getLogger("reloop.serve")
 
 FORMAT = 1
-OUR_FILES = {"config.yaml", "service.json", "encoder.json", "pretrain.pt", "versions", "CURRENT",
-             "log.sqlite3", "log.sqlite3-wal", "log.sqlite3-shm", "retrain.lock", "CURRENT.tmp"}
+OUR_FILES = {
+    "config.yaml",
+    "service.json",
+    "encoder.json",
+    "pretrain.pt",
+    "versions",
+    "CURRENT",
+    "log.sqlite3",
+    "log.sqlite3-wal",
+    "log.sqlite3-shm",
+    "retrain.lock",
+    "CURRENT.tmp",
+}
 SERVING, BASE = "serving.safetensors", "base.safetensors"
 LEGACY = {SERVING: "serving.pt", BASE: "base.pt"}  # versions written before the safetensors format
 
@@ -94,9 +106,12 @@ def safe_torch_load(path: Path) -> Any:
 def model_fingerprint(model: CTRModel, key: str) -> dict[str, Any]:
     """What must not change between two versions one service swaps: the model's name and every
     option, the feature map, every tensor's name and shape, and the error memory's key and width."""
-    return {"model": model.config(), "feature_map": model.feature_map.model_dump(),
-            "shapes": {k: list(v.shape) for k, v in model.state_dict().items()},
-            "memory": {"key": key, "dim": model.key_dim(key)}}
+    return {
+        "model": model.config(),
+        "feature_map": model.feature_map.model_dump(),
+        "shapes": {k: list(v.shape) for k, v in model.state_dict().items()},
+        "memory": {"key": key, "dim": model.key_dim(key)},
+    }
 
 
 def fingerprint_diff(got: dict[str, Any], want: dict[str, Any]) -> str:
@@ -182,8 +197,10 @@ class ModelDir:
 
     def check(self) -> None:
         if not self.is_bootstrapped():
-            raise RegistryError(f"{self.path} is not a bootstrapped model directory (no CURRENT file); "
-                                "start `reloop serve --config CONFIG --model-dir DIR` once to create it")
+            raise RegistryError(
+                f"{self.path} is not a bootstrapped model directory (no CURRENT file); "
+                "start `reloop serve --config CONFIG --model-dir DIR` once to create it"
+            )
 
     def current_version(self) -> int:
         self.check()
@@ -261,8 +278,9 @@ class ModelDir:
         users = rows.data.get("user")
         n = int(users.max()) + 1 if users is not None and len(users) else 0
         cap, overflow = capacity_for(n, self.encoder().config)
-        write_atomic(self.path / "service.json", json.dumps({**info, "user_capacity": cap, "user_overflow": overflow},
-                                                            indent=2))
+        write_atomic(
+            self.path / "service.json", json.dumps({**info, "user_capacity": cap, "user_overflow": overflow}, indent=2)
+        )
         return cap, overflow
 
     def save_encoder(self, encoder: FeatureEncoder) -> None:
@@ -322,8 +340,9 @@ class ModelDir:
             raise VersionError(number, f"version {number}: {path.name}: not a state mapping")
         return state
 
-    def publish(self, base: CTRModel, serving: CTRModel, state: dict[str, Any], meta: dict[str, Any],
-                number: int | None = None) -> Version:
+    def publish(
+        self, base: CTRModel, serving: CTRModel, state: dict[str, Any], meta: dict[str, Any], number: int | None = None
+    ) -> Version:
         """Write a complete version, then point ``CURRENT`` at it (both steps atomic and synced).
 
         Callers serialise publications (``retrain`` holds ``retrain.lock``).
@@ -370,8 +389,10 @@ def pick_run(cfg: Config, run: str | None) -> str:
     if run not in cfg.runs:
         raise RegistryError(f"--run {run!r}: the config has no such run (runs: {', '.join(cfg.runs)})")
     if cfg.runs[run].combine is not None:
-        raise RegistryError(f"runs.{run}.combine: reloop serve hosts one model, and a combine: run mixes "
-                            f"several; serve its stack without combine:, or one of its experts (--run NAME)")
+        raise RegistryError(
+            f"runs.{run}.combine: reloop serve hosts one model, and a combine: run mixes "
+            f"several; serve its stack without combine:, or one of its experts (--run NAME)"
+        )
     return run
 
 
@@ -403,7 +424,7 @@ def pretrain_encoder(encoder: FeatureEncoder, rows: PeriodTensors, feature_map: 
     if "user" in rows.data and state["users"]:
         users = rows.data["user"]
         k = int(users.max()) + 1 if len(users) else 0
-        state["users"] = state["users"][:max(k, 0)]
+        state["users"] = state["users"][: max(k, 0)]
     return FeatureEncoder.from_state(state)
 
 
@@ -417,8 +438,9 @@ def capacity_for(n: int, config: EncoderConfig) -> tuple[int, int]:
     return cap, max(8, math.ceil(cap * config.overflow_share))
 
 
-def bootstrap(cfg: Config, model_dir: str | Path, run: str | None = None, seed: int | None = None,
-              log=logger.info) -> ModelDir:
+def bootstrap(
+    cfg: Config, model_dir: str | Path, run: str | None = None, seed: int | None = None, log=logger.info
+) -> ModelDir:
     """Create a model directory: prepare the stream, pretrain Θ0, save encoder and version 1.
 
     ``CURRENT`` is written last: a directory interrupted half-way is bootstrapped again from scratch.
@@ -444,30 +466,55 @@ def bootstrap(cfg: Config, model_dir: str | Path, run: str | None = None, seed: 
     t0 = time.perf_counter()
     prepared = prepare_stream(cfg.data, P, EncoderConfig(**cfg.encoder.model_dump()))
     stream = prepared.stream
-    log(f"prepared {len(stream.rows):,} rows in {stream.n_periods} periods ({time.perf_counter() - t0:.1f}s); "
-        f"pretraining Θ0 on periods 1..{P}")
+    log(
+        f"prepared {len(stream.rows):,} rows in {stream.n_periods} periods ({time.perf_counter() - t0:.1f}s); "
+        f"pretraining Θ0 on periods 1..{P}"
+    )
     model, optim_state = pretrain(cfg, stream, seed)
     model.eval()
     rows = stream.periods(1, P)
     encoder = pretrain_encoder(prepared.encoder, rows, stream.feature_map)
 
     (md.path / "config.yaml").write_text(dump_config(cfg))
-    info = {"format": FORMAT, "run": run, "seed": seed, "pretrain_periods": P, "pretrain_rows": len(rows),
-            "feature_map": stream.feature_map.model_dump(), "created": time.time(),
-            "user": encoder.schema.user}
+    info = {
+        "format": FORMAT,
+        "run": run,
+        "seed": seed,
+        "pretrain_periods": P,
+        "pretrain_rows": len(rows),
+        "feature_map": stream.feature_map.model_dump(),
+        "created": time.time(),
+        "user": encoder.schema.user,
+    }
     info["user_capacity"], info["user_overflow"] = capacity_for(len(encoder.users), encoder.config)
     (md.path / "service.json").write_text(json.dumps(info, indent=2))
     md.save_encoder(encoder)
-    _torch_save_synced({"columns": rows.data, "bounds": stream.bounds[:P],
-                        "feature_map": stream.feature_map.model_dump()}, md.path / "pretrain.pt")
+    _torch_save_synced(
+        {"columns": rows.data, "bounds": stream.bounds[:P], "feature_map": stream.feature_map.model_dump()},
+        md.path / "pretrain.pt",
+    )
     spec = cfg.runs[run]
     engine = RunEngine(cfg, spec, seed, stream.feature_map)  # the same initial state as an offline run
     engine_state = engine.state_dict()
-    state = {"optim": optim_state, "strategy": engine_state["strategy"], "generator": engine_state["generator"],
-             "rng": engine_state["rng"], "run": run}
-    meta = {"created": time.time(), "trained_through": P, "update_periods": list(range(1, P + 1)),
-            "serves_period": P + 1, "parent": None, "composition": composition(cfg, run),
-            "model": cfg.model, "validation": None, "n_train": len(rows), "n_holdout": 0}
+    state = {
+        "optim": optim_state,
+        "strategy": engine_state["strategy"],
+        "generator": engine_state["generator"],
+        "rng": engine_state["rng"],
+        "run": run,
+    }
+    meta = {
+        "created": time.time(),
+        "trained_through": P,
+        "update_periods": list(range(1, P + 1)),
+        "serves_period": P + 1,
+        "parent": None,
+        "composition": composition(cfg, run),
+        "model": cfg.model,
+        "validation": None,
+        "n_train": len(rows),
+        "n_holdout": 0,
+    }
     for name in ("config.yaml", "service.json", "encoder.json"):
         _fsync_file(md.path / name)
     slog = ServeLog(md.log_path)

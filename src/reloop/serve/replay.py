@@ -13,6 +13,7 @@
 :func:`start_server` (a ``reloop serve`` subprocess on a free port) is shared with the tests and the
 load benchmark.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,16 +43,33 @@ class ServerProcess:
     ``admin_headers`` carries it for ``/admin/*`` calls.
     """
 
-    def __init__(self, model_dir: str | Path, port: int | None = None, args: list[str] | None = None,
-                 env: dict[str, str] | None = None, log_path: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        port: int | None = None,
+        args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        log_path: str | Path | None = None,
+    ) -> None:
         import secrets
 
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "RELOOP_ADMIN_TOKEN": secrets.token_hex(16), **(env or {})}
         self.admin_headers = {"authorization": f"Bearer {env['RELOOP_ADMIN_TOKEN']}"}
-        cmd = [sys.executable, "-m", "reloop.serve.cli", "serve", "--model-dir", str(model_dir),
-               "--host", "127.0.0.1", "--port", str(self.port), *(args or [])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "reloop.serve.cli",
+            "serve",
+            "--model-dir",
+            str(model_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            *(args or []),
+        ]
         self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=self._log, env=env)
 
@@ -92,8 +110,9 @@ class ServerProcess:
         self.stop()
 
 
-def start_server(model_dir: str | Path, args: list[str] | None = None, timeout: float = 60.0,
-                 log_path: str | Path | None = None) -> ServerProcess:
+def start_server(
+    model_dir: str | Path, args: list[str] | None = None, timeout: float = 60.0, log_path: str | Path | None = None
+) -> ServerProcess:
     server = ServerProcess(model_dir, args=args, log_path=log_path)
     try:
         server.wait_ready(timeout)
@@ -110,7 +129,7 @@ def rolling_auc(labels: np.ndarray, scores: np.ndarray, window: int, step: int) 
     xs, ys = [], []
     for end in range(window, len(labels) + 1, step):
         xs.append(end)
-        ys.append(auc(labels[end - window:end], scores[end - window:end]))
+        ys.append(auc(labels[end - window : end], scores[end - window : end]))
     return np.asarray(xs), np.asarray(ys)
 
 
@@ -126,9 +145,16 @@ def _wait_version(client, version: int, timeout: float = 30.0, headers: dict[str
     return client.post("/admin/reload", headers=headers).json().get("model_version", seen)
 
 
-def run_demo(out: str | Path, run: str | None = None, periods: int | None = None, options=None,
-             config: str | Path | None = None, overrides: list[str] | None = None, batch: int = 256,
-             log=None) -> dict[str, Any]:
+def run_demo(
+    out: str | Path,
+    run: str | None = None,
+    periods: int | None = None,
+    options=None,
+    config: str | Path | None = None,
+    overrides: list[str] | None = None,
+    batch: int = 256,
+    log=None,
+) -> dict[str, Any]:
     """Replay the demo stream through a live server (see the module docstring); returns live.json."""
     import httpx
     import matplotlib
@@ -207,18 +233,31 @@ def run_demo(out: str | Path, run: str | None = None, periods: int | None = None
                 p_live = np.full(end - start, np.nan)
                 versions = set()
                 for i in range(0, len(records), batch):
-                    resp = call(client, "/predict", {"records": records[i:i + batch]})
+                    resp = call(client, "/predict", {"records": records[i : i + batch]})
                     if resp is None:
                         continue
                     versions.add(resp["model_version"])
                     preds = resp["predictions"]
-                    p_live[i:i + len(preds)] = [p["p"] for p in preds]
-                    call(client, "/feedback", {"events": [{"impression_id": p["impression_id"], "label": int(lbl)}
-                                                          for p, lbl in zip(preds, y[i:i + batch])]})
+                    p_live[i : i + len(preds)] = [p["p"] for p in preds]
+                    call(
+                        client,
+                        "/feedback",
+                        {
+                            "events": [
+                                {"impression_id": p["impression_id"], "label": int(lbl)}
+                                for p, lbl in zip(preds, y[i : i + batch])
+                            ]
+                        },
+                    )
                 p_frozen = torch.sigmoid(predict_rows(theta0, stream.period(t))[0]).numpy()
                 ok = ~np.isnan(p_live)
-                row = {"period": t, "rows": int(end - start), "model_versions": sorted(versions),
-                       "live_auc": auc(y[ok], p_live[ok]), "frozen_auc": auc(y, p_frozen)}
+                row = {
+                    "period": t,
+                    "rows": int(end - start),
+                    "model_versions": sorted(versions),
+                    "live_auc": auc(y[ok], p_live[ok]),
+                    "frozen_auc": auc(y, p_frozen),
+                }
                 truth = stream.truth_of(t)
                 if truth is not None:
                     row["oracle_auc"] = auc(y, truth.numpy())
@@ -233,8 +272,10 @@ def run_demo(out: str | Path, run: str | None = None, periods: int | None = None
                         _wait_version(client, result.version, headers=server.admin_headers)
                         swaps.append(sum(len(a) for a in ys))
                 per_period.append(row)
-                log(f"period {t}: live AUC {row['live_auc']:.4f}  frozen AUC {row['frozen_auc']:.4f}  "
-                    f"served by v{row['model_versions']}  retrain: {row.get('retrain', '-')}")
+                log(
+                    f"period {t}: live AUC {row['live_auc']:.4f}  frozen AUC {row['frozen_auc']:.4f}  "
+                    f"served by v{row['model_versions']}  retrain: {row.get('retrain', '-')}"
+                )
             metrics_text = client.get("/metrics").text
     finally:
         server.stop()
@@ -254,8 +295,10 @@ def run_demo(out: str | Path, run: str | None = None, periods: int | None = None
         "oracle_auc": float(np.nanmean([r.get("oracle_auc", np.nan) for r in per_period])),
         "requests": requests,
         "failed_requests": failed,
-        "latency_ms": {"p50": float(np.percentile(lat, 50)) if len(lat) else None,
-                       "p99": float(np.percentile(lat, 99)) if len(lat) else None},
+        "latency_ms": {
+            "p50": float(np.percentile(lat, 50)) if len(lat) else None,
+            "p99": float(np.percentile(lat, 99)) if len(lat) else None,
+        },
         "retrains": retrains,
         "published": sum(r["outcome"] == "published" for r in retrains),
         "rejected": sum(r["outcome"] == "rejected" for r in retrains),
@@ -276,16 +319,20 @@ def run_demo(out: str | Path, run: str | None = None, periods: int | None = None
         ax.axvline(s, color="0.85", linewidth=0.8, zorder=0)
     ax.set_xlabel("impressions served")
     ax.set_ylabel(f"rolling AUC (last {window:,} impressions)")
-    ax.set_title(f"reloop serve --demo: live AUC {summary['live_auc'] or float('nan'):.4f} vs frozen "
-                 f"{summary['frozen_auc'] or float('nan'):.4f} "
-                 f"({requests:,} requests, {failed} failed)")
+    ax.set_title(
+        f"reloop serve --demo: live AUC {summary['live_auc'] or float('nan'):.4f} vs frozen "
+        f"{summary['frozen_auc'] or float('nan'):.4f} "
+        f"({requests:,} requests, {failed} failed)"
+    )
     ax.legend(loc="lower left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "live.png", dpi=110)
     plt.close(fig)
-    log(f"demo: live AUC {summary['live_auc'] or float('nan'):.4f} vs frozen {summary['frozen_auc'] or float('nan'):.4f}; "
-        f"{requests} requests, {failed} failed; {out / 'live.json'}, {out / 'live.png'} ({summary['seconds']}s)")
+    log(
+        f"demo: live AUC {summary['live_auc'] or float('nan'):.4f} vs frozen {summary['frozen_auc'] or float('nan'):.4f}; "
+        f"{requests} requests, {failed} failed; {out / 'live.json'}, {out / 'live.png'} ({summary['seconds']}s)"
+    )
     return summary
 
 

@@ -25,6 +25,7 @@ feedback events) is the online version of one step of the offline protocol
 
 A crash before step 6 leaves period t open and the previous version serving: nothing is lost.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -118,8 +119,9 @@ def _update_periods(strategy: Any, t: int) -> list[int]:
     return list(range(1, t + 1))  # replay and others: D_t plus samples of earlier periods
 
 
-def build_history(md: ModelDir, slog: ServeLog, codec: RowCodec, new: dict[str, torch.Tensor] | None,
-                  y_last: str) -> tuple[Stream, torch.Tensor]:
+def build_history(
+    md: ModelDir, slog: ServeLog, codec: RowCodec, new: dict[str, torch.Tensor] | None, y_last: str
+) -> tuple[Stream, torch.Tensor]:
     """The stream of pretraining + closed periods (+ ``new``, the open period's rows) and the logged
     ``served`` prediction per global row (NaN where none was logged)."""
     pre, pre_bounds, fmap = md.pretrain_rows()
@@ -136,8 +138,9 @@ def build_history(md: ModelDir, slog: ServeLog, codec: RowCodec, new: dict[str, 
         cols["label"] = torch.tensor([float(r[3]) for r in closed], dtype=torch.float32)
         cols["row"] = torch.from_numpy(row_ids)
         parts.append(cols)
-        served_parts.append(torch.tensor([r[4] if y_last != "compensated" else r[5] for r in closed],
-                                         dtype=torch.float32))
+        served_parts.append(
+            torch.tensor([r[4] if y_last != "compensated" else r[5] for r in closed], dtype=torch.float32)
+        )
         periods = np.fromiter((r[1] for r in closed), dtype=np.int64, count=len(closed))
         change = np.flatnonzero(np.diff(periods)) + 1
         starts = np.r_[0, change]
@@ -162,8 +165,12 @@ def build_history(md: ModelDir, slog: ServeLog, codec: RowCodec, new: dict[str, 
     return stream, torch.cat(served_parts)
 
 
-def retrain(model_dir: str | Path, options: RetrainOptions | None = None, now: float | None = None,
-            log: Callable[[str], Any] | None = None) -> RetrainResult:
+def retrain(
+    model_dir: str | Path,
+    options: RetrainOptions | None = None,
+    now: float | None = None,
+    log: Callable[[str], Any] | None = None,
+) -> RetrainResult:
     """One retrain step (see the module docstring). Never raises for "nothing to do": returns a
     result whose ``outcome`` says what happened."""
     options = options or RetrainOptions()
@@ -272,23 +279,44 @@ def _retrain_locked(md: ModelDir, slog: ServeLog, options: RetrainOptions, now: 
         auc_s = auc(labels, torch.sigmoid(predict_rows(serving_now, hold, cfg.train.eval_batch_size)[0]).numpy())
     detail.update({"auc_candidate": auc_c, "auc_serving": auc_s, "max_auc_drop": options.max_auc_drop})
     if math.isfinite(auc_c) and math.isfinite(auc_s) and auc_c < auc_s - options.max_auc_drop:
-        reason = (f"candidate AUC {auc_c:.4f} < serving AUC {auc_s:.4f} − {options.max_auc_drop} on "
-                  f"{n_hold} held-out rows of period {t}")
+        reason = (
+            f"candidate AUC {auc_c:.4f} < serving AUC {auc_s:.4f} − {options.max_auc_drop} on "
+            f"{n_hold} held-out rows of period {t}"
+        )
         slog.close_period(t, upto, rows_ids, "rejected", {**detail, "reason": reason}, None)
         say(f"rejected: {reason}")
         return RetrainResult("rejected", t, version, reason, n_train, n_hold, auc_c, auc_s)
 
     engine_state = engine.state_dict()
-    new_state = {"optim": optim_state, "strategy": engine_state["strategy"],
-                 "generator": engine_state["generator"], "rng": engine_state["rng"], "run": run}
-    meta = {"created": time.time(), "trained_through": t, "update_periods": _update_periods(engine.strategy, t),
-            "serves_period": t + 1, "parent": version, "composition": composition(cfg, run), "model": cfg.model,
-            "validation": {"auc_candidate": _finite(auc_c), "auc_serving": _finite(auc_s), "n_holdout": n_hold,
-                           "max_auc_drop": options.max_auc_drop, "guard": step.guard.reason},
-            "n_train": n_train, "n_holdout": n_hold}
+    new_state = {
+        "optim": optim_state,
+        "strategy": engine_state["strategy"],
+        "generator": engine_state["generator"],
+        "rng": engine_state["rng"],
+        "run": run,
+    }
+    meta = {
+        "created": time.time(),
+        "trained_through": t,
+        "update_periods": _update_periods(engine.strategy, t),
+        "serves_period": t + 1,
+        "parent": version,
+        "composition": composition(cfg, run),
+        "model": cfg.model,
+        "validation": {
+            "auc_candidate": _finite(auc_c),
+            "auc_serving": _finite(auc_s),
+            "n_holdout": n_hold,
+            "max_auc_drop": options.max_auc_drop,
+            "guard": step.guard.reason,
+        },
+        "n_train": n_train,
+        "n_holdout": n_hold,
+    }
     published = md.publish(model, candidate, new_state, meta)
-    slog.close_period(t, upto, rows_ids, "published", {**detail, "version": published.number},
-                      (published.number, published.meta))
+    slog.close_period(
+        t, upto, rows_ids, "published", {**detail, "version": published.number}, (published.number, published.meta)
+    )
     note = "" if n_hold and math.isfinite(auc_c) else " (validation skipped: held-out rows lack both classes)"
     say(f"published version {published.number} (trained through period {t}){note}")
     return RetrainResult("published", t, published.number, note.strip(" ()"), n_train, n_hold, auc_c, auc_s)
@@ -304,9 +332,16 @@ class RetrainScheduler:
     other processes out). ``on_published`` runs after a retrain published a version (the service
     swaps to it); ``serving_version`` names the version serving, for failed results."""
 
-    def __init__(self, model_dir: str | Path, options: RetrainOptions | None = None, every: int = 0,
-                 on_published: Callable[[], Any] | None = None, serving_version: Callable[[], int | None] | None = None,
-                 metrics: ServiceMetrics | None = None, errors: ErrorLog | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        options: RetrainOptions | None = None,
+        every: int = 0,
+        on_published: Callable[[], Any] | None = None,
+        serving_version: Callable[[], int | None] | None = None,
+        metrics: ServiceMetrics | None = None,
+        errors: ErrorLog | None = None,
+    ) -> None:
         self.model_dir = Path(model_dir)
         self.options = options or RetrainOptions()
         self.every = every
@@ -358,8 +393,16 @@ class RetrainScheduler:
             self.metrics.retrains.labels(result.outcome).inc()
         self.last = result.to_dict()
         if result.outcome != "failed":
-            log_event(logger, logging.INFO, "retrain", outcome=result.outcome, period=result.period,
-                      version=result.version, seconds=result.seconds, reason=result.reason or None)
+            log_event(
+                logger,
+                logging.INFO,
+                "retrain",
+                outcome=result.outcome,
+                period=result.period,
+                version=result.version,
+                seconds=result.seconds,
+                reason=result.reason or None,
+            )
         if result.outcome == "published" and self.on_published is not None:
             self.on_published()
         return result

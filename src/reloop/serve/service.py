@@ -16,6 +16,7 @@ one durable commit before the answer. Feedback is all-or-nothing (an unknown id 
 second label for an impression is reported as a duplicate and ignored) and writes ``(h, y, ŷ_base)`` to
 the memory.
 """
+
 from __future__ import annotations
 
 import time
@@ -84,9 +85,16 @@ class RetrainBusy(ServiceError):
 class Service:
     """Everything a running server holds; the FastAPI routes (``reloop.serve.app``) are thin wrappers."""
 
-    def __init__(self, model_dir: str | Path, max_batch: int = 4096, retrain_every: int = 0,
-                 retrain_options: RetrainOptions | None = None, poll_interval: float = 0.5,
-                 metrics_window: int = 10000, limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        max_batch: int = 4096,
+        retrain_every: int = 0,
+        retrain_options: RetrainOptions | None = None,
+        poll_interval: float = 0.5,
+        metrics_window: int = 10000,
+        limits: Limits | None = None,
+    ) -> None:
         self.md = ModelDir(model_dir)
         self.md.check()
         self.cfg = self.md.config()
@@ -114,9 +122,15 @@ class Service:
         recent = self.log.recent_feedback(metrics_window)
         if recent:
             self.metrics.window.add([r[0] for r in recent], [r[1] for r in recent])
-        self.retrainer = RetrainScheduler(self.md.path, retrain_options, retrain_every, on_published=self._swap_after_retrain,
-                                          serving_version=lambda: self.host.state.version, metrics=self.metrics,
-                                          errors=self.errors)
+        self.retrainer = RetrainScheduler(
+            self.md.path,
+            retrain_options,
+            retrain_every,
+            on_published=self._swap_after_retrain,
+            serving_version=lambda: self.host.state.version,
+            metrics=self.metrics,
+            errors=self.errors,
+        )
         self.started = time.time()
 
     # -- the host's state, read through (one place holds it) -------------------------------------
@@ -188,14 +202,13 @@ class Service:
         h_np = np.ascontiguousarray(h.numpy(), dtype=np.float32)
         row_bytes = h_np.shape[1] * 4
         raw = h_np.tobytes()
-        h_blobs = [raw[i * row_bytes:(i + 1) * row_bytes] for i in range(n)]
+        h_blobs = [raw[i * row_bytes : (i + 1) * row_bytes] for i in range(n)]
         pb, ps = p_base.tolist(), p_served.tolist()
         pending = self.host.take_pending()
         self.log.write_impressions(ids, scored.version, features, h_blobs, pb, ps, pending)
         self.host.committed(pending)
         self.metrics.impressions.inc(n)
-        return {"predictions": [{"impression_id": i, "p": p} for i, p in zip(ids, ps)],
-                "model_version": scored.version}
+        return {"predictions": [{"impression_id": i, "p": p} for i, p in zip(ids, ps)], "model_version": scored.version}
 
     # -- feedback ------------------------------------------------------------------------------
     def feedback(self, events: Sequence[tuple[str, int]]) -> dict[str, Any]:
@@ -239,21 +252,23 @@ class Service:
     def model_info(self) -> dict[str, Any]:
         state = self.state
         meta = state.meta
-        return {"model_version": state.version,
-                "trained_through": meta.get("trained_through"),
-                "update_periods": meta.get("update_periods"),
-                "serves_period": meta.get("serves_period"),
-                "open_period": self.log.current_period(),
-                "created": meta.get("created"),
-                "created_iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(meta.get("created", 0))),
-                "parent": meta.get("parent"),
-                "validation": meta.get("validation"),
-                "composition": composition(self.cfg, self.run),
-                "model": state.model.config(),  # the architecture actually serving
-                "device": str(self.device),
-                "refused": self.refused,
-                "memory": self.host.memory_info(),
-                "schema": {"features": [f.name for f in self.schema.features], "user": self.schema.user}}
+        return {
+            "model_version": state.version,
+            "trained_through": meta.get("trained_through"),
+            "update_periods": meta.get("update_periods"),
+            "serves_period": meta.get("serves_period"),
+            "open_period": self.log.current_period(),
+            "created": meta.get("created"),
+            "created_iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(meta.get("created", 0))),
+            "parent": meta.get("parent"),
+            "validation": meta.get("validation"),
+            "composition": composition(self.cfg, self.run),
+            "model": state.model.config(),  # the architecture actually serving
+            "device": str(self.device),
+            "refused": self.refused,
+            "memory": self.host.memory_info(),
+            "schema": {"features": [f.name for f in self.schema.features], "user": self.schema.user},
+        }
 
     def render_metrics(self) -> bytes:
         return self.metrics.render(self.compensator.memory if self.compensator is not None else None)

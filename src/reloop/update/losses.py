@@ -4,6 +4,7 @@ Each loss is ``loss(logits, batch) -> scalar`` and declares the per-row columns 
 ``needs`` (``y_last``: the previous model's served probability; ``teacher``: the previous model's
 logit), which the update strategy attaches to the training rows before training.
 """
+
 from __future__ import annotations
 
 from typing import Any, ClassVar

@@ -18,6 +18,7 @@ of ``reservoir`` × (number of positives, resp. negatives) of the pretraining pe
      periods before t.
 Random draws use ``ctx.generator`` (or a private generator seeded by ``seed``, whose state is saved).
 """
+
 from __future__ import annotations
 
 import copy
@@ -82,8 +83,9 @@ class Replay(UpdateStrategy):
     name = "replay"
     search_space = {"reservoir": [0.1, 0.3], "ratio": [0.3, 0.5, 1.0]}
 
-    def __init__(self, reservoir: float = 0.3, ratio: float = 0.5, seed: int | None = None,
-                 shuffle: bool = False) -> None:
+    def __init__(
+        self, reservoir: float = 0.3, ratio: float = 0.5, seed: int | None = None, shuffle: bool = False
+    ) -> None:
         if not 0.0 < reservoir <= 1.0:
             raise ValueError(f"update.replay.reservoir: must be in (0, 1], got {reservoir}")
         if ratio < 0.0:
@@ -134,8 +136,9 @@ class Replay(UpdateStrategy):
         m_neg = min(int(round(self.ratio * (labels.numel() - n_pos_new))), neg.numel())
         picked = []
         if m_pos > 0:
-            logits, _ = predict_rows(model, fetch_rows(ctx.history, ctx.t - 1, pos),
-                                     ctx.train.eval_batch_size, hidden=False)  # logits on the CPU
+            logits, _ = predict_rows(
+                model, fetch_rows(ctx.history, ctx.t - 1, pos), ctx.train.eval_batch_size, hidden=False
+            )  # logits on the CPU
             probs = rank_weights(logits)
             picked.append(pos[torch.multinomial(probs, m_pos, replacement=False, generator=g)])
         if m_neg > 0:
@@ -177,17 +180,22 @@ class Replay(UpdateStrategy):
         return {"reservoir": self.reservoir, "ratio": self.ratio, "seed": self.seed, "shuffle": self.shuffle}
 
     def state_dict(self) -> dict[str, Any]:
-        return copy.deepcopy({
-            "config": self.config(),
-            "pos": self.pos, "neg": self.neg,
-            "seen_pos": self.seen_pos, "seen_neg": self.seen_neg,
-            "rng": self._rng.get_state() if self._rng is not None else None,
-        })
+        return copy.deepcopy(
+            {
+                "config": self.config(),
+                "pos": self.pos,
+                "neg": self.neg,
+                "seen_pos": self.seen_pos,
+                "seen_neg": self.seen_neg,
+                "rng": self._rng.get_state() if self._rng is not None else None,
+            }
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("config") != self.config():
-            raise ValueError(f"replay: state was saved with config {state.get('config')}, "
-                             f"this strategy has {self.config()}")
+            raise ValueError(
+                f"replay: state was saved with config {state.get('config')}, this strategy has {self.config()}"
+            )
         self.pos = None if state["pos"] is None else state["pos"].clone()
         self.neg = None if state["neg"] is None else state["neg"].clone()
         self.seen_pos, self.seen_neg = int(state["seen_pos"]), int(state["seen_neg"])

@@ -4,6 +4,7 @@ Protocol (METHODS.md "Base updates"): after period t the strategy turns Θ_{t−
 data from periods ≤ t (enforced by ``History``). Strategies never mutate the model they are given:
 they return a trained copy.
 """
+
 from __future__ import annotations
 
 import copy
@@ -64,8 +65,9 @@ def attach_loss_columns(rows: PeriodTensors, previous: CTRModel, ctx: UpdateCont
             missing = torch.isnan(y_last)
             if bool(missing.any()):
                 if prev_logits is None:
-                    prev_logits, _ = predict_rows(previous, rows, ctx.train.eval_batch_size, hidden=False,
-                                                  out_device=here)
+                    prev_logits, _ = predict_rows(
+                        previous, rows, ctx.train.eval_batch_size, hidden=False, out_device=here
+                    )
                 y_last = torch.where(missing, torch.sigmoid(prev_logits), y_last)
         else:
             assert prev_logits is not None  # computed above unless ``served`` is used
@@ -96,8 +98,9 @@ class UpdateStrategy:
     def epochs(self, ctx: UpdateContext) -> int:
         return ctx.train.epochs
 
-    def update(self, model: CTRModel, optim_state: dict[str, Any] | None,
-               ctx: UpdateContext) -> tuple[CTRModel, dict[str, Any] | None]:
+    def update(
+        self, model: CTRModel, optim_state: dict[str, Any] | None, ctx: UpdateContext
+    ) -> tuple[CTRModel, dict[str, Any] | None]:
         """Return (Θ_t, optimizer state) from Θ_{t−1}; ``model`` is left untouched."""
         if not self.trains:
             return model, optim_state
@@ -108,8 +111,17 @@ class UpdateStrategy:
         optimizer = make_optimizer(new, ctx.train)
         if optim_state is not None and new is not model and self.keeps_optimizer:
             optimizer.load_state_dict(copy.deepcopy(optim_state))
-        train_rows(new, optimizer, rows, ctx.loss, ctx.train, ctx.generator,
-                   epochs=self.epochs(ctx), shuffle=self.shuffles(ctx), on_batch=ctx.on_batch)
+        train_rows(
+            new,
+            optimizer,
+            rows,
+            ctx.loss,
+            ctx.train,
+            ctx.generator,
+            epochs=self.epochs(ctx),
+            shuffle=self.shuffles(ctx),
+            on_batch=ctx.on_batch,
+        )
         self.after_update(ctx)
         return new, optimizer.state_dict()
 

@@ -1,4 +1,5 @@
 """One training pass over encoded rows, and batched prediction. Shared by every strategy."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -84,10 +85,18 @@ def rows_on(rows: PeriodTensors | ShardedPeriod, device: torch.device) -> Period
     return rows.to(device) if isinstance(rows, PeriodTensors) else rows
 
 
-def train_rows(model: CTRModel, optimizer: torch.optim.Optimizer, rows: PeriodTensors, loss: Loss,
-               cfg: TrainConfig, generator: torch.Generator, epochs: int | None = None,
-               shuffle: bool = True, on_batch: Callable[[int], None] | None = None,
-               data_parallel: Literal["auto", "split", "local", "off"] = "auto") -> float:
+def train_rows(
+    model: CTRModel,
+    optimizer: torch.optim.Optimizer,
+    rows: PeriodTensors,
+    loss: Loss,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    epochs: int | None = None,
+    shuffle: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+    data_parallel: Literal["auto", "split", "local", "off"] = "auto",
+) -> float:
     """Train ``model`` in place for ``epochs`` passes over ``rows``; returns the mean training loss.
 
     ``rows`` may be anything with ``batches(batch_size, shuffle, generator)`` and ``len`` (e.g. a
@@ -139,9 +148,18 @@ def train_rows(model: CTRModel, optimizer: torch.optim.Optimizer, rows: PeriodTe
     return total / max(count, 1)
 
 
-def _train_rows_ddp(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rows: PeriodTensors, loss: Loss,
-                    cfg: TrainConfig, generator: torch.Generator, epochs: int | None, shuffle: bool,
-                    on_batch: Callable[[int], None] | None, mode: str) -> float:
+def _train_rows_ddp(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rows: PeriodTensors,
+    loss: Loss,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    epochs: int | None,
+    shuffle: bool,
+    on_batch: Callable[[int], None] | None,
+    mode: str,
+) -> float:
     from torch.distributed.algorithms.join import Join, Joinable
 
     from reloop import distributed as rd
@@ -179,7 +197,7 @@ def _train_rows_ddp(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ro
             if isinstance(rows, PeriodTensors) and rows.device.type != "cpu":
                 order = order.to(rows.device)  # once per pass: the batches' indices need no copy
             for start in range(0, n_rows, cfg.batch_size):
-                global_idx = order[start:start + cfg.batch_size]
+                global_idx = order[start : start + cfg.batch_size]
                 share = global_idx[rank::world]
                 # DDP averages over ranks: sum_r (n_r / N) * mean_r = the mean over the global batch
                 count += step(rows.take(share).data, share.shape[0] * world / global_idx.shape[0])
@@ -199,9 +217,14 @@ def _train_rows_ddp(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ro
 
 
 @torch.no_grad()
-def predict_rows(model: CTRModel, rows: PeriodTensors, batch_size: int = 8192,
-                 precision: str = "fp32", hidden: bool = True,
-                 out_device: torch.device | str | None = "cpu") -> tuple[Tensor, Tensor | None]:
+def predict_rows(
+    model: CTRModel,
+    rows: PeriodTensors,
+    batch_size: int = 8192,
+    precision: str = "fp32",
+    hidden: bool = True,
+    out_device: torch.device | str | None = "cpu",
+) -> tuple[Tensor, Tensor | None]:
     """Logits ``[N]`` and hidden ``h`` ``[N, d]`` of ``model`` on ``rows`` (eval mode, no grad).
 
     Computed on the model's device (in-memory rows are moved there once); the outputs are collected

@@ -15,6 +15,7 @@ Example::
     >>> log.frame.columns[:3], log.frame.height
     (['label', 'time', 'user_id'], 100)
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -13,9 +13,10 @@ Use :func:`parse_source_config` to validate a plain dict: it dispatches on ``sou
 ``loc`` of every pydantic error is the plain key path inside ``data`` (``("features", "price",
 "kind")``), without the union tag pydantic would otherwise insert.
 """
+
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -91,9 +92,11 @@ FeatureValue = Annotated[FeatureConfig, Field(description="a kind name or a Feat
 
 class _TabularSource(_Strict):
     path: str = Field(description="a file, or (parquet) a directory of *.parquet shards")
-    time: str | None = Field(default="time", min_length=1,
-                             description="raw time column: unix seconds or ISO 8601; null: the file's row order "
-                                         "(needs periods.by: rows)")
+    time: str | None = Field(
+        default="time",
+        min_length=1,
+        description="raw time column: unix seconds or ISO 8601; null: the file's row order (needs periods.by: rows)",
+    )
     label: str = Field(default="label", min_length=1, description="raw 0/1 label column")
     user: str | None = Field(default=None, description="raw user-id column (kept as String)")
     features: dict[str, FeatureValue] = Field(min_length=1)
@@ -111,8 +114,10 @@ class _TabularSource(_Strict):
     @model_validator(mode="after")
     def _no_name_clashes(self) -> _TabularSource:
         if self.time is None and isinstance(self.periods, dict) and self.periods.get("by") == "time":
-            raise ValueError("periods.by: time needs a time column, but data.time is null (the file's row "
-                             "order); use periods: {by: rows} or name the time column in data.time")
+            raise ValueError(
+                "periods.by: time needs a time column, but data.time is null (the file's row "
+                "order); use periods: {by: rows} or name the time column in data.time"
+            )
         if self.time == self.label:
             raise ValueError(f"'time' and 'label' name the same column {self.time!r}")
         for raw, role in ((self.time, "time"), (self.label, "label")):
@@ -278,7 +283,7 @@ _BY_SOURCE: dict[str, type[BaseModel]] = {
 SOURCE_NAMES: tuple[str, ...] = tuple(_BY_SOURCE)
 
 
-AnySourceConfig = Union[CsvSourceConfig, ParquetSourceConfig, MovieLensSourceConfig, SyntheticSourceConfig]
+AnySourceConfig = CsvSourceConfig | ParquetSourceConfig | MovieLensSourceConfig | SyntheticSourceConfig
 
 
 def parse_source_config(data: Any) -> AnySourceConfig:

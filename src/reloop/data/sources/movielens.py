@@ -22,6 +22,7 @@ candidates, rejecting items the user rated (at any rating) at or before the even
 copy the positive's user, time, user features and history. Ratings below the threshold are not rows
 of the implicit log: they only exclude items from the negatives.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -69,7 +70,11 @@ def _read_delimited(
 ) -> pl.DataFrame:
     try:
         df = pl.read_csv(
-            data, separator=sep, has_header=header, infer_schema=False, quote_char=None if not header else '"',
+            data,
+            separator=sep,
+            has_header=header,
+            infer_schema=False,
+            quote_char=None if not header else '"',
         )
     except pl.exceptions.NoDataError:
         return pl.DataFrame({c: [] for c in columns or []}, schema={c: pl.String for c in columns or []})

@@ -36,6 +36,7 @@ Example::
     >>> log.frame.height, log.truth
     (300, 'p_true')
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -67,7 +68,7 @@ class SyntheticWorld:
         cfg = cfg or SyntheticConfig()
         self.cfg = cfg
         rng = np.random.default_rng([cfg.seed, 0])
-        d, U, I, P, C = cfg.dim, cfg.users, cfg.items, cfg.periods, cfg.categories
+        d, U, I, P, C = cfg.dim, cfg.users, cfg.items, cfg.periods, cfg.categories  # noqa: E741  (the paper's letters)
 
         centres = _unit(rng.normal(size=(C, d)))
         self.item_cat = rng.integers(0, C, size=I)

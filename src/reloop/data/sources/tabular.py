@@ -4,6 +4,7 @@ CSV is read with every column as a string so that each value is parsed (and, if 
 its row number) by :mod:`reloop.data.validate`; Parquet columns keep their types and are converted.
 ``time: null`` orders rows as the file does (their row number serves as the time; ``periods.by: rows``).
 """
+
 from __future__ import annotations
 
 import csv
@@ -59,8 +60,10 @@ def _delimiter_hint(path: Path, header: list[str], delimiter: str) -> str:
     found = sniff_delimiter(path)
     if found is None or found == delimiter:
         return ""
-    return (f"; the header reads as one column {header[0]!r} with data.delimiter {_describe(delimiter)}, "
-            f"but the file looks {_describe(found)}-delimited: set data.delimiter: {_describe(found)}")
+    return (
+        f"; the header reads as one column {header[0]!r} with data.delimiter {_describe(delimiter)}, "
+        f"but the file looks {_describe(found)}-delimited: set data.delimiter: {_describe(found)}"
+    )
 
 
 def _needed_columns(cfg: CsvSourceConfig | ParquetSourceConfig) -> list[tuple[str, str]]:

@@ -45,14 +45,36 @@ coordinate rows), ``learned`` (:class:`_LearnedGenerator`: model sequence, meta 
 on the next period, state), ``coordinate_gru`` (:class:`CoordinateGRU`), ``asmg_gru`` (:class:`ASMGGRU`,
 :func:`loss_weights`), ``asmg_linear`` (:class:`ASMGLinear`).
 """
+
 from __future__ import annotations
 
-from reloop.update.generators.asmg_gru import VARIANTS, ASMGGRU, loss_weights
+from reloop.update.generators.asmg_gru import ASMGGRU, VARIANTS, loss_weights
 from reloop.update.generators.asmg_linear import ASMGLinear, LinearMix
 from reloop.update.generators.coordinate_gru import CoordinateGRU
 from reloop.update.generators.learned import INITS
-from reloop.update.generators.param_layout import (Params, as_rows, module_key, n_coords, param_specs, snapshot,
-                                                   zero_padding)
+from reloop.update.generators.param_layout import (
+    Params,
+    as_rows,
+    module_key,
+    n_coords,
+    param_specs,
+    snapshot,
+    zero_padding,
+)
 
-__all__ = ["ASMGGRU", "ASMGLinear", "CoordinateGRU", "INITS", "LinearMix", "Params", "VARIANTS", "as_rows",
-           "loss_weights", "module_key", "n_coords", "param_specs", "snapshot", "zero_padding"]
+__all__ = [
+    "ASMGGRU",
+    "ASMGLinear",
+    "CoordinateGRU",
+    "INITS",
+    "LinearMix",
+    "Params",
+    "VARIANTS",
+    "as_rows",
+    "loss_weights",
+    "module_key",
+    "n_coords",
+    "param_specs",
+    "snapshot",
+    "zero_padding",
+]

@@ -5,6 +5,7 @@ its window's models with the loss weights of the variant (:func:`loss_weights`),
 carried across periods (METHODS.md "Model generators", METHODS-notes §3.4; the choices that differ from
 the reference code are listed in the docstring of :mod:`reloop.update.generators.asmg`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -56,9 +57,19 @@ class ASMGGRU(_LearnedGenerator):
 
     name = "asmg_gru"
 
-    def __init__(self, k: int = 3, hidden: int = 4, variant: str = "multi", lr: float = 1e-2,
-                 epochs: int = 1, gate_bias: bool = True, init: str = "identity", warmup: int = 1,
-                 seed: int = 0, sparse_rows: bool = True) -> None:
+    def __init__(
+        self,
+        k: int = 3,
+        hidden: int = 4,
+        variant: str = "multi",
+        lr: float = 1e-2,
+        epochs: int = 1,
+        gate_bias: bool = True,
+        init: str = "identity",
+        warmup: int = 1,
+        seed: int = 0,
+        sparse_rows: bool = True,
+    ) -> None:
         super().__init__(lr=lr, epochs=epochs, warmup=warmup, seed=seed, sparse_rows=sparse_rows)
         if k < 1:
             raise ValueError(f"generator.asmg_gru.k: must be ≥ 1, got {k}")
@@ -73,8 +84,14 @@ class ASMGGRU(_LearnedGenerator):
         self._h: Params | None = None  # carried state preceding the current window's first model
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "k": self.k, "hidden": self.hidden, "variant": self.variant,
-                "gate_bias": self.gate_bias, "init": self.init}
+        return {
+            **super().config(),
+            "k": self.k,
+            "hidden": self.hidden,
+            "variant": self.variant,
+            "gate_bias": self.gate_bias,
+            "init": self.init,
+        }
 
     def _min_models(self) -> int:
         return self.k
@@ -83,23 +100,29 @@ class ASMGGRU(_LearnedGenerator):
         return None if self.variant == "full" else self.k
 
     def _build_meta(self, specs: list[ParamSpec], generator: torch.Generator) -> nn.ModuleDict:
-        return nn.ModuleDict({
-            module_key(s["name"]): CoordinateGRU(n_coords(s), self.hidden, self.gate_bias, self.init, generator)
-            for s in specs
-        })
+        return nn.ModuleDict(
+            {
+                module_key(s["name"]): CoordinateGRU(n_coords(s), self.hidden, self.gate_bias, self.init, generator)
+                for s in specs
+            }
+        )
 
     # ---- the generator itself ----------------------------------------------------------------------
     def window(self) -> list[tuple[int, Params]]:
         """The models the next generation runs over (k most recent; every model for ``full``)."""
-        return list(self._models) if self.variant == "full" else self._models[-self.k:]
+        return list(self._models) if self.variant == "full" else self._models[-self.k :]
 
     def initial_state(self) -> Params | None:
         """h before the window's first model (None = zeros)."""
         return None if self.variant in ("zero", "full") else self._h
 
-    def generate(self, models: Sequence[Params], h0: Params | None = None,
-                 outputs: Sequence[int] | None = None,
-                 rows: dict[str, Tensor] | None = None) -> tuple[dict[int, Params], list[Params]]:
+    def generate(
+        self,
+        models: Sequence[Params],
+        h0: Params | None = None,
+        outputs: Sequence[int] | None = None,
+        rows: dict[str, Tensor] | None = None,
+    ) -> tuple[dict[int, Params], list[Params]]:
         """Run the GRU over ``models`` (oldest first) from ``h0``.
 
         Returns the generated parameters of the steps in ``outputs`` (default: the last step) and the
@@ -146,8 +169,9 @@ class ASMGGRU(_LearnedGenerator):
         targets = [t + 1 for t, _ in window]
         weights = loss_weights(self.variant, len(models))
         h0 = self.initial_state()
-        self._train_on_targets(history, ctx, targets, weights,
-                               lambda active, rows: self.generate(models, h0, active, rows)[0])
+        self._train_on_targets(
+            history, ctx, targets, weights, lambda active, rows: self.generate(models, h0, active, rows)[0]
+        )
         if self.variant in ("zero", "full"):
             self._h = None
             return

@@ -2,6 +2,7 @@
 
 Θ* = Σ_j softmax(w)_j Θ_{t−k+1+j}, w = 0 at the start (the uniform average), trained single-step on D_{t+1}.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -34,8 +35,9 @@ class ASMGLinear(_LearnedGenerator):
 
     name = "asmg_linear"
 
-    def __init__(self, k: int = 3, lr: float = 1e-2, epochs: int = 1, warmup: int = 1, seed: int = 0,
-                 sparse_rows: bool = True) -> None:
+    def __init__(
+        self, k: int = 3, lr: float = 1e-2, epochs: int = 1, warmup: int = 1, seed: int = 0, sparse_rows: bool = True
+    ) -> None:
         super().__init__(lr=lr, epochs=epochs, warmup=warmup, seed=seed, sparse_rows=sparse_rows)
         if k < 1:
             raise ValueError(f"generator.asmg_linear.k: must be ≥ 1, got {k}")
@@ -51,10 +53,12 @@ class ASMGLinear(_LearnedGenerator):
         return self.k
 
     def _build_meta(self, specs: list[ParamSpec], generator: torch.Generator) -> nn.ModuleDict:
-        return nn.ModuleDict({
-            module_key(s["name"]): LinearMix([s["shape"][1]] if s["kind"] == "embedding" else s["shape"], self.k)
-            for s in specs
-        })
+        return nn.ModuleDict(
+            {
+                module_key(s["name"]): LinearMix([s["shape"][1]] if s["kind"] == "embedding" else s["shape"], self.k)
+                for s in specs
+            }
+        )
 
     def generate(self, models: Sequence[Params], rows: dict[str, Tensor] | None = None) -> Params:
         """The mix of ``models``; ``rows`` restricts embedding tables to those rows (see ``ASMGGRU.generate``)."""
@@ -75,5 +79,10 @@ class ASMGLinear(_LearnedGenerator):
 
     def _fit(self, history: History, t_next: int, ctx: LearnContext) -> None:
         models = [p for _, p in self._models]
-        self._train_on_targets(history, ctx, [t_next], torch.ones(1, dtype=torch.float64),
-                               lambda active, rows: {0: self.generate(models, rows)})
+        self._train_on_targets(
+            history,
+            ctx,
+            [t_next],
+            torch.ones(1, dtype=torch.float64),
+            lambda active, rows: {0: self.generate(models, rows)},
+        )

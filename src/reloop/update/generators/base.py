@@ -8,6 +8,7 @@ Timeline (ASMG Algorithm 1), driven by the protocol for every generator:
      ``history.upto == t + 1``.
 A generator must never read D_{t+1} before step 4 (``History`` raises ``LookAheadError``).
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,20 +41,24 @@ class LearnContext(Protocol):
 
 
 @overload
-def functional_forward(model: CTRModel, params: dict[str, Tensor], batch: Batch,
-                       with_hidden: Literal[False] = False) -> Tensor: ...
+def functional_forward(
+    model: CTRModel, params: dict[str, Tensor], batch: Batch, with_hidden: Literal[False] = False
+) -> Tensor: ...
 
 
 @overload
-def functional_forward(model: CTRModel, params: dict[str, Tensor], batch: Batch,
-                       with_hidden: Literal[True]) -> tuple[Tensor, Tensor]: ...
+def functional_forward(
+    model: CTRModel, params: dict[str, Tensor], batch: Batch, with_hidden: Literal[True]
+) -> tuple[Tensor, Tensor]: ...
 
 
-def functional_forward(model: CTRModel, params: dict[str, Tensor], batch: Batch,
-                       with_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+def functional_forward(
+    model: CTRModel, params: dict[str, Tensor], batch: Batch, with_hidden: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
     """Run ``model``'s architecture with substituted parameters (gradients flow into ``params``)."""
     out: Tensor | tuple[Tensor, Tensor] = torch.func.functional_call(
-        model, params, (batch,), {"with_hidden": with_hidden}, strict=False)
+        model, params, (batch,), {"with_hidden": with_hidden}, strict=False
+    )
     return out
 
 

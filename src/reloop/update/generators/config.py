@@ -11,6 +11,7 @@ Accepted forms::
 
 Unknown keys and bad values are errors naming the dotted key (``generator.asmg_gru.<key>``).
 """
+
 from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
@@ -89,7 +90,7 @@ def parse_generator(cfg: object) -> tuple[str, _Strict]:
     elif isinstance(cfg, dict):
         if len(cfg) != 1:
             raise ValueError(f"generator: expected one key among {sorted(GENERATORS)}, got {sorted(cfg)}")
-        (name, options), = cfg.items()
+        ((name, options),) = cfg.items()
         options = {} if options is None else options
     else:
         raise ValueError(f"generator: expected a name or a one-key mapping, got {cfg!r}")
@@ -101,8 +102,7 @@ def parse_generator(cfg: object) -> tuple[str, _Strict]:
     try:
         parsed = schema(**options)
     except ValidationError as e:
-        problems = "; ".join(f"generator.{name}.{'.'.join(map(str, err['loc']))}: {err['msg']}"
-                             for err in e.errors())
+        problems = "; ".join(f"generator.{name}.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         raise ValueError(problems) from None
     return name, parsed
 

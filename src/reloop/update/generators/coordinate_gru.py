@@ -4,6 +4,7 @@ One GRU cell with a scalar input and hidden size d per coordinate p of a paramet
 run at once on ``[N, P]`` inputs with batched matmuls (einsum over ``[P, d, d]`` weights); METHODS.md
 "Model generators", METHODS-notes §3.4 (``gru_parallel`` of the reference code).
 """
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,14 @@ class CoordinateGRU(nn.Module):
     The N rows share the weights (N = ids of an embedding table, N = 1 for a dense tensor).
     """
 
-    def __init__(self, n_coords: int, hidden: int, gate_bias: bool = True, init: str = "identity",
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        n_coords: int,
+        hidden: int,
+        gate_bias: bool = True,
+        init: str = "identity",
+        generator: torch.Generator | None = None,
+    ) -> None:
         super().__init__()
         if init not in INITS:
             raise ValueError(f"init: expected one of {INITS}, got {init!r}")
@@ -49,12 +56,12 @@ class CoordinateGRU(nn.Module):
             w_h = _uniform((P, d, d), lim, g)
             w_out = torch.zeros(P, d)
             b_out = torch.zeros(P)
-        self.u = nn.Parameter(u)            # input weights of z, r, h̃: [3, P, d]
-        self.w_zr = nn.Parameter(w_zr)      # recurrent weights of z | r: [P, d, 2d]
-        self.w_h = nn.Parameter(w_h)        # recurrent weights of h̃: [P, d, d]
+        self.u = nn.Parameter(u)  # input weights of z, r, h̃: [3, P, d]
+        self.w_zr = nn.Parameter(w_zr)  # recurrent weights of z | r: [P, d, 2d]
+        self.w_h = nn.Parameter(w_h)  # recurrent weights of h̃: [P, d, d]
         self.bias = nn.Parameter(torch.zeros(3, P, d)) if gate_bias else None
-        self.w_out = nn.Parameter(w_out)    # [P, d]
-        self.b_out = nn.Parameter(b_out)    # [P]
+        self.w_out = nn.Parameter(w_out)  # [P, d]
+        self.b_out = nn.Parameter(b_out)  # [P]
 
     def init_state(self, n_rows: int) -> Tensor:
         return torch.zeros(n_rows, self.n_coords, self.hidden, device=self.u.device)

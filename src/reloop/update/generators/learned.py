@@ -5,6 +5,7 @@ parameters and their Adam optimiser, the warm-up, the test-then-train ``learn`` 
 (ASMG Algorithm 1) with its timing (``last_learn_seconds``), the sparse-row training speed-up and the
 state. The choices it implements are listed in the docstring of :mod:`reloop.update.generators.asmg`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -71,8 +72,13 @@ class _LearnedGenerator(ModelGenerator):
 
     # ---- hooks -----------------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
-        return {"lr": self.lr, "epochs": self.epochs, "warmup": self.warmup, "seed": self.seed,
-                "sparse_rows": self.sparse_rows}
+        return {
+            "lr": self.lr,
+            "epochs": self.epochs,
+            "warmup": self.warmup,
+            "seed": self.seed,
+            "sparse_rows": self.sparse_rows,
+        }
 
     def _min_models(self) -> int:
         return 1
@@ -208,8 +214,10 @@ class _LearnedGenerator(ModelGenerator):
         """Rows of each embedding table the template's forward reads on ``batches`` (forward pre-hooks);
         tables whose batches read more than half of their rows are left out (generated in full)."""
         seen: dict[str, list[Tensor]] = {name: [] for name in tables}
-        handles = [mod.register_forward_pre_hook(
-            lambda _m, args, name=name: seen[name].append(args[0].reshape(-1))) for name, mod in tables.items()]
+        handles = [
+            mod.register_forward_pre_hook(lambda _m, args, name=name: seen[name].append(args[0].reshape(-1)))
+            for name, mod in tables.items()
+        ]
         template = self._require_template()
         try:
             with torch.no_grad():
@@ -220,14 +228,23 @@ class _LearnedGenerator(ModelGenerator):
                 h.remove()
         out = {}
         for name, ids in seen.items():
-            rows = torch.unique(torch.cat(ids)) if ids else torch.empty(0, dtype=torch.long,
-                                                                          device=tables[name].weight.device)
+            rows = (
+                torch.unique(torch.cat(ids))
+                if ids
+                else torch.empty(0, dtype=torch.long, device=tables[name].weight.device)
+            )
             if rows.numel() * 2 <= tables[name].num_embeddings:  # else the full table is as cheap
                 out[name] = rows
         return out
 
-    def _train_on_targets(self, history: History, ctx: LearnContext, targets: list[int], weights: Tensor,
-                          generate: Callable[[list[int], dict[str, Tensor] | None], dict[int, Params]]) -> None:
+    def _train_on_targets(
+        self,
+        history: History,
+        ctx: LearnContext,
+        targets: list[int],
+        weights: Tensor,
+        generate: Callable[[list[int], dict[str, Tensor] | None], dict[int, Params]],
+    ) -> None:
         """Minimise Σ_j weights[j] · BCE(Θ*_j | D_{targets[j]}) over the meta parameters.
 
         Batching as the reference's BatchLoader2: ceil(|D_last| / batch_size) optimisation steps per epoch;
@@ -252,11 +269,16 @@ class _LearnedGenerator(ModelGenerator):
         tables = self._embedding_modules() if self.sparse_rows and self._sparse_ok is not False else {}
         for _ in range(self.epochs):
             # drawn on the CPU (the same batches on every device), moved once per epoch
-            splits = {j: torch.randperm(len(data[j]), generator=self._shuffle_rng()).to(device)
-                      .tensor_split(n_batches) for j in active}
+            splits = {
+                j: torch.randperm(len(data[j]), generator=self._shuffle_rng()).to(device).tensor_split(n_batches)
+                for j in active
+            }
             for b in range(n_batches):
-                batches = {j: {key: col[splits[j][b]] for key, col in data[j].data.items()}
-                           for j in active if splits[j][b].numel() > 0}
+                batches = {
+                    j: {key: col[splits[j][b]] for key, col in data[j].data.items()}
+                    for j in active
+                    if splits[j][b].numel() > 0
+                }
                 if not batches:
                     continue
                 rows = self._touched_rows(list(batches.values()), tables) if tables else None
@@ -265,17 +287,26 @@ class _LearnedGenerator(ModelGenerator):
                 if rows is not None and self._sparse_ok is None:
                     with torch.no_grad():
                         full = generate(active, None)
-                        same = all(torch.allclose(logits[j], functional_forward(template, full[j], batch),
-                                                  rtol=1e-4, atol=1e-5) for j, batch in batches.items())
+                        same = all(
+                            torch.allclose(
+                                logits[j], functional_forward(template, full[j], batch), rtol=1e-4, atol=1e-5
+                            )
+                            for j, batch in batches.items()
+                        )
                     self._sparse_ok = same
                     if not same:
-                        warnings.warn(f"{self.name}: the model reads embedding rows its forward hooks do not "
-                                      "see; generating full tables (slower)", stacklevel=2)
+                        warnings.warn(
+                            f"{self.name}: the model reads embedding rows its forward hooks do not "
+                            "see; generating full tables (slower)",
+                            stacklevel=2,
+                        )
                         tables = {}
                         outs = generate(active, None)
                         logits = {j: functional_forward(template, outs[j], batch) for j, batch in batches.items()}
-                terms = [float(weights[j]) * F.binary_cross_entropy_with_logits(
-                    logits[j].float(), batch["label"].float()) for j, batch in batches.items()]
+                terms = [
+                    float(weights[j]) * F.binary_cross_entropy_with_logits(logits[j].float(), batch["label"].float())
+                    for j, batch in batches.items()
+                ]
                 loss = terms[0]  # sum(terms), left to right (``batches`` is not empty)
                 for term in terms[1:]:
                     loss = loss + term
@@ -304,8 +335,9 @@ class _LearnedGenerator(ModelGenerator):
         if state.get("generator") != self.name:
             raise ValueError(f"{self.name}: state was saved by generator {state.get('generator')!r}")
         if state["config"] != self.config():
-            raise ValueError(f"{self.name}: state was saved with config {state['config']}, "
-                             f"this generator has {self.config()}")
+            raise ValueError(
+                f"{self.name}: state was saved with config {state['config']}, this generator has {self.config()}"
+            )
         state = copy.deepcopy(state)
         self._specs, self.meta, self._optimizer = None, None, None
         if state["specs"] is not None:

@@ -5,6 +5,7 @@ coordinate rows ``[N, P]``: an embedding table ``[N, d_e]`` as it is (P = d_e co
 its N ids), a dense tensor as one row of P = numel coordinates (METHODS.md "Model generators",
 METHODS-notes §3.4: ASMG's generator is applied coordinate-wise).
 """
+
 from __future__ import annotations
 
 import math
@@ -72,4 +73,3 @@ def n_coords(spec: ParamSpec) -> int:
 def module_key(name: str) -> str:
     """``nn.ModuleDict`` keys may not contain dots."""
     return name.replace(".", "__")
-

@@ -25,6 +25,7 @@ last FC zero at the start (serves Θ_t untrained); ``init='glorot'``: the refere
 with glorot-uniform weights (fans of each 2-D weight) and zero biases. ``||w_prev||`` is clamped at 1e-12
 (the padding row is zero). Warm-up, padding rows, Adam state and the BCE loss as in ``asmg.py``.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,8 +49,9 @@ def _glorot(fan_in: int, fan_out: int, shape: tuple[int, ...], g: torch.Generato
 class TransferCNN(nn.Module):
     """f(W_prev, W_hat) on ``[N, D]`` rows (N = ids of a table, or 1 for a flattened dense tensor)."""
 
-    def __init__(self, dim: int, n1: int, n2: int, l1: int, init: str = "identity",
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self, dim: int, n1: int, n2: int, l1: int, init: str = "identity", generator: torch.Generator | None = None
+    ) -> None:
         super().__init__()
         if init not in INITS:
             raise ValueError(f"init: expected one of {INITS}, got {init!r}")
@@ -67,7 +69,7 @@ class TransferCNN(nn.Module):
 
     def forward(self, prev: Tensor, hat: Tensor) -> Tensor:
         norm = prev.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        x = torch.stack([prev, hat, prev * hat / norm], dim=1)                       # [N, 3, D]
+        x = torch.stack([prev, hat, prev * hat / norm], dim=1)  # [N, 3, D]
         a = F.gelu(torch.einsum("ncd,fc->nfd", x, self.conv1) + self.conv1_b[:, None])
         a = F.gelu(torch.einsum("nfd,gf->ngd", a, self.conv2) + self.conv2_b[:, None])
         a = F.gelu(a.flatten(1) @ self.fc1 + self.fc1_b)
@@ -80,14 +82,32 @@ class SML(_LearnedGenerator):
 
     name = "sml"
 
-    def __init__(self, lr: float = 1e-3, epochs: int = 1, warmup: int = 1, init: str = "identity",
-                 emb_n1: int = 10, emb_n2: int = 5, emb_l1: int = 20, dense_n1: int = 5, dense_n2: int = 3,
-                 dense_l1: int | None = None, seed: int = 0, sparse_rows: bool = True) -> None:
+    def __init__(
+        self,
+        lr: float = 1e-3,
+        epochs: int = 1,
+        warmup: int = 1,
+        init: str = "identity",
+        emb_n1: int = 10,
+        emb_n2: int = 5,
+        emb_l1: int = 20,
+        dense_n1: int = 5,
+        dense_n2: int = 3,
+        dense_l1: int | None = None,
+        seed: int = 0,
+        sparse_rows: bool = True,
+    ) -> None:
         super().__init__(lr=lr, epochs=epochs, warmup=warmup, seed=seed, sparse_rows=sparse_rows)
         if init not in INITS:
             raise ValueError(f"generator.sml.init: expected one of {INITS}, got {init!r}")
-        for key, v in {"emb_n1": emb_n1, "emb_n2": emb_n2, "emb_l1": emb_l1, "dense_n1": dense_n1,
-                       "dense_n2": dense_n2, "dense_l1": dense_l1 or 1}.items():
+        for key, v in {
+            "emb_n1": emb_n1,
+            "emb_n2": emb_n2,
+            "emb_l1": emb_l1,
+            "dense_n1": dense_n1,
+            "dense_n2": dense_n2,
+            "dense_l1": dense_l1 or 1,
+        }.items():
             if v < 1:
                 raise ValueError(f"generator.sml.{key}: must be ≥ 1, got {v}")
         self.init = init
@@ -146,8 +166,13 @@ class SML(_LearnedGenerator):
 
     def _fit(self, history: History, t_next: int, ctx: LearnContext) -> None:
         prev, hat = self._previous(), self._models[-1][1]
-        self._train_on_targets(history, ctx, [t_next], torch.ones(1, dtype=torch.float64),
-                               lambda active, rows: {0: self.transfer(prev, hat, rows)})
+        self._train_on_targets(
+            history,
+            ctx,
+            [t_next],
+            torch.ones(1, dtype=torch.float64),
+            lambda active, rows: {0: self.transfer(prev, hat, rows)},
+        )
         with torch.no_grad():
             self._prev = {name: v.detach().clone() for name, v in self.transfer(prev, hat).items()}
 
