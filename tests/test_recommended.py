@@ -25,3 +25,12 @@ def test_recommended_runs_parse_with_any_data_block_and_can_act(data):
     assert cfg.runs["combined"].combine is not None
     assert set(cfg.runs["combined"].combine.experts or []) == {"IU", "ReLoop", "ReLoop2", "ASMG"}
     assert not [f for f in preflight(cfg, [4000] * 31) if f.level == "error"]
+
+
+def test_the_demo_runs_the_recommended_runs():
+    """README (a) runs `reloop demo`: its runs are recommended.yaml's, unchanged (plus the no-update floor)."""
+    from reloop.config import demo_config_path
+
+    demo = yaml.safe_load(demo_config_path().read_text())["runs"]
+    rec = yaml.safe_load(RECOMMENDED.read_text())["runs"]
+    assert {k: v for k, v in demo.items() if k != "no-update"} == rec
