@@ -169,7 +169,8 @@ def _config_error(config: Path | str, e: Exception, overrides: list[str] | None 
     blamed = blame_override(message, overrides)
     where = f"--set {blamed}" if blamed else ("" if message.startswith("--set") else str(config))
     text = f"{escape(where)}: {escape(message)}" if where else f": {escape(message)}"
-    console.print(f"[red]config error[/]{' ' if where else ''}{text}", highlight=False)
+    # soft_wrap: a long path stays one piece (copyable, greppable) instead of being cut at the terminal width
+    console.print(f"[red]config error[/]{' ' if where else ''}{text}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -181,7 +182,7 @@ def _load(config: Path, overrides: list[str] | None):
 
 
 def _fail(e: Exception) -> None:
-    console.print(f"[red]error[/]: {escape(str(e))}", highlight=False)
+    console.print(f"[red]error[/]: {escape(str(e))}", highlight=False, soft_wrap=True)
     raise typer.Exit(1) from None
 
 
