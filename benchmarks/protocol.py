@@ -164,7 +164,7 @@ def instrument() -> Stages:
     st.wrap(runner, "_atomic_save", "checkpoint")
     st.wrap(runner, "_write_checkpoint", "checkpoint")  # the blob's making included, where there is one
     st.wrap(engine.RunEngine, "guard", "guard")
-    for name in ("predict", "feedback", "on_model_update"):
+    for name in ("predict", "predict_with_support", "feedback", "on_model_update"):
         st.wrap(Compensator, name, f"memory.{name}")
     for name in ("update", "advance", "add_task"):
         st.wrap(rich.progress.Progress, name, "progress")
@@ -310,8 +310,11 @@ def child_raw(args: argparse.Namespace) -> dict[str, Any]:
 # --- driver -----------------------------------------------------------------------------------------
 
 
-def _child(args: argparse.Namespace, kind: str, src: Path | None = None, **extra: str) -> dict[str, Any]:
-    """One configuration in a fresh process; ``src``: import reloop from there (a baseline checkout)."""
+def _child(
+    args: argparse.Namespace, kind: str, src: Path | None = None, cache: Path | None = None, **extra: str
+) -> dict[str, Any]:
+    """One configuration in a fresh process; ``src``: import reloop from there (a baseline checkout);
+    ``cache``: its stream cache (default ``args.stream_cache``)."""
     cmd = [
         sys.executable,
         __file__,
@@ -320,7 +323,7 @@ def _child(args: argparse.Namespace, kind: str, src: Path | None = None, **extra
         "--data",
         str(args.data),
         "--stream-cache",
-        str(args.stream_cache),
+        str(cache or args.stream_cache),
         "--threads",
         str(args.threads),
         "--batch-size",
@@ -389,24 +392,32 @@ def main(argv: list[str] | None = None) -> None:
     args.data = stream_file(args.rows, args.seed, args.cache, args.format)
     args.work.mkdir(parents=True, exist_ok=True)
     args.stream_cache = args.work / "stream-cache"
-    if args.keep_cache and args.stream_cache.exists():
-        prepared = {"encode_cold_s": None, "rows": args.rows}
-    else:
-        prepared = _child(args, "prepare")
-    print(json.dumps(prepared), file=sys.stderr, flush=True)
+    codes: list[tuple[str, Path | None, Path]] = [("current", None, args.stream_cache)]
+    if args.baseline_src is not None:  # its own cache: the two versions may write different files
+        codes.insert(0, ("baseline", args.baseline_src, args.work / "stream-cache-baseline"))
+    prepared: dict[str, dict[str, Any]] = {}
+    for code, src, cache in codes:
+        if args.keep_cache and cache.exists():
+            prepared[code] = {"encode_cold_s": None, "rows": args.rows}
+        else:
+            prepared[code] = _child(args, "prepare", src, cache)
+        print(json.dumps({"code": code, **prepared[code]}), file=sys.stderr, flush=True)
     raw = _child(args, "raw")
     print(json.dumps(raw), file=sys.stderr, flush=True)
-    codes: list[tuple[str, Path | None]] = [("current", None)]
-    if args.baseline_src is not None:
-        codes.insert(0, ("baseline", args.baseline_src))
     for name in names:
-        for code, src in codes:  # back to back: the baseline's run, then this checkout's
+        for code, src, cache in codes:  # back to back: the baseline's run, then this checkout's
             result = _child(
-                args, "run", src, name=name, spec=json.dumps(RUNS[name]), out_dir=str(args.work / f"{name}-{code}")
+                args,
+                "run",
+                src,
+                cache,
+                name=name,
+                spec=json.dumps(RUNS[name]),
+                out_dir=str(args.work / f"{name}-{code}"),
             )
             line = {
                 "run": name,
-                "rows": prepared["rows"],
+                "rows": prepared[code]["rows"],
                 "protocol_s": result["protocol_s"],
                 "raw_s": raw["raw_s"],
                 "ratio_to_raw": round(result["protocol_s"] / raw["raw_s"], 2),
@@ -415,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
                 **{k: v for k, v in result.items() if k != "run"},
                 "ratio_cpu_to_raw": round(result["protocol_cpu_s"] / raw["raw_cpu_s"], 2),
                 **raw,
-                "encode_cold_s": prepared["encode_cold_s"],
+                "encode_cold_s": prepared[code]["encode_cold_s"],
                 "batch_size": args.batch_size,
                 "pretrain_epochs": args.pretrain_epochs,
                 "format": args.format,

@@ -128,7 +128,9 @@ def prepare_stream(
                     "bounds": bounds,
                     "truth": truth,
                     "feature_map": stream.feature_map.model_dump(),
-                    "encoder": _pack_encoder_state(enc.state_dict()),
+                    # not under "encoder": a reloop from before the packing finds no encoder and
+                    # rebuilds the cache instead of reading the packed ids as a vocabulary
+                    "encoder_packed": _pack_encoder_state(enc.state_dict()),
                     "meta": stream.meta,
                 },
                 tmp,
@@ -148,7 +150,8 @@ def _load_cached(cache_file: Path, report: str) -> Prepared | None:
         # weights_only: plain containers and tensors; a pickle that would call anything is refused.
         # mmap: the file's pages are the columns (copy-on-write; the cache is only ever replaced whole).
         blob = torch.load(cache_file, map_location="cpu", weights_only=True, mmap=True)
-        encoder = FeatureEncoder.from_state(_unpack_encoder_state(blob["encoder"]))
+        state = _unpack_encoder_state(blob["encoder_packed"]) if "encoder_packed" in blob else blob["encoder"]
+        encoder = FeatureEncoder.from_state(state)
         return Prepared(_stream_from_blob(blob), encoder, report)
     except Exception as e:  # noqa: BLE001 - truncated, foreign or refused: rebuild it
         logger.warning(
@@ -177,8 +180,8 @@ def _unpack_ids(ids: Any) -> list[str]:
 
 
 def _pack_encoder_state(state: dict[str, Any]) -> dict[str, Any]:
-    """``FeatureEncoder.state_dict()`` with its id lists packed (:func:`_pack_ids`); caches written
-    before hold plain lists, which :func:`_unpack_encoder_state` passes through."""
+    """``FeatureEncoder.state_dict()`` with its id lists packed (:func:`_pack_ids`), stored as
+    ``encoder_packed``; caches written before hold the plain state as ``encoder``."""
     vocabs = {t: {**v, "ids": _pack_ids(v["ids"])} for t, v in state["vocabs"].items()}
     return {**state, "vocabs": vocabs, "users": _pack_ids(state["users"])}
 
