@@ -410,9 +410,14 @@ def _record(state: RunState, stream: Stream, period: int, served, cfg: Config, n
     start, end = stream.bounds[period - 1]
     state.served_base[start:end] = served.base
     state.served_final[start:end] = served.final
-    rows = stream.period(period)  # labels and users come to the CPU once per period (metrics run there)
-    users = rows.data["user"].cpu().numpy() if "user" in rows.data else None
-    metrics = period_metrics(rows.data["label"].cpu().numpy(), served.final.cpu().numpy(), users)
+    if served.labels is not None:  # streamed rows (a ShardedStream): serving collected them
+        labels, users = served.labels, served.users
+    else:  # labels and users come to the CPU once per period (metrics run there)
+        rows = stream.period(period).data
+        labels, users = rows["label"], rows.get("user")
+    metrics = period_metrics(
+        labels.cpu().numpy(), served.final.cpu().numpy(), users.cpu().numpy() if users is not None else None
+    )
     p = cfg.protocol
     state.rows.append(
         {

@@ -23,6 +23,9 @@ from reloop.update.trainer import _device_of, _to, rows_on
 class Served:
     base: Tensor  # the base model's probability per row (on the CPU)
     final: Tensor  # what was served (compensated when a memory is configured; on the CPU)
+    # streamed rows (not PeriodTensors) only: their labels and users, collected while serving (on the CPU)
+    labels: Tensor | None = None
+    users: Tensor | None = None
 
 
 @torch.no_grad()
@@ -43,6 +46,9 @@ def serve_period(
     device = _device_of(model)
     rows = rows_on(rows, device)
     base_out, final_out = [], []
+    streamed = not isinstance(rows, PeriodTensors)  # rows read from disk: keep what the metrics need
+    labels: list[Tensor] = []
+    users: list[Tensor] = []
     # (key, label, base prediction, the ê it was served with): a self-tuning λ is scored on what was served
     pending: deque[tuple[Tensor, Tensor, Tensor, Tensor]] = deque()
     for batch in rows.batches(batch_size):
@@ -55,6 +61,10 @@ def serve_period(
             served = p
         base_out.append(p)
         final_out.append(served)
+        if streamed:
+            labels.append(batch["label"])
+            if "user" in batch:
+                users.append(batch["user"])
         if compensator is not None:
             pending.append((h.float(), batch["label"], p, e_hat))
             while len(pending) > feedback_delay:
@@ -62,7 +72,14 @@ def serve_period(
     # Labels of the last batches arrive after the period closes: they still reach the memory.
     while pending and compensator is not None:
         _feedback(compensator, pending.popleft())
-    return Served(torch.cat(base_out).cpu(), torch.cat(final_out).cpu())
+    if not streamed:
+        return Served(torch.cat(base_out).cpu(), torch.cat(final_out).cpu())
+    return Served(
+        torch.cat(base_out).cpu(),
+        torch.cat(final_out).cpu(),
+        torch.cat(labels).cpu(),
+        torch.cat(users).cpu() if users else None,
+    )
 
 
 def _feedback(compensator: Compensator, item: tuple[Tensor, Tensor, Tensor, Tensor]) -> None:
