@@ -231,7 +231,7 @@ def run(
         return  # rank 0 reports
     Console().print(Markdown(result.markdown))
     files = getattr(result, "files", None) or ["config.yaml", "periods.csv", "summary.csv", "summary.md", "periods.png"]
-    console.print(f"results in [bold]{out}[/]: {' '.join(files)}")
+    console.print(f"results in [bold]{out}[/]: {' '.join(files)}", soft_wrap=True)
 
 
 @app.command(cls=_Command)
@@ -266,7 +266,7 @@ def tune(
     except (DataError, FileNotFoundError, ValueError) as e:
         _fail(e)
     Console().print(Markdown(result.markdown))
-    console.print(f"results in [bold]{out}[/]: {' '.join(result.files)}")
+    console.print(f"results in [bold]{out}[/]: {' '.join(result.files)}", soft_wrap=True)
 
 
 def _threads_per_process(nproc: int) -> int:
