@@ -55,6 +55,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import criteo_like  # noqa: E402  (the data generator, its column names and the model settings)
 
@@ -307,6 +309,86 @@ def child_raw(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# --- streams larger than memory: the protocol on Parquet shards ------------------------------------
+
+
+def shards_root(args: argparse.Namespace) -> Path:
+    return args.work / f"shards-{args.rows}"
+
+
+def child_write_shards(args: argparse.Namespace) -> dict[str, Any]:
+    """``args.rows`` encoded rows as 31 period directories of Parquet shards: the cached 2M-row stream's
+    rows repeated in order (row ``i`` is base row ``i mod n``; ``row`` = ``i``), period by period."""
+    import torch
+
+    from reloop.data.periods import PeriodsConfig, period_bounds
+    from reloop.data.shards import period_dir, write_tensors
+
+    _, base = _cached_stream(args)
+    cols, n = base.rows.data, len(base.rows)
+    root = shards_root(args)
+    bounds = period_bounds(np.arange(args.rows), PeriodsConfig(count=PERIODS, by="rows"))
+    t = time.perf_counter()
+    for i, (start, end) in enumerate(bounds, start=1):
+        index = torch.arange(start, end) % n
+        period = {k: v[index] for k, v in cols.items()}
+        period["row"] = torch.arange(start, end)
+        write_tensors(period, period_dir(root, i))
+        del period
+    (root / "feature_map.json").write_text(base.feature_map.model_dump_json())
+    return {
+        "rows": args.rows,
+        "write_s": round(time.perf_counter() - t, 2),
+        "disk_mb": round(sum(f.stat().st_size for f in root.rglob("*.parquet")) / 2**20),
+    }
+
+
+def child_shards_run(args: argparse.Namespace) -> dict[str, Any]:
+    """Θ0 and one run of the protocol (``pretrain`` + ``run_one``, checkpoints included) on the
+    ``ShardedStream``; peak RSS against ``--rss-cap-mb``."""
+    import resource
+
+    import torch
+
+    from reloop.config import parse_config
+    from reloop.data.schema import FeatureMap
+    from reloop.data.tensors import ShardedStream
+    from reloop.protocol.runner import pretrain, run_one
+
+    torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]
+    root = shards_root(args)
+    feature_map = FeatureMap.model_validate_json((root / "feature_map.json").read_text())
+    stream = ShardedStream(root, feature_map, read_rows=65_536, shuffle_rows=262_144)
+    raw = experiment_config(Path(args.data), {args.name: json.loads(args.spec)}, Path(args.stream_cache), args)
+    raw["model"]["hidden_units"] = [int(h) for h in args.hidden.split(",")]
+    cfg = parse_config(raw)
+    out = Path(args.out_dir)
+    shutil.rmtree(out, ignore_errors=True)
+    t = time.perf_counter()
+    theta0, optim0 = pretrain(cfg, stream, 0, out)
+    pretrain_s = time.perf_counter() - t
+    rows = run_one(cfg, stream, args.name, cfg.runs[args.name], 0, theta0, optim0, out=out)
+    wall = time.perf_counter() - t
+    peak = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return {
+        "run": args.name,
+        "rows": len(stream.rows),
+        "shards": True,
+        "hidden_units": cfg.model["hidden_units"],
+        "protocol_s": round(wall, 2),
+        "pretrain_s": round(pretrain_s, 2),
+        "rows_per_s": round(len(stream.rows) / wall),
+        "peak_rss_mb": peak,
+        "rss_cap_mb": args.rss_cap_mb,
+        "within_cap": peak <= args.rss_cap_mb,
+        "served_rows": sum(int(r["rows"]) for r in rows),
+        "test_auc": round(float(np.mean([r["auc"] for r in rows if r["phase"] == "test"])), 5),
+        "threads": torch.get_num_threads(),
+        "load_avg": round(load, 2),
+    }
+
+
 # --- driver -----------------------------------------------------------------------------------------
 
 
@@ -330,6 +412,10 @@ def _child(
         str(args.batch_size),
         "--pretrain-epochs",
         str(args.pretrain_epochs),
+        "--work",
+        str(args.work),
+        "--rows",
+        str(args.rows),
     ]
     for k, v in extra.items():
         cmd += [f"--{k.replace('_', '-')}", v]
@@ -372,6 +458,14 @@ def main(argv: list[str] | None = None) -> None:
         help="also run each run with reloop imported from this src/ (e.g. `git archive` of an older "
         "commit), just before this checkout's: before/after in one invocation",
     )
+    ap.add_argument(
+        "--shards",
+        default=None,
+        help="comma-separated row counts (e.g. 2000000,8000000,20000000): instead of the comparison, write each "
+        "as Parquet shards (the --rows stream's rows repeated) and run the protocol streaming from them",
+    )
+    ap.add_argument("--hidden", default="400,400,400", help="--shards: the MLP's hidden units (default 400,400,400)")
+    ap.add_argument("--rss-cap-mb", type=int, default=2048, help="--shards: the peak RSS each run must stay under")
     # internal: one configuration in a child process
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--data", default=None, help=argparse.SUPPRESS)
@@ -382,7 +476,13 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     if args.child:
-        fn = {"prepare": child_prepare, "raw": child_raw, "run": child_run}[args.child]
+        fn = {
+            "prepare": child_prepare,
+            "raw": child_raw,
+            "run": child_run,
+            "write-shards": child_write_shards,
+            "shards-run": child_shards_run,
+        }[args.child]
         print(json.dumps(fn(args)), flush=True)
         return
     names = list(RUNS) if args.runs == "all" else args.runs.split(",")
@@ -392,6 +492,8 @@ def main(argv: list[str] | None = None) -> None:
     args.data = stream_file(args.rows, args.seed, args.cache, args.format)
     args.work.mkdir(parents=True, exist_ok=True)
     args.stream_cache = args.work / "stream-cache"
+    if args.shards:
+        return shards_main(args, names)
     codes: list[tuple[str, Path | None, Path]] = [("current", None, args.stream_cache)]
     if args.baseline_src is not None:  # its own cache: the two versions may write different files
         codes.insert(0, ("baseline", args.baseline_src, args.work / "stream-cache-baseline"))
@@ -436,6 +538,33 @@ def main(argv: list[str] | None = None) -> None:
             if args.out is not None:
                 with args.out.open("a") as fh:
                     fh.write(text + "\n")
+
+
+def shards_main(args: argparse.Namespace, names: list[str]) -> None:
+    """``--shards``: the protocol streaming from Parquet shards at each row count; one JSON line each."""
+    if not (args.keep_cache and args.stream_cache.exists()):
+        _child(args, "prepare")
+    base_rows = args.rows
+    for rows in [int(r) for r in args.shards.split(",")]:
+        args.rows = rows
+        if not (shards_root(args) / "feature_map.json").exists():
+            print(json.dumps(_child(args, "write-shards")), file=sys.stderr, flush=True)
+        for name in names:
+            result = _child(
+                args,
+                "shards-run",
+                name=name,
+                spec=json.dumps(RUNS[name]),
+                out_dir=str(args.work / f"shards-{rows}-{name}"),
+                hidden=args.hidden,
+                rss_cap_mb=str(args.rss_cap_mb),
+            )
+            line = {**result, "base_rows": base_rows, "batch_size": args.batch_size}
+            print(json.dumps(line), flush=True)
+            if args.out is not None:
+                with args.out.open("a") as fh:
+                    fh.write(json.dumps(line) + "\n")
+    args.rows = base_rows
 
 
 if __name__ == "__main__":
