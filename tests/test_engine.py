@@ -166,3 +166,20 @@ def test_run_records_the_fallback_in_its_rows(tmp_path, monkeypatch):
     assert len(rows) == cfg.protocol.served_periods + 1  # Θ0 serves P+1, then one row per step
     assert all("non-finite" in r["fallback"] for r in rows[1:])
     assert all(math.isfinite(r["logloss"]) for r in rows)
+
+
+def test_periods_csv_records_the_fallback(tmp_path, monkeypatch):
+    """The guard's reason reaches periods.csv (column ``fallback``) and reads back; old files without the
+    column still read."""
+    from reloop.protocol.report import read_periods, write_periods
+
+    torch.set_num_threads(1)
+    cfg, stream, theta0, optim0, _ = _engine_and_stream(tmp_path)
+    monkeypatch.setattr("reloop.engine.build_generator", lambda *a, **k: _Diverging())
+    rows = run_one(cfg, stream, "IU", cfg.runs["IU"], 0, theta0, optim0)
+    write_periods(rows, tmp_path / "periods.csv")
+    back = read_periods(tmp_path / "periods.csv")
+    assert back[0]["fallback"] == "" and all("non-finite" in r["fallback"] for r in back[1:])
+    old = tmp_path / "old.csv"
+    old.write_text("run,seed,period,phase,auc,gauc,logloss,rows\nIU,0,4,warmup,0.6,nan,0.6,10\n")
+    assert read_periods(old)[0]["fallback"] == ""

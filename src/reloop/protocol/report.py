@@ -16,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
-PERIOD_COLUMNS = ["run", "seed", "period", "phase", "auc", "gauc", "logloss", "rows"]
+#: ``fallback``: why the step engine's guard served the updated model instead of the generated one
+#: (empty when the generated model, or the only model, served that period)
+PERIOD_COLUMNS = ["run", "seed", "period", "phase", "auc", "gauc", "logloss", "rows", "fallback"]
 SUMMARY_COLUMNS = ["run", "auc_mean", "auc_std", "gauc_mean", "gauc_std", "logloss_mean", "logloss_std", "auc_imp_pct"]
 
 
@@ -26,7 +28,7 @@ def write_periods(rows: list[dict[str, Any]], path: Path) -> None:
         w = csv.DictWriter(fh, fieldnames=PERIOD_COLUMNS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: (f"{r[k]:.6f}" if isinstance(r[k], float) else r[k]) for k in PERIOD_COLUMNS})
+            w.writerow({k: (f"{v:.6f}" if isinstance(v := r.get(k, ""), float) else v) for k in PERIOD_COLUMNS})
 
 
 def read_periods(path: Path) -> list[dict[str, Any]]:
@@ -44,6 +46,7 @@ def read_periods(path: Path) -> list[dict[str, Any]]:
                     "gauc": float(r["gauc"]),
                     "logloss": float(r["logloss"]),
                     "rows": int(r["rows"]),
+                    "fallback": r.get("fallback") or "",  # absent from files written before reloop had a guard
                 }
             )
     return out
