@@ -150,8 +150,13 @@ def _run(job: tuple[str, str, list[int], list[int], str]) -> list[dict[str, Any]
         theta0, optim0 = pretrain(cfg, stream, seed, out=out / regime / "pretrain")
         rows += run_seed(cfg, stream, seed, theta0, optim0)
     write_periods(rows, where / "periods.csv")
-    fallbacks = sum(1 for r in rows if r.get("fallback"))
-    (where / "fallbacks.json").write_text(json.dumps({"fallback_periods": fallbacks}))
+    fallbacks: dict[str, int] = {}
+    for r in rows:
+        if r.get("fallback"):
+            fallbacks[r["run"]] = fallbacks.get(r["run"], 0) + 1
+    (where / "fallbacks.json").write_text(
+        json.dumps({"fallback_periods": sum(fallbacks.values()), "by_run": fallbacks})
+    )
     lines = summarize(rows, regime, stage)
     for line in lines:
         line["seconds"] = round(time.perf_counter() - t0, 1)
