@@ -1,4 +1,5 @@
 """configs/recommended.yaml: the runs users copy, named as documented, valid with any data block."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,11 +13,20 @@ from reloop.preflight import preflight
 RECOMMENDED = Path(__file__).resolve().parents[1] / "configs" / "recommended.yaml"
 
 
-@pytest.mark.parametrize("data", [
-    {"source": "synthetic", "periods": {"count": 31, "by": "rows"}},
-    {"source": "csv", "path": "configs/data/clicks.csv", "time": "ts", "label": "label",
-     "features": {"user_id": "categorical", "item_id": "categorical"}, "periods": {"count": 31, "by": "rows"}},
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"source": "synthetic", "periods": {"count": 31, "by": "rows"}},
+        {
+            "source": "csv",
+            "path": "configs/data/clicks.csv",
+            "time": "ts",
+            "label": "label",
+            "features": {"user_id": "categorical", "item_id": "categorical"},
+            "periods": {"count": 31, "by": "rows"},
+        },
+    ],
+)
 def test_recommended_runs_parse_with_any_data_block_and_can_act(data):
     raw = yaml.safe_load(RECOMMENDED.read_text())
     assert list(raw) == ["runs"], "recommended.yaml holds runs only: users bring their own data block"
