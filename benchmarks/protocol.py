@@ -352,7 +352,7 @@ def child_shards_run(args: argparse.Namespace) -> dict[str, Any]:
 
     from reloop.config import parse_config
     from reloop.data.schema import FeatureMap
-    from reloop.data.tensors import ShardedStream
+    from reloop.data.shards import ShardedStream
     from reloop.protocol.runner import pretrain, run_one
 
     torch.set_num_threads(args.threads)

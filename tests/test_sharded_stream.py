@@ -8,8 +8,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from reloop.data.shards import period_dir, write_tensors
-from reloop.data.tensors import ShardedStream
+from reloop.data.shards import ShardedStream, period_dir, write_tensors
 from reloop.protocol.runner import pretrain, run_one
 
 RUNS = {

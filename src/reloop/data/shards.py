@@ -30,9 +30,10 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -43,7 +44,8 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from reloop.data.tensors import Batch, PeriodTensors
+from reloop.data.schema import FeatureMap
+from reloop.data.tensors import Batch, PeriodTensors, Stream
 
 PART = "part-{:05d}.parquet"
 
@@ -396,3 +398,97 @@ def _split_groups(groups: list[RowGroup], rank: int, world: int) -> list[RowGrou
             out.append(g)
         seen += g.num_rows
     return out
+
+
+class ShardedRows:
+    """Rows of consecutive periods kept on disk as encoded Parquet shards (one directory per period,
+    :func:`period_dir`), read streaming by :class:`ShardedPeriod`.
+
+    Quacks like :class:`PeriodTensors` where the protocol only streams rows (``len``, ``batches`` for
+    ``train_rows``, ``predict_rows`` and ``serve_period``); ``slice`` reads the rows asked for into
+    memory (the pretraining check and the guard read a few thousand). Memory holds one chunk or one
+    shuffle window (``shuffle_rows``), never the rows; a window that holds every row shuffles them as
+    ``PeriodTensors.batches`` would (same permutation of the same generator).
+    """
+
+    def __init__(self, dirs: Sequence[str | Path], lengths: Sequence[int], **reader: Any) -> None:
+        self.dirs = [Path(d) for d in dirs]
+        self.lengths = [int(n) for n in lengths]
+        self.reader = reader  # ShardedPeriod options: read_rows, shuffle_rows, int32
+
+    def __len__(self) -> int:
+        return sum(self.lengths)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")  # read on the CPU; train_rows and serve_period move each batch
+
+    def _period(self) -> ShardedPeriod:
+        reader = ShardedPeriod(self.dirs[0], **self.reader)
+        reader.groups = [g for d in self.dirs for g in row_groups(d)]  # one reader across the directories
+        return reader
+
+    def batches(
+        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
+    ) -> Iterator[Batch]:
+        return self._period().batches(batch_size, shuffle=shuffle, generator=generator)
+
+    def slice(self, start: int, end: int) -> PeriodTensors:
+        """Rows ``start..end`` in memory (read up to ``end``, keeping only those)."""
+        parts: list[dict[str, Tensor]] = []
+        seen = 0
+        for cols in self._period().chunks():
+            n = next(iter(cols.values())).shape[0]
+            lo, hi = max(start - seen, 0), min(end - seen, n)
+            if lo < hi:
+                parts.append({k: v[lo:hi] for k, v in cols.items()})
+            seen += n
+            if seen >= end:
+                break
+        if not parts:
+            raise ValueError(f"rows {start}..{end} outside the {len(self)} rows of {self.dirs[0]} ...")
+        return PeriodTensors.concat([PeriodTensors(p) for p in parts])
+
+
+class ShardedStream(Stream):
+    """A :class:`Stream` whose periods stay on disk as encoded Parquet shards (``root/period-0001`` ...,
+    written by :func:`encode_to_shards` or ``write_tensors``, with the ``row`` column).
+
+    ``run_one`` and ``pretrain`` run on it as on an in-memory stream for runs that read rows only in
+    batches: the update strategies without extra loss columns (``incremental``, ``batch``, ``full``, no
+    ``distill`` / ``self_correction``) and the error memories. What a run keeps in memory is then the
+    model, one shuffle window and the per-row served predictions (8 bytes a row), not the rows.
+    """
+
+    def __init__(self, root: str | Path, feature_map: FeatureMap, meta: dict | None = None, **reader: Any) -> None:
+        root = Path(root)
+        dirs: list[Path] = []
+        while period_dir(root, len(dirs) + 1).is_dir():
+            dirs.append(period_dir(root, len(dirs) + 1))
+        if not dirs:
+            raise FileNotFoundError(f"no period-0001 shard directory under {root}")
+        lengths = [sum(g.num_rows for g in row_groups(d)) for d in dirs]
+        edges = [0]
+        for n in lengths:
+            edges.append(edges[-1] + n)
+        self.dirs, self.reader = dirs, reader
+        super().__init__(
+            feature_map,
+            ShardedRows(dirs, lengths, **reader),  # type: ignore[arg-type]
+            list(zip(edges[:-1], edges[1:])),
+            None,
+            meta if meta is not None else {"key": f"shards:{root.resolve()}:{edges[-1]}"},
+        )
+
+    def to(self, device: torch.device | str) -> Stream:
+        return self  # the shards stay on disk; each batch is moved where it is used
+
+    def period(self, i: int) -> PeriodTensors:
+        return self.periods(i, i)
+
+    def periods(self, first: int, last: int) -> PeriodTensors:
+        first = max(first, 1)
+        if not 1 <= first <= last <= self.n_periods:
+            raise IndexError(f"periods {first}..{last} outside 1..{self.n_periods}")
+        lengths = [b - a for a, b in self.bounds[first - 1 : last]]
+        return ShardedRows(self.dirs[first - 1 : last], lengths, **self.reader)  # type: ignore[return-value]
