@@ -92,6 +92,25 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s reloop %(levelname)s %(message)s", stream=sys.stderr)
 
 
+# The retrain gate's options, shared by `reloop serve` (background retrains) and `reloop retrain`.
+MaxAucDropOption = Annotated[
+    float,
+    typer.Option(
+        "--max-auc-drop",
+        help="Reject a candidate whose held-out AUC is lower than the serving model's by more than this.",
+    ),
+]
+HoldoutOption = Annotated[
+    float, typer.Option("--holdout", help="Share of the period's last rows held out for validation.")
+]
+LabelTimeoutOption = Annotated[
+    float,
+    typer.Option(
+        "--label-timeout", help="Seconds after which an unlabelled impression counts as a negative (<0: never)."
+    ),
+]
+
+
 def serve(
     config: Annotated[
         Path | None, typer.Option("--config", help="Run config (YAML); needed to bootstrap an empty --model-dir.")
@@ -117,22 +136,9 @@ def serve(
             help="Retrain in the background every N feedback events (0: never; use `reloop retrain`).",
         ),
     ] = 0,
-    max_auc_drop: Annotated[
-        float,
-        typer.Option(
-            "--max-auc-drop",
-            help="Reject a candidate whose held-out AUC is lower than the serving model's by more than this.",
-        ),
-    ] = 0.01,
-    holdout: Annotated[
-        float, typer.Option("--holdout", help="Share of the period's last rows held out for validation.")
-    ] = 0.1,
-    label_timeout: Annotated[
-        float,
-        typer.Option(
-            "--label-timeout", help="Seconds after which an unlabelled impression counts as a negative (<0: never)."
-        ),
-    ] = 3600.0,
+    max_auc_drop: MaxAucDropOption = 0.01,
+    holdout: HoldoutOption = 0.1,
+    label_timeout: LabelTimeoutOption = 3600.0,
     poll_interval: Annotated[
         float, typer.Option("--poll-interval", help="Seconds between checks of the CURRENT pointer.")
     ] = 0.5,
@@ -267,22 +273,9 @@ def serve(
 
 def retrain(
     model_dir: Annotated[Path, typer.Option("--model-dir", help="Model directory of a (running or stopped) service.")],
-    max_auc_drop: Annotated[
-        float,
-        typer.Option(
-            "--max-auc-drop",
-            help="Reject a candidate whose held-out AUC is lower than the serving model's by more than this.",
-        ),
-    ] = 0.01,
-    holdout: Annotated[
-        float, typer.Option("--holdout", help="Share of the period's last rows held out for validation.")
-    ] = 0.1,
-    label_timeout: Annotated[
-        float,
-        typer.Option(
-            "--label-timeout", help="Seconds after which an unlabelled impression counts as a negative (<0: never)."
-        ),
-    ] = 3600.0,
+    max_auc_drop: MaxAucDropOption = 0.01,
+    holdout: HoldoutOption = 0.1,
+    label_timeout: LabelTimeoutOption = 3600.0,
     min_rows: Annotated[
         int, typer.Option("--min-rows", help="Skip (keep the period open) with fewer labelled impressions.")
     ] = 1,
