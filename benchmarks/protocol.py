@@ -343,6 +343,15 @@ def child_write_shards(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _rss_mb() -> int:
+    """This process's resident set now (Linux ``/proc``; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return round(int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20)
+    except OSError:
+        return 0
+
+
 def child_shards_run(args: argparse.Namespace) -> dict[str, Any]:
     """Θ0 and one run of the protocol (``pretrain`` + ``run_one``, checkpoints included) on the
     ``ShardedStream``; peak RSS against ``--rss-cap-mb``."""
@@ -368,7 +377,19 @@ def child_shards_run(args: argparse.Namespace) -> dict[str, Any]:
     t = time.perf_counter()
     theta0, optim0 = pretrain(cfg, stream, 0, out)
     pretrain_s = time.perf_counter() - t
-    rows = run_one(cfg, stream, args.name, cfg.runs[args.name], 0, theta0, optim0, out=out)
+    after_pretrain = _rss_mb()
+    by_period: list[int] = []  # after each period's update, serving and checkpoint
+    rows = run_one(
+        cfg,
+        stream,
+        args.name,
+        cfg.runs[args.name],
+        0,
+        theta0,
+        optim0,
+        out=out,
+        on_period=lambda _t: by_period.append(_rss_mb()),
+    )
     wall = time.perf_counter() - t
     peak = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return {
@@ -380,6 +401,8 @@ def child_shards_run(args: argparse.Namespace) -> dict[str, Any]:
         "pretrain_s": round(pretrain_s, 2),
         "rows_per_s": round(len(stream.rows) / wall),
         "peak_rss_mb": peak,
+        "rss_after_pretrain_mb": after_pretrain,
+        "rss_by_period_mb": by_period,
         "rss_cap_mb": args.rss_cap_mb,
         "within_cap": peak <= args.rss_cap_mb,
         "served_rows": sum(int(r["rows"]) for r in rows),
