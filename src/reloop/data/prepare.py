@@ -175,8 +175,9 @@ def _pack_ids(ids: list[str]) -> Any:
 
 def _unpack_ids(ids: Any) -> list[str]:
     if isinstance(ids, dict):
-        return bytes(ids["nul_joined"].numpy()).decode("utf-8").split("\x00")
-    return ids
+        out: list[str] = bytes(ids["nul_joined"].numpy()).decode("utf-8").split("\x00")
+        return out
+    return list(ids)
 
 
 def _pack_encoder_state(state: dict[str, Any]) -> dict[str, Any]:

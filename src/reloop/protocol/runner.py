@@ -377,8 +377,9 @@ def run_one(
             fallback=step.guard.reason,
         )
         if checkpoints.due(final=t >= last_t or (stop_after is not None and t >= stop_after)):
-            checkpoints.write(
-                lambda t=t: {
+
+            def checkpoint_blob(t: int = t) -> dict[str, Any]:  # built only when written (generator states are copies)
+                return {
                     "fingerprint": fingerprint,
                     "t": t,
                     "model": state.model.state_dict(),
@@ -390,7 +391,8 @@ def run_one(
                     "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 }
-            )
+
+            checkpoints.write(checkpoint_blob)
         if on_period is not None:
             on_period(t)
         if stop_after is not None and t >= stop_after:
