@@ -232,3 +232,28 @@ def test_single_run_or_no_baseline_draws_the_raw_panel_only(tmp_path: Path, capt
     for fig in captured:
         assert len(fig.axes) == 1
     assert (tmp_path / "one.png").exists() and (tmp_path / "two.png").exists()
+
+
+def test_summary_without_users_gives_nan_gauc_without_a_numpy_warning():
+    """A log without a user column has gAUC NaN in every period: the summary says NaN, silently."""
+    import warnings
+
+    from reloop.protocol.report import summarize
+
+    rows = [
+        {
+            "run": "IU",
+            "seed": 0,
+            "period": p,
+            "phase": "test",
+            "auc": 0.6,
+            "gauc": float("nan"),
+            "logloss": 0.6,
+            "rows": 10,
+        }
+        for p in (1, 2)
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (entry,) = summarize(rows)
+    assert entry["auc_mean"] == 0.6 and entry["gauc_mean"] != entry["gauc_mean"]

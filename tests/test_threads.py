@@ -65,7 +65,7 @@ def test_choice_is_within_the_cpus_and_never_grows_with_load(work, cpus, host_ex
     host = cpus + host_extra
     a = choose_threads(work, HostLoad(cpus, host, busy))
     b = choose_threads(work, HostLoad(cpus, host, busy + more_busy))
-    assert 1 <= a.threads <= cpus and 1 <= b.threads <= cpus
+    assert a.threads in range(1, cpus + 1) and b.threads in range(1, cpus + 1)
     assert b.threads <= a.threads
 
 

@@ -240,6 +240,18 @@ class RunEngine:
             "rng": self.rng.get_state(),
         }
 
+    def version_state(self, optim_state: dict[str, Any] | None, run: str) -> dict[str, Any]:
+        """What a service version stores beside its models (``state.pt``): the optimizer state and the
+        engine's state without the memory (the service rebuilds its memory from the log)."""
+        state = self.state_dict()
+        return {
+            "optim": optim_state,
+            "strategy": state["strategy"],
+            "generator": state["generator"],
+            "rng": state["rng"],
+            "run": run,
+        }
+
     def load_state_dict(self, state: dict[str, Any], memory: bool = True) -> None:
         """Restore :meth:`state_dict`'s output (``memory=False`` leaves the memory as it is)."""
         self.strategy.load_state_dict(state["strategy"])

@@ -52,6 +52,13 @@ def read_periods(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _nanmean(values: list[float]) -> float:
+    """Mean of the finite values; NaN (and no numpy warning) when there are none, e.g. gAUC without users."""
+    arr = np.asarray(values, dtype=np.float64)
+    arr = arr[~np.isnan(arr)]
+    return float(arr.mean()) if len(arr) else float("nan")
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     arr = np.asarray([v for v in values if not math.isnan(v)], dtype=np.float64)
     if len(arr) == 0:
@@ -74,7 +81,7 @@ def summarize(rows: list[dict[str, Any]], phase: str = "test", baseline: str = "
         seeds = sorted({r["seed"] for r in sel})
         entry: dict[str, Any] = {"run": run, "seeds": len(seeds)}
         for m in ("auc", "gauc", "logloss"):
-            per_seed = [float(np.nanmean([r[m] for r in sel if r["seed"] == s])) for s in seeds]
+            per_seed = [_nanmean([r[m] for r in sel if r["seed"] == s]) for s in seeds]
             entry[f"{m}_mean"], entry[f"{m}_std"] = _mean_std(per_seed)
         out.append(entry)
     base = next((e for e in out if e["run"] == baseline), None)

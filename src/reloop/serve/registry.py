@@ -495,14 +495,7 @@ def bootstrap(
     )
     spec = cfg.runs[run]
     engine = RunEngine(cfg, spec, seed, stream.feature_map)  # the same initial state as an offline run
-    engine_state = engine.state_dict()
-    state = {
-        "optim": optim_state,
-        "strategy": engine_state["strategy"],
-        "generator": engine_state["generator"],
-        "rng": engine_state["rng"],
-        "run": run,
-    }
+    state = engine.version_state(optim_state, run)
     meta = {
         "created": time.time(),
         "trained_through": P,

@@ -287,14 +287,7 @@ def _retrain_locked(md: ModelDir, slog: ServeLog, options: RetrainOptions, now: 
         say(f"rejected: {reason}")
         return RetrainResult("rejected", t, version, reason, n_train, n_hold, auc_c, auc_s)
 
-    engine_state = engine.state_dict()
-    new_state = {
-        "optim": optim_state,
-        "strategy": engine_state["strategy"],
-        "generator": engine_state["generator"],
-        "rng": engine_state["rng"],
-        "run": run,
-    }
+    new_state = engine.version_state(optim_state, run)
     meta = {
         "created": time.time(),
         "trained_through": t,
