@@ -98,11 +98,14 @@ def test_leader_starts_off():
 
 def _stream(informative: bool, seed: int, n: int, b: int):
     """Keys in 8 clusters. Informative: the base model says 0.5 everywhere while the true rate depends
-    on the cluster (the memory's neighbours know it). Noise: the base model is the truth (calibrated),
-    so any compensation only adds the neighbours' sampling noise."""
+    on the cluster (the memory's neighbours know it) and is 0.2 to 0.4 away from 0.5 — so there is
+    always something to learn (uniform rates in [0.1, 0.9] can all land near 0.5, and then no
+    compensation can beat the base by a fixed margin). Noise: the base model is the truth
+    (calibrated), so any compensation only adds the neighbours' sampling noise."""
     g = torch.Generator().manual_seed(seed)
     centres = torch.randn(8, 8, generator=g) * 3
-    rate = torch.rand(8, generator=g) * 0.8 + 0.1
+    sign = torch.where(torch.rand(8, generator=g) < 0.5, -1.0, 1.0)
+    rate = 0.5 + sign * (0.2 + 0.2 * torch.rand(8, generator=g))
     for _ in range(n):
         c = torch.randint(0, 8, (b,), generator=g)
         h = centres[c] + torch.randn(b, 8, generator=g)
