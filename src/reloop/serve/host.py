@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,6 +115,8 @@ class ModelHost:
         self.state = self._startup_version()
         self._next_poll = time.monotonic() + poll_interval
         self._loading = False
+        # combine runs (reloop.serve.ensemble): loads a new version's experts before it is swapped in
+        self.before_swap: Callable[[Serving], None] | None = None
         self.compensator = build_memory(
             self.spec.memory, dim=self.state.model.key_dim(self.key), seed=int(md.info().get("seed", 0)), device=device
         )
@@ -232,6 +234,8 @@ class ModelHost:
                 return False, version
             try:
                 fresh = self._load_version(version)
+                if self.before_swap is not None:
+                    self.before_swap(fresh)
             except VersionError as e:
                 self._refuse(stamp, version, str(e))
                 raise

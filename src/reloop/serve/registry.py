@@ -30,9 +30,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,7 @@ from reloop.models.base import (
     load_model,
     save_model,
 )
+from reloop.protocol.combined import experts_of
 
 logger = logging.getLogger("reloop.serve")
 
@@ -67,7 +70,13 @@ OUR_FILES = {
     "log.sqlite3-shm",
     "retrain.lock",
     "CURRENT.tmp",
+    "experts",  # combine runs: DIR/experts/<name>/{versions, CURRENT}
+    "combine.sqlite3",
+    "combine.sqlite3-wal",
+    "combine.sqlite3-shm",
 }
+EXPERTS_DIR = "experts"
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,99}$")
 SERVING, BASE = "serving.safetensors", "base.safetensors"
 LEGACY = {SERVING: "serving.pt", BASE: "base.pt"}  # versions written before the safetensors format
 
@@ -374,6 +383,71 @@ class ModelDir:
         return Version(number, final, meta)
 
 
+# -- combine runs: one chain of versions per expert (reloop.serve.ensemble) ----------------------
+def combine_names(cfg: Config, run: str) -> list[str]:
+    """The Hedge's experts for a ``combine:`` run, the run itself first (``experts_of``), each a safe
+    directory name (``RegistryError`` naming ``runs.<run>.combine.experts`` otherwise)."""
+    names = experts_of(cfg, run)
+    bad = [n for n in names[1:] if not _SAFE_NAME.match(n)]
+    if bad:
+        raise RegistryError(
+            f"runs.{run}.combine.experts: {bad[0]!r} cannot name a directory (letters, digits, '_', '.', '-')"
+        )
+    if len(names) < 2:
+        raise RegistryError(f"runs.{run}.combine.experts: no other run to combine with")
+    return names
+
+
+class ExpertDir(ModelDir):
+    """Expert ``name``'s chain inside a combine run's model directory: ``DIR/experts/<name>/{versions,
+    CURRENT}``. Config, service info, encoder, pretraining rows and feature map are the parent's.
+
+    ``pin`` (set by the service) is the version the serving set names: :meth:`current_version` returns it,
+    so a :class:`~reloop.serve.host.ModelHost` over this directory loads exactly that version.
+    """
+
+    def __init__(self, parent: ModelDir, name: str) -> None:
+        super().__init__(parent.path / EXPERTS_DIR / name)
+        self.parent = parent
+        self.name = name
+        self.pin: int | None = None
+
+    def info(self) -> dict[str, Any]:
+        return self.parent.info()
+
+    def config(self) -> Config:
+        return self.parent.config()
+
+    def encoder(self):  # noqa: ANN201 - the parent's FeatureEncoder
+        return self.parent.encoder()
+
+    def user_capacity(self) -> tuple[int, int]:
+        return self.parent.user_capacity()
+
+    def save_encoder_state(self, state: dict[str, Any]) -> None:
+        """The parent's live encoder owns the snapshot: nothing to write here."""
+
+    def pretrain_rows(self):  # noqa: ANN201 - the parent's
+        return self.parent.pretrain_rows()
+
+    def feature_map(self):  # noqa: ANN201 - the parent's
+        return self.parent.feature_map()
+
+    def current_version(self) -> int:
+        return self.pin if self.pin is not None else super().current_version()
+
+    def current_stamp(self) -> tuple[int, int] | None:
+        return (self.pin, 0) if self.pin is not None else super().current_stamp()
+
+
+def expert_pins(meta: dict[str, Any], names: Sequence[str], version: int) -> dict[str, int]:
+    """``{expert: version}`` a top-level version serves with (``VersionError`` when its meta lacks one)."""
+    pins = meta.get("experts")
+    if not isinstance(pins, dict) or any(not isinstance(pins.get(n), int) for n in names):
+        raise VersionError(version, f"version {version}: meta.json does not name a version of every expert {names}")
+    return {n: int(pins[n]) for n in names}
+
+
 def _np_default(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
@@ -382,23 +456,21 @@ def _np_default(value: Any) -> Any:
 
 # -- bootstrap ---------------------------------------------------------------------------------
 def pick_run(cfg: Config, run: str | None) -> str:
-    """The run a service hosts: ``run``, or the config's first. A ``combine:`` run is refused: it mixes
-    several runs' models and the service hosts one (serve its stack without ``combine``, or an expert)."""
+    """The run a service hosts: ``run``, or the config's first. A ``combine:`` run hosts its own chain
+    and one per expert (``combine_names``: each a safe directory name)."""
     if run is None:
         run = next(iter(cfg.runs))
     if run not in cfg.runs:
         raise RegistryError(f"--run {run!r}: the config has no such run (runs: {', '.join(cfg.runs)})")
     if cfg.runs[run].combine is not None:
-        raise RegistryError(
-            f"runs.{run}.combine: reloop serve hosts one model, and a combine: run mixes "
-            f"several; serve its stack without combine:, or one of its experts (--run NAME)"
-        )
+        combine_names(cfg, run)
     return run
 
 
 def composition(cfg: Config, run: str) -> dict[str, Any]:
-    spec = cfg.runs[run]
-    return {"run": run, "update": spec.update, "loss": spec.loss, "generator": spec.generator, "memory": spec.memory}
+    """The run's choices as written in YAML (JSON values: they go into ``meta.json`` and ``/model``)."""
+    spec = cfg.runs[run].model_dump(mode="json")
+    return {"run": run, **{k: spec[k] for k in ("update", "loss", "generator", "memory")}}
 
 
 def pretrain_encoder(encoder: FeatureEncoder, rows: PeriodTensors, feature_map: FeatureMap) -> FeatureEncoder:
@@ -510,6 +582,14 @@ def bootstrap(
     }
     for name in ("config.yaml", "service.json", "encoder.json"):
         _fsync_file(md.path / name)
+    if spec.combine is not None:  # every expert's chain starts from the same Θ0, as offline (run_seed)
+        meta["experts"] = {}
+        for expert in combine_names(cfg, run)[1:]:
+            e_state = RunEngine(cfg, cfg.runs[expert], seed, stream.feature_map).version_state(optim_state, expert)
+            e_meta = {**meta, "composition": composition(cfg, expert)}
+            e_meta.pop("experts")
+            ExpertDir(md, expert).publish(model, model, e_state, e_meta, number=1)
+            meta["experts"][expert] = 1
     slog = ServeLog(md.log_path)
     slog.open_period(P + 1)
     version = md.publish(model, model, state, meta, number=1)

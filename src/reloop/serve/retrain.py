@@ -50,7 +50,7 @@ from reloop.protocol.metrics import auc
 from reloop.serve.events import log_event
 from reloop.serve.guard import ErrorLog
 from reloop.serve.log import RowCodec, ServeLog
-from reloop.serve.registry import ModelDir, RegistryError, composition
+from reloop.serve.registry import ExpertDir, ModelDir, RegistryError, combine_names, composition, expert_pins
 from reloop.update.strategies import NoUpdate
 from reloop.update.trainer import predict_rows
 
@@ -203,7 +203,7 @@ def _retrain_locked(md: ModelDir, slog: ServeLog, options: RetrainOptions, now: 
     if t is None:
         return RetrainResult("skipped", None, version, "the log has no open period")
     upto = slog.max_rowid()
-    if int(meta_now["trained_through"]) >= t:
+    if max(int(meta_now["trained_through"]), int(meta_now.get("set_through", 0))) >= t:
         # A crash between publishing and closing the period: finish the close, train next time.
         slog.close_period(t, upto, [], "repaired", {"reason": f"version {version} already trained on period {t}"}, None)
         return RetrainResult("skipped", t, version, f"period {t} was already trained on (closed it)")
@@ -248,46 +248,103 @@ def _retrain_locked(md: ModelDir, slog: ServeLog, options: RetrainOptions, now: 
     hold = full.rows.slice(train_bounds[-1][1], full.bounds[t - 1][1])
     say(f"period {t}: {n} labelled impressions ({n_train} train, {n_hold} held out), {waiting} awaiting labels")
 
-    engine = RunEngine(cfg, spec, seed, fmap, key_dim=None, device=device)  # the offline run's step
-    state = md.load_state(version)
-    engine.load_state_dict(state, memory=False)
-    base = md.load_base(version).to(device)
-    serving_now = md.load_serving(version).to(device)
-    torch.manual_seed(seed * 100003 + t)
-
     rows_ids = [(r[0], first_row + i, r[2]) for i, r in enumerate(labelled)]
     detail: dict[str, Any] = {"n_train": n_train, "n_holdout": n_hold, "waiting": waiting, "parent": version}
-    if isinstance(engine.strategy, NoUpdate):
+    period = _Period(cfg, seed, P, t, full, train_stream, hold, options, device, say)
+    if spec.combine is not None:
+        return _retrain_combine(
+            md, slog, period, run, version, meta_now, [r[0] for r in labelled], upto, rows_ids, detail
+        )
+
+    chain = _train_chain(period, md, run, version, served)
+    if chain.outcome == "no-update":
         slog.close_period(t, upto, rows_ids, "no-update", detail, None)
         return RetrainResult("skipped", t, version, "the run's update is 'none'", n_train, n_hold)
+    detail.update({"auc_candidate": chain.auc_c, "auc_serving": chain.auc_s, "max_auc_drop": options.max_auc_drop})
+    if chain.outcome == "rejected":
+        slog.close_period(t, upto, rows_ids, "rejected", {**detail, "reason": chain.reason}, None)
+        return RetrainResult("rejected", t, version, chain.reason, n_train, n_hold, chain.auc_c, chain.auc_s)
+    assert chain.model is not None and chain.candidate is not None and chain.state is not None
+    published = md.publish(chain.model, chain.candidate, chain.state, chain.meta)
+    slog.close_period(
+        t, upto, rows_ids, "published", {**detail, "version": published.number}, (published.number, published.meta)
+    )
+    say(f"published version {published.number} (trained through period {t}){chain.note}")
+    return RetrainResult(
+        "published", t, published.number, chain.note.strip(" ()"), n_train, n_hold, chain.auc_c, chain.auc_s
+    )
 
-    if int(meta_now["trained_through"]) == t - 1 and t - 1 > P:
+
+@dataclass
+class _Period:
+    """What every chain of one retrain shares: the rebuilt history of the closed period ``t``."""
+
+    cfg: Any
+    seed: int
+    P: int
+    t: int
+    full: Stream
+    train_stream: Stream
+    hold: PeriodTensors
+    options: RetrainOptions
+    device: torch.device
+    say: Callable[[str], Any]
+
+
+@dataclass
+class _Chain:
+    """One chain's step: ``outcome`` published (a version to write) | rejected | no-update."""
+
+    outcome: str
+    reason: str = ""
+    note: str = ""
+    auc_c: float = float("nan")
+    auc_s: float = float("nan")
+    model: Any = None
+    candidate: Any = None
+    state: dict[str, Any] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _train_chain(p: _Period, chain_md: ModelDir, run: str, version: int, served: torch.Tensor) -> _Chain:
+    """One run's period step on its chain (``version`` of ``chain_md``): the generator learns from D_t,
+    the engine updates and generates (:class:`RunEngine`, as offline), the candidate is validated on the
+    held-out rows. Publishing is the caller's (a combine run writes its experts before its own version)."""
+    cfg, t = p.cfg, p.t
+    meta_now = chain_md.meta(version)
+    engine = RunEngine(cfg, cfg.runs[run], p.seed, p.full.feature_map, key_dim=None, device=p.device)
+    state = chain_md.load_state(version)
+    engine.load_state_dict(state, memory=False)
+    base = chain_md.load_base(version).to(p.device)
+    serving_now = chain_md.load_serving(version).to(p.device)
+    torch.manual_seed(p.seed * 100003 + t)
+    if isinstance(engine.strategy, NoUpdate):
+        return _Chain("no-update", "the run's update is 'none'")
+
+    if int(meta_now["trained_through"]) == t - 1 and t - 1 > p.P:
         # A restored generator has its parameters but not the model it generates for: forming
         # Θ*_{t−1} from Θ_{t−1} again (as when period t was served) gives it that template.
         engine.generator.serving_model(base)
-        engine.learn(full, t, served, base)  # D_t was served by Θ*_{t−1}
-    step = engine.step(base, state["optim"], train_stream, t, served)
+        engine.learn(p.full, t, served, base)  # D_t was served by Θ*_{t−1}
+    step = engine.step(base, state["optim"], p.train_stream, t, served)
     model, optim_state, candidate = step.model, step.optim_state, step.serving
     candidate.eval()
     if step.guard.reason:
-        say(f"guard: {step.guard.reason}; the updated model is the candidate")
+        p.say(f"{run}: guard: {step.guard.reason}; the updated model is the candidate")
 
     auc_c = auc_s = float("nan")
+    n_hold = len(p.hold)
     if n_hold:
-        labels = hold.data["label"].cpu().numpy()
-        auc_c = auc(labels, torch.sigmoid(predict_rows(candidate, hold, cfg.train.eval_batch_size)[0]).numpy())
-        auc_s = auc(labels, torch.sigmoid(predict_rows(serving_now, hold, cfg.train.eval_batch_size)[0]).numpy())
-    detail.update({"auc_candidate": auc_c, "auc_serving": auc_s, "max_auc_drop": options.max_auc_drop})
-    if math.isfinite(auc_c) and math.isfinite(auc_s) and auc_c < auc_s - options.max_auc_drop:
-        reason = (
-            f"candidate AUC {auc_c:.4f} < serving AUC {auc_s:.4f} − {options.max_auc_drop} on "
-            f"{n_hold} held-out rows of period {t}"
-        )
-        slog.close_period(t, upto, rows_ids, "rejected", {**detail, "reason": reason}, None)
-        say(f"rejected: {reason}")
-        return RetrainResult("rejected", t, version, reason, n_train, n_hold, auc_c, auc_s)
+        labels = p.hold.data["label"].cpu().numpy()
+        batch = cfg.train.eval_batch_size
+        auc_c = auc(labels, torch.sigmoid(predict_rows(candidate, p.hold, batch)[0]).numpy())
+        auc_s = auc(labels, torch.sigmoid(predict_rows(serving_now, p.hold, batch)[0]).numpy())
+    drop = p.options.max_auc_drop
+    if math.isfinite(auc_c) and math.isfinite(auc_s) and auc_c < auc_s - drop:
+        reason = f"candidate AUC {auc_c:.4f} < serving AUC {auc_s:.4f} − {drop} on {n_hold} held-out rows of period {t}"
+        p.say(f"{run}: rejected: {reason}")
+        return _Chain("rejected", reason, "", auc_c, auc_s)
 
-    new_state = engine.version_state(optim_state, run)
     meta = {
         "created": time.time(),
         "trained_through": t,
@@ -300,19 +357,91 @@ def _retrain_locked(md: ModelDir, slog: ServeLog, options: RetrainOptions, now: 
             "auc_candidate": _finite(auc_c),
             "auc_serving": _finite(auc_s),
             "n_holdout": n_hold,
-            "max_auc_drop": options.max_auc_drop,
+            "max_auc_drop": drop,
             "guard": step.guard.reason,
         },
-        "n_train": n_train,
+        "n_train": len(p.train_stream.period(t)),
         "n_holdout": n_hold,
     }
-    published = md.publish(model, candidate, new_state, meta)
+    note = "" if n_hold and math.isfinite(auc_c) else " (validation skipped: held-out rows lack both classes)"
+    return _Chain("published", "", note, auc_c, auc_s, model, candidate, engine.version_state(optim_state, run), meta)
+
+
+def _retrain_combine(
+    md: ModelDir,
+    slog: ServeLog,
+    p: _Period,
+    run: str,
+    version: int,
+    meta_now: dict[str, Any],
+    ids: list[str],
+    upto: int,
+    rows_ids: list[tuple[str, int, int]],
+    detail: dict[str, Any],
+) -> RetrainResult:
+    """A combine run's retrain: every chain (the run's own, then each expert's) takes its step on the same
+    closed period with its own logged predictions as ŷ_last; the experts' new versions are published
+    first, then one top-level version naming them (its ``CURRENT`` replace switches the whole set)."""
+    from reloop.serve.ensemble import COMBINE_DB, CombineLog
+
+    cfg, t = p.cfg, p.t
+    names = combine_names(cfg, run)
+    pins = expert_pins(meta_now, names[1:], version)
+    store = CombineLog(md.path / COMBINE_DB, names)
+    n_pre = int(md.info()["pretrain_rows"])
+    chains: dict[str, _Chain] = {}
+    try:
+        for k, name in enumerate(names):
+            base, comp = store.served_rows(md.log_path, k, ids)
+            y = base if build_loss(cfg.runs[name].loss).y_last != "compensated" else comp
+            served = torch.cat([torch.full((n_pre,), float("nan")), y])
+            chain_md = md if k == 0 else ExpertDir(md, name)
+            chains[name] = _train_chain(p, chain_md, name, version if k == 0 else pins[name], served)
+    finally:
+        store.close()
+    experts: dict[str, Any] = {}
+    for name in names[1:]:
+        chain = chains[name]
+        if chain.outcome == "published":
+            assert chain.model is not None and chain.candidate is not None and chain.state is not None
+            pins[name] = ExpertDir(md, name).publish(chain.model, chain.candidate, chain.state, chain.meta).number
+        experts[name] = {"outcome": chain.outcome, "version": pins[name], "reason": chain.reason or None}
+    own = chains[run]
+    experts = {run: {"outcome": own.outcome, "reason": own.reason or None}, **experts}
+    detail.update({"auc_candidate": own.auc_c, "auc_serving": own.auc_s, "max_auc_drop": p.options.max_auc_drop})
+    detail["experts"] = experts
+    n_train, n_hold = len(p.train_stream.period(t)), len(p.hold)
+    if own.outcome == "published":
+        assert own.model is not None and own.candidate is not None and own.state is not None
+        model, candidate, state, meta = own.model, own.candidate, own.state, own.meta
+    elif any(e["outcome"] == "published" for e in experts.values()):  # the same own models, new experts
+        model, candidate, state = md.load_base(version), md.load_serving(version), md.load_state(version)
+        meta = {**meta_now, "created": time.time(), "parent": version}
+    else:
+        rejected = any(e["outcome"] == "rejected" for e in experts.values())
+        outcome = "rejected" if rejected else own.outcome
+        slog.close_period(t, upto, rows_ids, outcome, {**detail, "reason": own.reason}, None)
+        return RetrainResult(
+            "rejected" if outcome == "rejected" else "skipped",
+            t,
+            version,
+            own.reason or "no chain published",
+            n_train,
+            n_hold,
+            own.auc_c,
+            own.auc_s,
+            extra={"experts": experts},
+        )
+    meta = {**meta, "experts": {n: pins[n] for n in names[1:]}, "set_through": t}
+    published = md.publish(model, candidate, state, meta)
+    experts[run]["version"] = published.number
     slog.close_period(
         t, upto, rows_ids, "published", {**detail, "version": published.number}, (published.number, published.meta)
     )
-    note = "" if n_hold and math.isfinite(auc_c) else " (validation skipped: held-out rows lack both classes)"
-    say(f"published version {published.number} (trained through period {t}){note}")
-    return RetrainResult("published", t, published.number, note.strip(" ()"), n_train, n_hold, auc_c, auc_s)
+    p.say(f"published version {published.number} (set through period {t}: {experts})")
+    return RetrainResult(
+        "published", t, published.number, own.reason, n_train, n_hold, own.auc_c, own.auc_s, extra={"experts": experts}
+    )
 
 
 def _finite(x: float) -> float | None:

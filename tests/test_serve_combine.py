@@ -1,0 +1,251 @@
+"""Serving a ``combine:`` run (``reloop.serve.ensemble``): the Hedge mixture of every expert's model.
+
+(a) the same stream served offline (``run_one`` per run + ``combine_served``) and online (predict,
+feedback, retrain at the period boundary) gives the same mixture; (b) a batch's own labels never change
+its own served mixture; (c) the weights resume exactly after a restart, and labels the main log holds but
+the weights never consumed (a crash between the two commits) are applied at start; (d) bad input is a
+4xx naming the field, never a 5xx.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", message=".*httpx2.*")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from reloop.config import parse_config  # noqa: E402
+from reloop.data.prepare import prepare_stream  # noqa: E402
+from reloop.data.sources import load_source  # noqa: E402
+from reloop.protocol.combined import combine_served  # noqa: E402
+from reloop.protocol.runner import pretrain, run_one  # noqa: E402
+from reloop.serve.app import create_app  # noqa: E402
+from reloop.serve.ensemble import COMBINE_DB, CombineLog  # noqa: E402
+from reloop.serve.log import ServeLog  # noqa: E402
+from reloop.serve.registry import ExpertDir, ModelDir, RegistryError, bootstrap, pick_run  # noqa: E402
+from reloop.serve.retrain import RetrainOptions, retrain  # noqa: E402
+
+ROWS = 300
+BATCH = 100
+MEMORY = {"sketch": {"arrays": 16, "bits": 4}, "lambda": 0.8}
+EXPERTS = ["IU", "SC", "MEM"]
+NAMES = ["combined", *EXPERTS]
+COLS = ["user_id", "item_id", "item_cat", "hour"]
+TOKEN = "test-admin-token-0123456789"
+ADMIN = {"authorization": f"Bearer {TOKEN}"}
+
+
+def _raw(tmp) -> dict:
+    return {
+        "data": {
+            "source": "synthetic",
+            "synthetic": {"users": 60, "items": 40, "rows_per_period": ROWS, "periods": 8, "seed": 0},
+            "periods": {"count": 8, "by": "rows"},
+            "cache": str(tmp / "cache"),
+        },
+        "model": {"name": "emb_mlp", "embedding_dim": 4, "hidden_units": [8]},
+        "train": {"epochs": 1, "pretrain_epochs": 2, "batch_size": 64, "lr": 0.01},
+        "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2, "seeds": [0], "serve_batch_size": BATCH},
+        "runs": {
+            "IU": {"update": "incremental"},
+            "SC": {"update": "incremental", "loss": {"self_correction": 0.5}},
+            "MEM": {"update": "incremental", "memory": MEMORY},
+            "combined": {
+                "update": "incremental",
+                "loss": {"self_correction": 0.5},
+                "memory": MEMORY,
+                "combine": {"experts": EXPERTS, "hedge": {"eta": 0.05}},
+            },
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("combine")
+    cfg = parse_config(_raw(root))
+    md = bootstrap(cfg, root / "md", "combined", log=lambda *_: None).path
+    return {"cfg": cfg, "md": md, "frame": load_source(cfg.data).frame, "root": root}
+
+
+def _fresh(world, tmp_path) -> tuple[TestClient, ModelDir]:
+    dest = tmp_path / "md"
+    shutil.copytree(world["md"], dest)
+    return TestClient(create_app(dest, admin_token=TOKEN), headers=ADMIN), ModelDir(dest)
+
+
+def _batch(world, period: int, i: int) -> tuple[list[dict], list[int]]:
+    part = world["frame"].slice((period - 1) * ROWS + i * BATCH, BATCH)
+    return part.select(COLS).to_dicts(), part["label"].to_list()
+
+
+def _serve(client, recs, labels) -> tuple[list[str], list[float]]:
+    r = client.post("/predict", json={"records": recs})
+    assert r.status_code == 200, r.text
+    ids = [p["impression_id"] for p in r.json()["predictions"]]
+    ps = [p["p"] for p in r.json()["predictions"]]
+    if labels is not None:
+        fb = client.post("/feedback", json={"events": [{"impression_id": i, "label": y} for i, y in zip(ids, labels)]})
+        assert fb.status_code == 200, fb.text
+    return ids, ps
+
+
+def _weights(client) -> dict[str, float]:
+    r = client.get("/model")
+    assert r.status_code == 200, r.text
+    return {e["name"]: e["weight"] for e in r.json()["combine"]["experts"]}
+
+
+def test_layout_and_model_view(world, tmp_path):
+    """Bootstrap writes one chain per expert (version 1 = Θ0) and version 1 names them; /model shows
+    the experts, their weights (the prior) and versions."""
+    md = ModelDir(world["md"])
+    assert md.meta(1)["experts"] == dict.fromkeys(EXPERTS, 1)
+    for e in EXPERTS:
+        ed = ExpertDir(md, e)
+        assert ed.list_versions() == [1] and ed.meta(1)["composition"]["run"] == e
+        assert torch.equal(ed.load_serving(1).head.weight, md.load_serving(1).head.weight)
+    client, _ = _fresh(world, tmp_path)
+    body = client.get("/model").json()
+    assert [e["name"] for e in body["combine"]["experts"]] == NAMES
+    assert [e["version"] for e in body["combine"]["experts"]] == [1, 1, 1, 1]
+    assert _weights(client) == pytest.approx(dict.fromkeys(NAMES, 0.25), abs=1e-12)
+    assert body["combine"]["experts"][3]["memory"] is not None and body["combine"]["experts"][1]["memory"] is None
+
+
+def test_offline_and_online_serve_the_same_mixture(world, tmp_path):
+    """Periods P+1 (Θ0 of every chain) and P+2 (after one retrain of every chain) served online through
+    predict + feedback per batch give the mixture ``combine_served`` computes offline (float order aside)."""
+    torch.set_num_threads(1)
+    cfg = world["cfg"]
+    P = cfg.protocol.pretrain
+    stream = prepare_stream(cfg.data, P).stream
+    theta0, optim0 = pretrain(cfg, stream, 0)
+    served: dict[str, torch.Tensor] = {}
+    for name in NAMES:
+        got: dict[str, torch.Tensor] = {}
+        run_one(cfg, stream, name, cfg.runs[name], 0, theta0, optim0, stop_after=P + 1, served_out=got)
+        served[name] = got["final"]
+    _, hedge_off, offline = combine_served(
+        cfg, stream, "combined", served, 0, cfg.runs["combined"].combine, last_period=P + 2
+    )
+
+    client, md = _fresh(world, tmp_path)
+    online: list[float] = []
+    for i in range(ROWS // BATCH):
+        online += _serve(client, *_batch(world, P + 1, i))[1]
+    result = retrain(md.path, RetrainOptions(holdout=0.0, max_auc_drop=1.0))
+    assert result.outcome == "published", result
+    assert {e: v["outcome"] for e, v in result.extra["experts"].items()} == dict.fromkeys(NAMES, "published")
+    swap = client.post("/admin/reload")
+    assert swap.status_code == 200 and swap.json()["swapped"], swap.text
+    assert [e["version"] for e in client.get("/model").json()["combine"]["experts"]] == [2, 2, 2, 2]
+    for i in range(ROWS // BATCH):
+        online += _serve(client, *_batch(world, P + 2, i))[1]
+
+    start, end = stream.bounds[P][0], stream.bounds[P + 1][1]
+    want = offline[start:end]
+    assert not bool(torch.isnan(want).any())
+    torch.testing.assert_close(torch.tensor(online), want, rtol=0, atol=2e-6)
+    # the experts really differ (a mixture of identical experts would prove little) and weights moved
+    later = slice(stream.bounds[P + 1][0], end)
+    assert float((served["IU"][later] - served["MEM"][later]).abs().max()) > 1e-3
+    weights = _weights(client)
+    assert weights == pytest.approx(dict(zip(NAMES, hedge_off.weights.tolist())), abs=1e-9)
+    assert max(weights.values()) - min(weights.values()) > 1e-3
+
+
+def test_a_batch_never_sees_its_own_labels(world, tmp_path):
+    """The mixture served for a batch is fixed at predict time: it equals the prior-weighted mixture of
+    what the experts served, stays as logged after the batch's labels arrive, and two services that get
+    opposite labels for it served it identically (they differ only on the next batch)."""
+    P = world["cfg"].protocol.pretrain
+    recs_a, labels_a = _batch(world, P + 1, 0)
+    recs_b, _ = _batch(world, P + 1, 1)
+    out = []
+    for flip, sub in ((False, "x"), (True, "y")):
+        client, md = _fresh(world, tmp_path / sub)
+        labels = [1 - y for y in labels_a] if flip else labels_a
+        ids_a, p_a = _serve(client, recs_a, labels)
+        store = CombineLog(md.path / COMBINE_DB, NAMES)
+        try:
+            preds = store.preds(ids_a)["p_served"]  # [K, B]: what each expert served
+            logged = store.mixture(ids_a)
+        finally:
+            store.close()
+        prior_mix = preds.double().clamp(1e-6, 1 - 1e-6).mean(0)
+        assert torch.allclose(torch.tensor(p_a, dtype=torch.float64), prior_mix, atol=1e-6)
+        assert [logged[i] for i in ids_a] == [(p, 0) for p in p_a]  # unchanged by the labels
+        slog = ServeLog(md.log_path)
+        try:
+            main = {r["id"]: r["p_served"] for r in slog.impressions(ids_a)}
+            assert [main[i] for i in ids_a] == p_a
+        finally:
+            slog.close()
+        _, p_b = _serve(client, recs_b, None)
+        out.append((p_a, p_b))
+    assert out[0][0] == out[1][0]
+    assert max(abs(x - y) for x, y in zip(out[0][1], out[1][1])) > 1e-4
+
+
+def test_weights_resume_exactly_after_a_restart(world, tmp_path):
+    """A restarted service has the same weights and serves the same mixture; labels committed to the main
+    log but never consumed by the weights (a kill between the two commits) are applied at start."""
+    P = world["cfg"].protocol.pretrain
+    client, md = _fresh(world, tmp_path / "a")
+    for i in range(2):
+        _serve(client, *_batch(world, P + 1, i))
+    recs, labels = _batch(world, P + 1, 2)
+    ids, _ = _serve(client, recs, None)
+    before = _weights(client)
+    client.app.state.service.close()
+
+    client2 = TestClient(create_app(md.path, admin_token=TOKEN), headers=ADMIN)
+    assert _weights(client2) == before  # exact
+    # a "kill" after the main log's commit: labels reach log.sqlite3 only
+    slog = ServeLog(md.log_path)
+    slog.write_feedback(list(zip(ids, labels)))
+    slog.close()
+    client2.app.state.service.close()
+    client3 = TestClient(create_app(md.path, admin_token=TOKEN), headers=ADMIN)
+    replayed = _weights(client3)
+    assert replayed != before
+
+    # the reference: the same traffic, labels through /feedback
+    ref, _ = _fresh(world, tmp_path / "b")
+    for i in range(2):
+        _serve(ref, *_batch(world, P + 1, i))
+    _serve(ref, recs, labels)
+    assert replayed == _weights(ref)
+    nxt = _batch(world, P + 2, 0)[0]
+    assert _serve(client3, nxt, None)[1] == _serve(ref, nxt, None)[1]
+
+
+def test_bad_input_is_4xx_naming_the_field(world, tmp_path):
+    client, _ = _fresh(world, tmp_path)
+    recs, _ = _batch(world, 4, 0)
+    bad = [dict(recs[0]), {**recs[1], "item_id": [1, 2]}]
+    r = client.post("/predict", json={"records": bad})
+    assert r.status_code == 422 and r.json()["field"] == "records[1].item_id", r.text
+    r = client.post("/feedback", json={"events": [{"impression_id": "nope", "label": 1}]})
+    assert r.status_code == 404, r.text
+    r = client.post("/feedback", json={"events": [{"impression_id": "x", "label": 7}]})
+    assert r.status_code == 422 and r.json()["field"].startswith("events[0]"), r.text
+    for body in ({"records": []}, {"records": [{}]}, {"events": []}, {"records": [{"user_id": None}]}):
+        for route in ("/predict", "/feedback"):
+            r = client.post(route, json=body)
+            assert r.status_code < 500, (route, body, r.text)
+            if r.status_code >= 400:
+                assert r.json().get("field"), r.text
+
+
+def test_pick_run_names_a_bad_expert(world):
+    raw = _raw(world["root"] / "x")
+    raw["runs"]["a/b"] = raw["runs"].pop("IU")
+    raw["runs"]["combined"]["combine"]["experts"] = ["a/b", "SC"]
+    with pytest.raises(RegistryError, match=r"runs\.combined\.combine\.experts: 'a/b'"):
+        pick_run(parse_config(raw), "combined")
