@@ -162,7 +162,10 @@ def test_bad_choice_values_are_refused(spec, message):
             "runs.IU.generator: unknown generator 'asmg'; choose one of ['asmg_gru', 'asmg_linear', 'identity', 'sml']",
         ),
         ({"memory": {"sketch": {"bitz": 3}}}, "runs.IU.memory.sketch.bitz: Extra inputs are not permitted"),
-        ({"update": "bogus"}, "runs.IU.update: unknown update 'bogus'; choose none, incremental, full, batch, replay"),
+        (
+            {"update": "bogus"},
+            "runs.IU.update: unknown update 'bogus'; choose one of ['batch', 'full', 'incremental', 'none', 'replay']",
+        ),
     ],
 )
 def test_errors_are_one_dotted_path(spec, message):

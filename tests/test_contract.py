@@ -15,37 +15,42 @@ def test_contract(case, check, stream):
 
 
 def _cases_using(kind: str) -> set[str]:
-    """The component names of ``kind`` that some contract case exercises."""
-    from reloop.components import one_key
-    from reloop.memory.config import MemoryConfig
-    from reloop.update.generators.config import parse_generator
-
+    """The component names of ``kind`` (a registry's slot; ``lambda`` for the memory's λ mode) that some
+    contract case exercises."""
     names: set[str] = set()
     for spec in CONTRACT_CASES.values():
         run = RunSpec(**spec)
-        if kind == "update":
-            names.add(one_key(run.update, "update")[0])
-        elif kind == "loss":
-            names.add(one_key(run.loss, "loss")[0])
-        elif kind == "generator":
-            names.add(parse_generator(run.generator)[0])
-        elif kind == "memory" and run.memory is not None:
-            mem = MemoryConfig.parse(run.memory)
-            names |= {mem.kind, "adaptive" if mem.adaptive else "fixed"}
+        if kind == "memory":
+            names |= {run.memory.kind} if run.memory is not None else set()
+        elif kind == "lambda":
+            names |= {"adaptive" if run.memory.adaptive else "fixed"} if run.memory is not None else set()
+        else:
+            names.add(getattr(run, kind).name)
     return names
 
 
 def test_every_known_component_has_a_contract_case():
-    """Enumerates every component name the config accepts; one without a contract case fails here
-    (a new update, loss, generator or memory kind cannot join without passing the suite)."""
-    from reloop.components import LOSS_NAMES, UPDATE_NAMES
-    from reloop.update.generators.config import GENERATORS
+    """Enumerates every registered update, loss, generator and memory kind (reloop.components.registries):
+    one without a contract case fails here, so a new component cannot join without passing the suite."""
+    from reloop.components import registries
 
-    known = {
-        "update": set(UPDATE_NAMES),
-        "loss": set(LOSS_NAMES),
-        "generator": set(GENERATORS),
-        "memory": {"sketch", "exact", "adaptive", "fixed"},
-    }
+    known = {kind: set(registry) for kind, registry in registries().items()}
+    known["lambda"] = {"adaptive", "fixed"}
     missing = {kind: sorted(names - _cases_using(kind)) for kind, names in known.items()}
     assert not any(missing.values()), f"components without a contract case in reloop.checks: {missing}"
+
+
+def test_a_registered_component_without_a_case_is_reported():
+    """The enumeration reads the registry: a component registered now (and removed after) is missing."""
+    from reloop.components import UPDATES
+    from reloop.update.strategies import Incremental
+
+    @UPDATES.register("contract_probe")
+    class Probe(Incremental):
+        pass
+
+    try:
+        assert "contract_probe" in set(UPDATES) - _cases_using("update")
+    finally:
+        UPDATES.unregister("contract_probe")
+    assert "contract_probe" not in UPDATES

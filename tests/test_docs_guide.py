@@ -14,14 +14,13 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from reloop.components import build_loss, build_update
+from reloop.components import GENERATORS, LOSSES, MEMORIES, UPDATES
 from reloop.config import Config, parse_config
 from reloop.data.periods import PeriodsConfig
 from reloop.data.sources import config as source_config
 from reloop.memory.config import MemoryConfig
 from reloop.models import MODELS
 from reloop.models.base import ModelOptions
-from reloop.update.generators.config import GENERATORS
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "guide"
@@ -99,18 +98,6 @@ def yaml_keys(cls: type[BaseModel]) -> list[str]:
     return [f.alias or name for name, f in cls.model_fields.items()]
 
 
-def _error_of(fn, *args) -> str:
-    with pytest.raises(ValueError) as e:
-        fn(*args)
-    return str(e.value)
-
-
-def _names_after(pattern: str, message: str) -> list[str]:
-    m = re.search(pattern, message)
-    assert m, f"message changed shape, update the test: {message}"
-    return re.findall(r"[a-z_]+", m.group(1))
-
-
 # --------------------------------------------------------------------------------------------------
 # (a) every config key is in config.md, in its own section
 
@@ -132,6 +119,7 @@ def _config_cases() -> list[tuple[str, str, str]]:
     add(by_name["CombineOptions"], "`combine`")
     add(by_name["HedgeOptions"], "`combine`")
     known = {"Config", "TrainConfig", "ProtocolConfig", "EncoderSettings", "RunSpec", "CombineOptions", "HedgeOptions"}
+    known |= {"MemoryConfig", "AdaptConfig"}  # the `memory` section, below
     assert set(by_name) == known, f"new nested config model(s) {set(by_name) - known}: map them to a section here"
     add(PeriodsConfig, "`data`")
     for name, source_cls in source_config._BY_SOURCE.items():
@@ -140,8 +128,10 @@ def _config_cases() -> list[tuple[str, str, str]]:
             cases.extend((cls.__name__, key, heading) for key in yaml_keys(cls) if key != "source")
     for cls in config_models(MemoryConfig):
         add(cls, "`memory`")
-    for options, _ in GENERATORS.values():
-        add(options, "`generator`")
+    for memory_cls in MEMORIES.values():
+        add(memory_cls.Options, "`memory`")
+    for generator_cls in GENERATORS.values():
+        add(generator_cls.Options, "`generator`")
     add(ModelOptions, "`model`")
     for model_cls in MODELS.values():
         add(model_cls.Options, "`model`")
@@ -181,18 +171,14 @@ def test_every_source_and_generator_name_is_documented(config_md: str) -> None:
 
 
 def test_every_update_and_loss_option_is_documented(config_md: str) -> None:
-    """The names and option keys ``reloop.components`` accepts, read from its own error messages."""
+    """The names and option keys the ``update`` and ``loss`` registries accept (a shorthand option is
+    written as the name's value, ``{batch: 3}``, so the name documents it)."""
     update, loss = section(config_md, "`update`"), section(config_md, "`loss`")
-    updates = _names_after(r"choose (.*)$", _error_of(build_update, "no-such-update"))
-    full = _names_after(r"\(known: (.*)\)", _error_of(build_update, {"full": {"no_such_key": 1}}))
-    replay = _names_after(r"\(known: (.*)\)", _error_of(build_update, {"replay": {"no_such_key": 1}}))
-    losses = _names_after(r"choose (.*)$", _error_of(build_loss, "no-such-loss"))
-    options = []
-    for name in losses:
-        if name != "ce":
-            options += _names_after(r"\(known: (.*)\)", _error_of(build_loss, {name: 0.5, "no_such_key": 1}))
-    missing = [f"update {k}" for k in updates + full + replay if not mentioned(k, update)]
-    missing += [f"loss {k}" for k in losses + options if not mentioned(k, loss)]
+    missing = []
+    for registry, text in ((UPDATES, update), (LOSSES, loss)):
+        for name, cls in registry.items():
+            keys = [name] + [k for k in cls.Options.model_fields if k != cls.Options.shorthand]
+            missing += [f"{registry.kind} {k}" for k in keys if not mentioned(k, text)]
     assert not missing, f"missing from docs/guide/config.md: {missing}"
 
 

@@ -17,6 +17,7 @@ PKG = "reloop"
 #: Layer of each module prefix (longest prefix wins): a module may import only from its own layer or below.
 LAYERS: dict[str, int] = {
     "reloop.errors": 0,
+    "reloop.registry": 0,
     "reloop.device": 1,
     "reloop.distributed": 1,
     "reloop.data": 2,

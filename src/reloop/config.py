@@ -2,8 +2,10 @@
 
 Unknown keys are errors that name their dotted path (``runs.IU.updat: extra inputs are not
 permitted``); nothing is ``eval``-ed. The choices of a run (update, loss, generator, memory) are
-parsed by their own modules so that each method owns its options; ``data`` is checked against its
-source's schema and ``model`` against the model registry, all before any data is read.
+parsed once, with the config, into typed choices through their registries (``reloop.registry``), so
+each component owns its options and a newly registered one is accepted without editing this module;
+``data`` is checked against its source's schema and ``model`` against the model registry, all before
+any data is read.
 """
 
 from __future__ import annotations
@@ -11,23 +13,34 @@ from __future__ import annotations
 import copy
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from reloop.combine import CombineOptions
-from reloop.components import build_generator, build_loss, build_memory, build_update, qualify
+from reloop.components import GENERATORS, LOSSES, UPDATES, MemoryConfig
 from reloop.data.periods import PeriodsConfig
 from reloop.data.sources.config import SOURCE_NAMES, parse_source_config
 from reloop.device import check_device_spec
 from reloop.errors import ConfigError, format_errors
 from reloop.models.base import DEFAULT_MODEL, model_options
+from reloop.registry import Choice, slot
+from reloop.registry import Strict as _Strict
+from reloop.update.generators.base import ModelGenerator
+from reloop.update.losses import Loss
+from reloop.update.strategies import UpdateStrategy
 from reloop.update.trainer import TrainConfig
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+if TYPE_CHECKING:
+    UpdateSlot = Choice[UpdateStrategy]
+    LossSlot = Choice[Loss]
+    GeneratorSlot = Choice[ModelGenerator]
+    MemorySlot = MemoryConfig | None
+else:  # the registries' slot types: a name is looked up when a config is validated
+    UpdateSlot, LossSlot, GeneratorSlot = UPDATES.slot(), LOSSES.slot(), GENERATORS.slot()
+    #: ``memory:``: ``null`` (no memory) or the block, parsed once into a ``MemoryConfig``, written back as given
+    MemorySlot = slot(MemoryConfig | None, MemoryConfig.read, lambda m: None if m is None else m.dump())
 
 
 class ProtocolConfig(_Strict):
@@ -58,23 +71,23 @@ class EncoderSettings(_Strict):
 
 
 class RunSpec(_Strict):
-    """One compared method: a composition of base update, loss, generator and serving memory."""
+    """One compared method: a composition of base update, loss, generator and serving memory.
 
-    update: str | dict[str, Any] = "incremental"
-    loss: str | dict[str, Any] = "ce"
-    generator: str | dict[str, Any] = "identity"
-    memory: dict[str, Any] | None = None
+    Each slot is parsed once, when the spec is validated, into a typed :class:`reloop.registry.Choice`
+    (``spec.update.name``, ``spec.update.options``; ``spec.update.build(seed=...)``) or, for ``memory``,
+    a :class:`MemoryConfig`; it dumps back in the YAML form it was written in, and compares equal to it
+    (``spec.loss == "distill"``). ``generator: null`` is ``identity``.
+    """
+
+    model_config = ConfigDict(validate_default=True)
+
+    # the YAML defaults, parsed like written values (validate_default)
+    update: UpdateSlot = "incremental"  # type: ignore[assignment]
+    loss: LossSlot = "ce"  # type: ignore[assignment]
+    generator: GeneratorSlot = "identity"  # type: ignore[assignment]
+    memory: MemorySlot = None
     # Hedge over this run's predictions and the named runs' (reloop.combine.CombineOptions), online
     combine: CombineOptions | None = None
-
-    @field_validator("update", "loss", "generator", mode="before")
-    @classmethod
-    def _name_or_mapping(cls, v: Any, info: ValidationInfo) -> Any:
-        if v is None and info.field_name == "generator":
-            return "identity"  # `generator: null` serves the updated model, as leaving the key out does
-        if not isinstance(v, (str, dict)):
-            raise ValueError(f"expected a name or a one-key mapping, got {v!r}")
-        return v
 
 
 class Config(_Strict):
@@ -166,7 +179,7 @@ def _check_data(data: dict[str, Any]) -> None:
 
 def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> Config:
     """Validate a config mapping: every section, the data source's keys, the model's name and options
-    (without building it), and every run's choices (built once), so errors surface now."""
+    (without building it), and every run's choices (parsed once into typed choices), so errors surface now."""
     try:
         cfg = Config(**raw)
     except ValidationError as e:
@@ -180,8 +193,6 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> Config:
         path = Path(cfg.data["path"]).expanduser()
         if not path.is_absolute() and not path.exists() and (base_dir / path).exists():
             cfg.data["path"] = str((base_dir / path).resolve())
-    for name, run in cfg.runs.items():
-        validate_run(name, run)
     for name, run in cfg.runs.items():
         for expert in (run.combine.experts or []) if run.combine is not None else []:
             if expert not in cfg.runs:
@@ -209,15 +220,3 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-def validate_run(name: str, run: RunSpec) -> None:
-    """Build every choice of a run once so that config errors surface before any training."""
-    where = f"runs.{name}"
-    try:
-        build_update(run.update)
-        build_loss(run.loss)
-        build_generator(run.generator)
-        build_memory(run.memory, dim=4, seed=0)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(qualify(str(e), where)) from None

@@ -111,7 +111,7 @@ class RunEngine:
         self.device = torch.device(device)
         self.strategy: UpdateStrategy = build_update(spec.update, seed=seed)
         self.loss_spec: LossSpec = build_loss(spec.loss)
-        self.generator: ModelGenerator = build_generator(spec.generator, seed=seed)
+        self.generator: ModelGenerator = build_generator(spec.generator, run_seed=seed)
         self.memory_key: str = memory_key(spec.memory)
         self.resets_memory: bool = memory_resets_on_update(spec.memory)
         self.compensator: Compensator | None = (

@@ -12,12 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from reloop.components import build_loss, build_update
 from reloop.config import Config, RunSpec
 from reloop.data.periods import phase_of
 from reloop.errors import ConfigError
-from reloop.memory.config import MemoryConfig
-from reloop.update.generators.config import parse_generator
 
 
 @dataclass(frozen=True)
@@ -54,10 +51,9 @@ def _batches(rows: int, batch_size: int) -> int:
 
 
 def _memory_findings(name: str, spec: RunSpec, cfg: Config, served: _Served) -> list[Finding]:
-
     where = f"runs.{name}.memory"
-    assert spec.memory is not None
-    mem = MemoryConfig.parse(spec.memory)  # validated with the config already
+    mem = spec.memory  # parsed and validated with the config
+    assert mem is not None
     found = []
     if mem.lam == 0.0:
         found.append(
@@ -77,7 +73,7 @@ def _memory_findings(name: str, spec: RunSpec, cfg: Config, served: _Served) -> 
                 "and |y - ŷ| < 1 always: the memory is never written; use a value below 1",
             )
         )
-    trains = build_update(spec.update).trains
+    trains = spec.update.cls.trains
     if not (mem.reset_on_update and trains):
         return found  # the memory keeps what it was written across periods: it can be read from the second
     delay = cfg.protocol.feedback_delay
@@ -118,8 +114,7 @@ def _memory_findings(name: str, spec: RunSpec, cfg: Config, served: _Served) -> 
 
 
 def _generator_findings(name: str, spec: RunSpec, cfg: Config) -> list[Finding]:
-
-    gen_name, options = parse_generator(spec.generator)
+    gen_name, options = spec.generator.name, spec.generator.options
     if gen_name == "identity":
         return []
     where = f"runs.{name}.generator.{gen_name}"
@@ -158,10 +153,8 @@ def _generator_findings(name: str, spec: RunSpec, cfg: Config) -> list[Finding]:
 
 def _loss_update_findings(name: str, spec: RunSpec) -> list[Finding]:
     found = []
-    loss = build_loss(spec.loss)
-    loss_name = spec.loss if isinstance(spec.loss, str) else next(iter(spec.loss))
-    strategy = build_update(spec.update)
-    if not strategy.trains and loss_name != "ce":
+    loss_name, loss = spec.loss.name, spec.loss.options
+    if not spec.update.cls.trains and loss_name != "ce":
         found.append(
             Finding(
                 "error",
@@ -170,8 +163,7 @@ def _loss_update_findings(name: str, spec: RunSpec) -> list[Finding]:
                 f"drop runs.{name}.loss or choose an update that trains",
             )
         )
-    weight = getattr(loss.loss, "alpha", getattr(loss.loss, "beta", getattr(loss.loss, "weight", None)))
-    if loss_name != "ce" and weight == 0.0:
+    if getattr(loss, "weight", None) == 0.0:
         found.append(
             Finding(
                 "warning",
@@ -179,7 +171,7 @@ def _loss_update_findings(name: str, spec: RunSpec) -> list[Finding]:
                 "0 makes the loss plain cross-entropy (the run equals the same run with loss: ce)",
             )
         )
-    if loss.y_last == "compensated" and spec.memory is None:
+    if getattr(loss, "y_last", "served") == "compensated" and spec.memory is None:
         found.append(
             Finding(
                 "warning",
@@ -188,7 +180,7 @@ def _loss_update_findings(name: str, spec: RunSpec) -> list[Finding]:
                 f"add runs.{name}.memory or drop y_last",
             )
         )
-    if getattr(strategy, "ratio", None) == 0.0:
+    if getattr(spec.update.options, "ratio", None) == 0.0:
         found.append(
             Finding(
                 "warning",

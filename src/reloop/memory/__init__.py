@@ -6,13 +6,22 @@ prediction is compensated, ``ŷ' = clip(ŷ_q + λ·ê)``. See ``base`` for the e
 ``config`` for the ``memory:`` config block.
 """
 
-from reloop.memory.base import ErrorMemory, Neighbours
+from reloop.memory.base import MEMORIES, ErrorMemory, Neighbours
 from reloop.memory.compensate import Compensator, compensate
-from reloop.memory.config import ExactConfig, MemoryConfig, SketchConfig, build_memory, make_memory
+from reloop.memory.config import (
+    ExactConfig,
+    MemoryConfig,
+    SketchConfig,
+    build_memory,
+    make_memory,
+    memory_key,
+    memory_resets_on_update,
+)
 from reloop.memory.exact import ExactMemory
 from reloop.memory.sketch import SketchMemory
 
 __all__ = [
+    "MEMORIES",
     "Compensator",
     "ErrorMemory",
     "ExactConfig",
@@ -24,4 +33,6 @@ __all__ = [
     "build_memory",
     "compensate",
     "make_memory",
+    "memory_key",
+    "memory_resets_on_update",
 ]

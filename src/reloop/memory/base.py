@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, NamedTuple, TypedDict
+from typing import Any, ClassVar, NamedTuple, Self, TypedDict, Unpack
 
 import torch
 from torch import Tensor
+
+from reloop.registry import NoOptions, Registry, Strict
 
 StateValue = Tensor | int | float | str
 WRITE_POLICIES = ("all", "errors")
@@ -74,6 +76,14 @@ class ErrorMemory(ABC):
     """
 
     kind: ClassVar[str] = ""
+    name: ClassVar[str] = ""
+    #: The kind's own options (``memory: {<kind>: {...}}``); the shared ones are ``MemoryConfig``'s.
+    Options: ClassVar[type[Strict]] = NoOptions
+
+    @classmethod
+    def from_options(cls, options: Strict, dim: int, seed: int = 0, **common: Unpack[ErrorMemoryOptions]) -> Self:
+        """The memory of validated kind ``options`` for keys of width ``dim``; ``common``: the shared options."""
+        return cls(dim, **dict(options), seed=seed, **common)  # type: ignore[call-arg]
 
     def __init__(
         self,
@@ -320,3 +330,7 @@ class ErrorMemory(ABC):
         if batch and not bool(((v >= 0) & (v <= 1)).all()):
             raise ValueError(f"{what}: values must lie in [0, 1]")
         return v
+
+
+#: The memory kinds of a ``memory:`` block (``sketch``, ``exact``; reloop.registry).
+MEMORIES: Registry[ErrorMemory] = Registry("memory")

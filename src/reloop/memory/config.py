@@ -13,66 +13,35 @@ Exactly one of ``sketch`` or ``exact``, plus the keys both share::
       decay: 1.0
       reset_on_update: true
 
-Unknown keys are errors, reported with their dotted path (``memory.sketch.bitz: ...``).
+The kinds (``sketch``, ``exact``, any other ``MEMORIES`` registers) declare their own ``Options`` beside
+their classes; this module holds the shared keys. Unknown keys are errors, reported with their dotted path
+(``memory.sketch.bitz: ...``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, overload
 
 import torch
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from pydantic import ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator
 
-from reloop.memory.base import ErrorMemory, ErrorMemoryOptions
+from reloop.errors import ConfigError, problems_of
+from reloop.memory.base import MEMORIES, ErrorMemory, ErrorMemoryOptions
 from reloop.memory.compensate import DEFAULT_EPS, DEFAULT_GRID, Compensator, LambdaTuner
 from reloop.memory.exact import ExactMemory
-from reloop.memory.sketch import MAX_BITS, SketchMemory
+from reloop.memory.sketch import SketchMemory
+from reloop.registry import Choice, Problem, Strict
+
+#: The options of each kind, under the names the package exported before the registry.
+SketchConfig = SketchMemory.Options
+ExactConfig = ExactMemory.Options
 
 
-class SketchConfig(BaseModel):
-    """LSH sketch: K arrays of 2^L buckets (paper: K = 70 to 180)."""
-
-    model_config = ConfigDict(extra="forbid")
-    #: tuned on the valid periods by ``reloop tune`` (reloop.protocol.tune); paper: K = 70-180, L up to 10
-    search_space: ClassVar[dict[str, list[Any]]] = {"bits": [6, 8, 10]}
-    arrays: int = Field(default=64, ge=1)
-    bits: int = Field(default=8, ge=0, le=MAX_BITS)
-    similarity: Literal["density", "centroid"] = "density"
-    hash_dtype: Literal["float32", "bfloat16"] = "float32"  # ours: bfloat16 hashes ~2x faster
-    project: int | None = Field(default=None, ge=1)  # ours: hash a fixed random projection to this width
-
-
-class ExactConfig(BaseModel):
-    """Ring buffer of the last ``size`` samples with cosine top-``top_k`` retrieval."""
-
-    model_config = ConfigDict(extra="forbid")
-    search_space: ClassVar[dict[str, list[Any]]] = {"top_k": [16, 64]}
-    size: int = Field(default=10000, ge=1)
-    top_k: int = Field(default=64, ge=1)
-
-    @field_validator("top_k")
-    @classmethod
-    def _top_k_fits(cls, v: int, info: ValidationInfo) -> int:
-        size = info.data.get("size")
-        if size is not None and v > size:
-            raise ValueError(f"must be <= size ({size}), got {v}")
-        return v
-
-
-class AdaptConfig(BaseModel):
+class AdaptConfig(Strict):
     """``memory.adapt`` (with ``lambda: auto``): learn λ online by Hedge over a grid (``LambdaTuner``)."""
 
-    model_config = ConfigDict(extra="forbid")
     grid: list[float] = Field(default_factory=lambda: list(DEFAULT_GRID), min_length=1)
     eta: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
     share: float = Field(default=0.0, ge=0.0, lt=1.0)
@@ -103,18 +72,17 @@ class AdaptConfig(BaseModel):
         )
 
 
-class MemoryConfig(BaseModel):
-    """Validated ``memory:`` block. ``lambda`` is exposed as the attribute ``lam`` (a float, or ``"auto"``)."""
+class MemoryConfig(Strict):
+    """Validated ``memory:`` block: the chosen kind (``store``, a ``MEMORIES`` choice) and the shared keys.
+    ``lambda`` is exposed as the attribute ``lam`` (a float, or ``"auto"``). Built by :meth:`parse` only."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True)
     #: ``reloop tune``'s candidates (keys as written in YAML); the paper's λ range is 0.4-0.9
     search_space: ClassVar[dict[str, list[Any]]] = {
         "lambda": [0.1, 0.3, 0.5, 0.8, "auto"],
         "key": ["hidden", "embeddings"],
         "reset_on_update": [True, False],
     }
-    sketch: SketchConfig | None = None
-    exact: ExactConfig | None = None
     lam: float | Literal["auto"] = Field(default=0.5, alias="lambda")
     adapt: AdaptConfig | None = None
     gamma: float = Field(default=1.0, ge=0.0, le=1.0)
@@ -126,6 +94,8 @@ class MemoryConfig(BaseModel):
     center: bool = False  # ours: centre keys on the first written batch's mean (see ErrorMemory)
     # ours: which representation is the key (CTRModel.forward_key); the paper uses a hidden layer
     key: Literal["hidden", "embeddings"] = "embeddings"
+    _store: Choice[ErrorMemory] | None = PrivateAttr(default=None)
+    _raw: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     @field_validator("lam", mode="before")
     @classmethod
@@ -147,11 +117,12 @@ class MemoryConfig(BaseModel):
             raise ValueError("only with lambda: auto (a fixed lambda is never tuned)")
         return v
 
-    @model_validator(mode="after")
-    def _one_kind(self) -> MemoryConfig:
-        if (self.sketch is None) == (self.exact is None):
-            raise ValueError("exactly one of 'sketch' or 'exact' must be given")
-        return self
+    @property
+    def store(self) -> Choice[ErrorMemory]:
+        """The chosen memory kind and its validated options."""
+        if self._store is None:
+            raise ValueError("memory: a MemoryConfig is built by MemoryConfig.parse")
+        return self._store
 
     @property
     def adaptive(self) -> bool:
@@ -160,39 +131,72 @@ class MemoryConfig(BaseModel):
 
     @property
     def kind(self) -> str:
-        return "sketch" if self.sketch is not None else "exact"
+        return self.store.name
+
+    def __getattr__(self, name: str) -> Any:
+        """``cfg.sketch``: the options of that kind when the block chose it, else ``None``."""
+        if name in MEMORIES:
+            return self.store.options if self.store.name == name else None
+        return super().__getattr__(name)  # type: ignore[misc]
 
     @classmethod
-    def parse(cls, data: Mapping[str, Any]) -> MemoryConfig:
-        """Validate ``{memory: {...}}`` or the inner mapping; errors name the dotted key.
+    def read(cls, data: Any) -> MemoryConfig | None | list[Problem]:
+        """A ``memory:`` value (``None``: no memory) -> the config, or its problems (paths inside the block)."""
+        if data is None or isinstance(data, MemoryConfig):
+            return data
+        if isinstance(data, Mapping) and set(data) == {"memory"}:
+            data = data["memory"]
+        if not isinstance(data, Mapping):
+            return [("", f"expected a mapping, got {type(data).__name__}")]
+        kinds = [k for k in data if k in MEMORIES]
+        if len(kinds) != 1:
+            names = " or ".join(repr(n) for n in MEMORIES.names())
+            return [("", f"exactly one of {names} must be given")]
+        store = MEMORIES._parse({kinds[0]: data[kinds[0]]})
+        problems = store if isinstance(store, list) else []
+        try:
+            cfg = cls.model_validate({k: v for k, v in data.items() if k != kinds[0]})
+        except ValidationError as e:
+            problems = problems + problems_of(e)
+        if problems:
+            return problems
+        assert not isinstance(store, list)
+        cfg._store, cfg._raw = store, dict(data)
+        return cfg
+
+    @classmethod
+    def parse(cls, data: Any, where: str = "memory") -> MemoryConfig:
+        """Validate ``{memory: {...}}`` or the inner mapping (a ``MemoryConfig`` passes through).
 
         Raises:
-            ValueError: ``"memory.<key>: <problem>"`` for every problem found.
+            ConfigError: ``"memory.<key>: <problem>"`` for every problem found.
         """
-        if not isinstance(data, Mapping):
-            raise ValueError(f"memory: expected a mapping, got {type(data).__name__}")
-        if set(data) == {"memory"}:
-            data = data["memory"]
-            if not isinstance(data, Mapping):
-                raise ValueError(f"memory: expected a mapping, got {type(data).__name__}")
-        try:
-            return cls.model_validate(dict(data))
-        except ValidationError as e:
-            raise ValueError(format_errors(e)) from None
+        cfg = cls.read(data)
+        if cfg is None:
+            cfg = [("", "expected a mapping, got NoneType")]
+        if isinstance(cfg, list):
+            raise ConfigError("; ".join(f"{where}.{p}: {m}" if p else f"{where}: {m}" for p, m in cfg))
+        return cfg
 
     def to_dict(self) -> dict[str, Any]:
-        """The inner mapping in the YAML shape (``lambda``, only the chosen kind)."""
-        return self.model_dump(by_alias=True, exclude_none=True)
+        """The inner mapping in the canonical YAML shape (the kind first, every option, ``lambda``)."""
+        return {self.kind: self.store.options.model_dump(), **self.model_dump(by_alias=True, exclude_none=True)}
 
+    def dump(self) -> dict[str, Any]:
+        """The block as it was written (what configs and checkpoint fingerprints record)."""
+        return dict(self._raw)
 
-def format_errors(e: ValidationError, prefix: str = "memory") -> str:
-    """One ``prefix.dotted.key: message`` per pydantic error, joined by ``; ``."""
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(p) for p in (prefix, *err["loc"]))
-        msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}")
-    return "; ".join(parts)
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Mapping):
+            try:
+                other = MemoryConfig.parse(other)
+            except ValueError:
+                return False
+        if not isinstance(other, MemoryConfig):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 def make_memory(cfg: MemoryConfig, dim: int, seed: int = 0, device: str | torch.device = "cpu") -> ErrorMemory:
@@ -206,29 +210,49 @@ def make_memory(cfg: MemoryConfig, dim: int, seed: int = 0, device: str | torch.
         "center": cfg.center,
         "device": device,
     }
-    if cfg.sketch is not None:
-        return SketchMemory(
-            dim,
-            arrays=cfg.sketch.arrays,
-            bits=cfg.sketch.bits,
-            similarity=cfg.sketch.similarity,
-            seed=seed,
-            hash_dtype=getattr(torch, cfg.sketch.hash_dtype),
-            project=cfg.sketch.project,
-            **common,
-        )
-    assert cfg.exact is not None
-    return ExactMemory(dim, size=cfg.exact.size, top_k=cfg.exact.top_k, seed=seed, **common)
+    return MEMORIES.build(cfg.store, "memory", dim=dim, seed=seed, **common)
+
+
+@overload
+def build_memory(
+    cfg: MemoryConfig | Mapping[str, Any], dim: int, seed: int, device: str | torch.device = ..., where: str = ...
+) -> Compensator: ...
+
+
+@overload
+def build_memory(
+    cfg: MemoryConfig | Mapping[str, Any] | None,
+    dim: int,
+    seed: int,
+    device: str | torch.device = ...,
+    where: str = ...,
+) -> Compensator | None: ...
 
 
 def build_memory(
-    cfg: MemoryConfig | Mapping[str, Any], dim: int, seed: int, device: str | torch.device = "cpu"
-) -> Compensator:
-    """Build the ``Compensator`` (memory + λ) a config describes; a mapping is parsed first."""
-    if not isinstance(cfg, MemoryConfig):
-        cfg = MemoryConfig.parse(cfg)
+    cfg: MemoryConfig | Mapping[str, Any] | None,
+    dim: int,
+    seed: int,
+    device: str | torch.device = "cpu",
+    where: str = "memory",
+) -> Compensator | None:
+    """The serving adapter (ReLoop2) a ``memory:`` block describes: a ``Compensator`` (memory + λ) on
+    ``device``, or ``None`` without a block. A mapping is parsed first (problems name ``<where>.<key>``)."""
+    if cfg is None:
+        return None
+    cfg = MemoryConfig.parse(cfg, where)
     memory = make_memory(cfg, dim, seed, device)
     if cfg.lam == "auto":
         tuner = (cfg.adapt or AdaptConfig()).build(eps=DEFAULT_EPS)
         return Compensator(memory, reset_on_update=cfg.reset_on_update, key=cfg.key, tuner=tuner)
     return Compensator(memory, cfg.lam, reset_on_update=cfg.reset_on_update, key=cfg.key)
+
+
+def memory_key(value: MemoryConfig | Mapping[str, Any] | None) -> str:
+    """The representation a run's memory is keyed on (``CTRModel.forward_key``); ``hidden`` without one."""
+    return MemoryConfig.parse(value).key if value is not None else "hidden"
+
+
+def memory_resets_on_update(value: MemoryConfig | Mapping[str, Any] | None) -> bool:
+    """Whether the run's memory is emptied when the base model is updated (``reset_on_update``)."""
+    return value is not None and MemoryConfig.parse(value).reset_on_update

@@ -16,11 +16,14 @@ import math
 from typing import Any, Unpack
 
 import torch
+from pydantic import Field, ValidationInfo, field_validator
 from torch import Tensor
 
-from reloop.memory.base import ErrorMemory, ErrorMemoryOptions, StateValue
+from reloop.memory.base import MEMORIES, ErrorMemory, ErrorMemoryOptions, StateValue
+from reloop.registry import Strict
 
 
+@MEMORIES.register("exact")
 class ExactMemory(ErrorMemory):
     """Ring buffer of ``size`` samples (preallocated) with cosine top-``top_k`` retrieval.
 
@@ -34,6 +37,21 @@ class ExactMemory(ErrorMemory):
     """
 
     kind = "exact"
+
+    class Options(Strict):
+        """``memory: {exact: {...}}``: ring buffer of the last ``size`` samples, cosine top-``top_k``."""
+
+        search_space = {"top_k": [16, 64]}
+        size: int = Field(default=10000, ge=1)
+        top_k: int = Field(default=64, ge=1)
+
+        @field_validator("top_k")
+        @classmethod
+        def _top_k_fits(cls, v: int, info: ValidationInfo) -> int:
+            size = info.data.get("size")
+            if size is not None and v > size:
+                raise ValueError(f"must be <= size ({size}), got {v}")
+            return v
 
     def __init__(
         self, dim: int, size: int = 10000, top_k: int = 64, seed: int = 0, **kwargs: Unpack[ErrorMemoryOptions]

@@ -24,12 +24,14 @@ multiply-adds per sample); ``hash_dtype=torch.bfloat16`` roughly halves it.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Unpack
+from typing import Any, Literal, Self, Unpack
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
-from reloop.memory.base import ErrorMemory, ErrorMemoryOptions, StateValue
+from reloop.memory.base import MEMORIES, ErrorMemory, ErrorMemoryOptions, StateValue
+from reloop.registry import Strict
 
 SIMILARITIES = ("density", "centroid")
 MAX_BITS = 24  # bucket ids are packed in float32, exact below 2^24; also a sanity bound on size
@@ -39,6 +41,7 @@ _CHUNK_ELEMS = 1 << 20
 _GROUP_BYTES = 1 << 19  # accumulator bytes of the arrays scattered together (about L2-sized)
 
 
+@MEMORIES.register("sketch")
 class SketchMemory(ErrorMemory):
     """ReLoop2's LSH sketch: ``arrays`` × ``2^bits`` buckets of (n, Σy, Σŷ[, Σh]).
 
@@ -58,6 +61,31 @@ class SketchMemory(ErrorMemory):
     """
 
     kind = "sketch"
+
+    class Options(Strict):
+        """``memory: {sketch: {...}}``: K arrays of 2^L buckets (paper: K = 70 to 180)."""
+
+        #: tuned on the valid periods by ``reloop tune``; paper: K = 70-180, L up to 10
+        search_space = {"bits": [6, 8, 10]}
+        arrays: int = Field(default=64, ge=1)
+        bits: int = Field(default=8, ge=0, le=MAX_BITS)
+        similarity: Literal["density", "centroid"] = "density"
+        hash_dtype: Literal["float32", "bfloat16"] = "float32"  # ours: bfloat16 hashes ~2x faster
+        project: int | None = Field(default=None, ge=1)  # ours: hash a fixed random projection to this width
+
+    @classmethod
+    def from_options(cls, options: Strict, dim: int, seed: int = 0, **common: Unpack[ErrorMemoryOptions]) -> Self:
+        assert isinstance(options, SketchMemory.Options)
+        return cls(
+            dim,
+            arrays=options.arrays,
+            bits=options.bits,
+            similarity=options.similarity,
+            seed=seed,
+            hash_dtype=getattr(torch, options.hash_dtype),
+            project=options.project,
+            **common,
+        )
 
     def __init__(
         self,

@@ -13,20 +13,19 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 from torch import Tensor, nn
 
 from reloop.data.schema import FeatureMap
-from reloop.errors import format_errors
 from reloop.models.layers import Batch, EmbeddedBatch, FeatureEmbedding
+from reloop.registry import Registry, Strict
 
 MEMORY_KEYS = ("hidden", "embeddings")
 
 
-class ModelOptions(BaseModel):
+class ModelOptions(Strict):
     """Options shared by every model; subclasses add their own. Unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid")
     embedding_dim: int = Field(default=16, ge=1)
     hidden_units: list[int] = Field(default_factory=lambda: [256, 128])
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
@@ -137,15 +136,10 @@ class CTRModel(nn.Module):
         return {"name": self.name, **self.options.model_dump()}
 
 
-MODELS: dict[str, type[CTRModel]] = {}
-
-
-def register_model(cls: type[CTRModel]) -> type[CTRModel]:
-    """Class decorator: make a model available as ``model: {name: <cls.name>}``."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no registry name")
-    MODELS[cls.name] = cls
-    return cls
+#: The ``model:`` choices (reloop.registry): ``model: {name: <name>, **options}``.
+MODELS: Registry[CTRModel] = Registry("model")
+#: Class decorator: make a model available as ``model: {name: <cls.name>}`` (its ``Options`` beside it).
+register_model = MODELS.register()
 
 
 #: The model of a config whose ``model`` section, or its ``name``, is left out.
@@ -160,12 +154,10 @@ def model_options(config: dict[str, Any]) -> tuple[type[CTRModel], ModelOptions]
     cfg = dict(config)
     name = cfg.pop("name", DEFAULT_MODEL)
     if not isinstance(name, str) or name not in MODELS:
-        raise ValueError(f"model.name: unknown model {name!r}; choose one of {sorted(MODELS)}")
-    cls = MODELS[name]
-    try:
-        return cls, cls.Options(**cfg)
-    except ValidationError as e:
-        raise ValueError(format_errors(e, prefix="model.")) from None
+        raise ValueError(MODELS.unknown(name, "model.name"))
+    options = MODELS.validate_options(name, cfg, "model")
+    assert isinstance(options, ModelOptions)
+    return MODELS[name], options
 
 
 def build_model(config: dict[str, Any], feature_map: FeatureMap) -> CTRModel:

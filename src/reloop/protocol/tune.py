@@ -6,8 +6,8 @@
    ``train.search_space`` (``TrainConfig``) is searched with the plain IU run; Θ0 is retrained for
    each candidate, because the base training settings shape it too.
 2. **Then every run**, on the chosen base settings: each component of the run declares its own search
-   space next to its options (``search_space`` on ``SelfCorrection``, ``Distill``, ``BatchWindow``,
-   ``Replay``, ``MemoryConfig``, ``SketchConfig``, ``ExactConfig``, the generators' configs); the search
+   space in its ``Options`` (``search_space``, keyed by option; ``MemoryConfig`` for the shared memory
+   keys), read through the run's typed choices, so a newly registered component is tuned too; the search
    is one pass of coordinate descent — each key in turn takes the candidate value with the best
    validation score, the others held at their best so far — starting from the run as written.
 3. A trial runs the protocol up to the last ``valid`` period (``run_one(stop_after=…)``): it never
@@ -31,20 +31,16 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from reloop.components import DEFAULT_LOSS_WEIGHTS
-from reloop.config import Config, RunSpec, dump_config, validate_run
+from reloop.config import Config, RunSpec, dump_config
 from reloop.data.encode import EncoderConfig
 from reloop.data.prepare import prepare_stream
 from reloop.data.tensors import Stream
-from reloop.memory.config import ExactConfig, MemoryConfig, SketchConfig
+from reloop.memory.config import MemoryConfig
 from reloop.preflight import check_before_run
 from reloop.protocol.experiment import ExperimentResult, run_experiment
 from reloop.protocol.runner import pretrain, run_one
+from reloop.registry import Choice
 from reloop.threads import apply_threads, current_setting
-from reloop.update.generators.config import GENERATORS, parse_generator
-from reloop.update.losses import Distill, SelfCorrection
-from reloop.update.replay import Replay
-from reloop.update.strategies import BatchWindow
 from reloop.update.trainer import TrainConfig
 
 Report = Callable[[str], None]
@@ -76,41 +72,52 @@ class TuneResult:
 # --- search spaces: read from the components -------------------------------------------------------
 
 
-def _name(value: str | dict[str, Any]) -> str:
-    return value if isinstance(value, str) else next(iter(value))
+def _choice_space(slot: str, choice: Choice[Any]) -> list[tuple[str, list[Any]]]:
+    """The search space of one choice, keyed as written in YAML: the shorthand option is the name's
+    value (``update.batch``, ``loss.self_correction``), a flat kind's options sit beside the name
+    (``loss.temperature``), others under it (``update.replay.ratio``, ``generator.sml.lr``)."""
+    options = choice.options
+    out = []
+    for key, values in type(options).search_space.items():
+        if key == options.shorthand:
+            path = f"{slot}.{choice.name}"
+        elif choice.registry.flat:
+            path = f"{slot}.{key}"
+        else:
+            path = f"{slot}.{choice.name}.{key}"
+        out.append((path, list(values)))
+    return out
 
 
 def run_search_space(spec: RunSpec) -> list[tuple[str, list[Any]]]:
     """``(dotted key within the run spec, candidate values)`` for every component of ``spec``.
 
-    The candidates come from each component's ``search_space`` (declared beside its options); keys
-    are written so that :func:`apply_setting` can place the value in the run's YAML shape.
+    The candidates come from each component's ``Options.search_space`` (declared beside its options);
+    keys are written so that :func:`apply_setting` can place the value in the run's YAML shape.
     """
-    space: list[tuple[str, list[Any]]] = []
-    update = _name(spec.update)
-    if update == "batch":
-        space.append(("update.batch", list(BatchWindow.search_space["window"])))
-    elif update == "replay":
-        space += [(f"update.replay.{k}", list(v)) for k, v in Replay.search_space.items()]
-    loss = _name(spec.loss)
-    if loss == "self_correction":
-        space.append(("loss.self_correction", list(SelfCorrection.search_space["weight"])))
-    elif loss == "distill":
-        space.append(("loss.distill", list(Distill.search_space["weight"])))
-    gen_name, _ = parse_generator(spec.generator)
-    if gen_name != "identity":
-        options_cls = GENERATORS[gen_name][0]
-        space += [(f"generator.{gen_name}.{k}", list(v)) for k, v in options_cls.search_space.items()]
+    space = _choice_space("update", spec.update) + _choice_space("loss", spec.loss)
+    space += _choice_space("generator", spec.generator)
     if spec.memory is not None:
-        mem = MemoryConfig.parse(spec.memory)
         space += [(f"memory.{k}", list(v)) for k, v in MemoryConfig.search_space.items()]
-        kind_cls = SketchConfig if mem.sketch is not None else ExactConfig
-        space += [(f"memory.{mem.kind}.{k}", list(v)) for k, v in kind_cls.search_space.items()]
+        space += _choice_space("memory", spec.memory.store)
     return space
 
 
+def _explicit(choice: Choice[Any]) -> Any:
+    """A bare name whose shorthand option has a default, spelt with that value (``loss: self_correction``
+    -> ``{self_correction: 0.5}``): the value a tuning pass starts from is then visible in ``tuned.yaml``."""
+    shorthand = choice.options.shorthand
+    if isinstance(choice.raw, str) and shorthand is not None:
+        return {choice.name: getattr(choice.options, shorthand)}
+    return choice.raw
+
+
 def apply_setting(spec: RunSpec, key: str, value: Any) -> RunSpec:
-    """``spec`` with the dotted ``key`` set to ``value`` (a bare name becomes a one-key mapping)."""
+    """``spec`` with the dotted ``key`` set to ``value`` (a bare name becomes a one-key mapping).
+
+    Raises:
+        ValueError: the new value is not a valid setting (e.g. ``top_k`` above ``size``).
+    """
     raw = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
     slot, _, rest = key.partition(".")
     current = raw.get(slot)
@@ -219,8 +226,7 @@ def tune(
         spec = cfg.runs[name]
         if spec.combine is not None:
             continue  # a mixture has no settings of its own to choose beyond its stack's
-        if isinstance(spec.loss, str) and spec.loss in DEFAULT_LOSS_WEIGHTS:  # the weight it stands for
-            spec = spec.model_copy(update={"loss": {spec.loss: DEFAULT_LOSS_WEIGHTS[spec.loss]}})
+        spec = RunSpec(**{**spec.model_dump(mode="json"), "loss": _explicit(spec.loss)})  # the weight it stands for
         best_spec = spec
         best = Trial(name, {}, *evaluate(cfg, stream, name, spec, theta0s))
         trials.append(best)
@@ -228,13 +234,12 @@ def tune(
         chosen: dict[str, Any] = {}
         for key, values in run_search_space(spec):
             for v in values:
-                candidate = apply_setting(best_spec, key, v)
-                if candidate == best_spec:
-                    continue
                 try:
-                    validate_run(name, candidate)
+                    candidate = apply_setting(best_spec, key, v)
                 except ValueError:
                     continue  # e.g. top_k above size: not a valid point of the space
+                if candidate == best_spec:
+                    continue
                 setting = {**chosen, key: v}
                 trial = Trial(name, setting, *evaluate(cfg, stream, name, candidate, theta0s))
                 trials.append(trial)

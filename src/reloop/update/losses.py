@@ -7,25 +7,42 @@ logit), which the update strategy attaches to the training rows before training.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from reloop.data.tensors import Batch
+from reloop.registry import POSITIVE, UNIT, NoOptions, Registry, Strict, one_of
+
+#: Where ``y_last`` (the prediction the self-correction term compares with) comes from.
+YLast = Literal["served", "previous_model", "compensated"]
 
 
 class Loss:
+    """Base class. A loss joins the ``loss:`` choices with ``@LOSSES.register("name")``; its nested
+    ``Options`` hold the weight (the shorthand: ``loss: {distill: 0.3}``) and the options written beside
+    it (``loss: {distill: 0.3, temperature: 2}``)."""
+
     needs: ClassVar[frozenset[str]] = frozenset()
     name: ClassVar[str] = "ce"
-    #: candidate values ``reloop tune`` tries on the valid periods (reloop.protocol.tune)
-    search_space: ClassVar[dict[str, list[Any]]] = {}
+    Options: ClassVar[type[Strict]] = NoOptions
+
+    @classmethod
+    def from_options(cls, options: Strict) -> Self:
+        """The loss of validated ``options``."""
+        return cls(**dict(options))
 
     def __call__(self, logits: Tensor, batch: Batch) -> Tensor:
         raise NotImplementedError
 
 
+#: The ``loss:`` choices (reloop.registry); options may sit beside the name.
+LOSSES: Registry[Loss] = Registry("loss", flat=True)
+
+
+@LOSSES.register("ce")
 class CrossEntropy(Loss):
     """Binary cross-entropy on logits (numerically stable), mean over the batch."""
 
@@ -33,6 +50,7 @@ class CrossEntropy(Loss):
         return F.binary_cross_entropy_with_logits(logits, batch["label"].to(logits.dtype))
 
 
+@LOSSES.register("distill")
 class Distill(Loss):
     """IncCTR knowledge distillation, KD-self (Wang et al. 2020; METHODS.md "Losses").
 
@@ -41,9 +59,19 @@ class Distill(Loss):
     """
 
     needs = frozenset({"teacher"})
-    name = "distill"
 
-    search_space: ClassVar[dict[str, list[Any]]] = {"weight": [0.1, 0.3, 0.5]}  # β
+    class Options(Strict):
+        shorthand = "weight"
+        search_space = {"weight": [0.1, 0.3, 0.5]}  # β
+        weight: Annotated[float, UNIT] = 0.3  # β; `loss: distill` is `{distill: 0.3}`
+        temperature: Annotated[float, POSITIVE] = 1.0
+
+    search_space: ClassVar[dict[str, list[Any]]] = Options.search_space
+
+    @classmethod
+    def from_options(cls, options: Strict) -> Self:
+        assert isinstance(options, Distill.Options)
+        return cls(options.weight, options.temperature)
 
     def __init__(self, beta: float, temperature: float = 1.0) -> None:
         if not 0.0 <= beta <= 1.0:
@@ -67,6 +95,7 @@ def self_correction_term(p: Tensor, y_last: Tensor, y: Tensor) -> Tensor:
     return y * torch.relu(y_last - p) + (1.0 - y) * torch.relu(p - y_last)
 
 
+@LOSSES.register("self_correction")
 class SelfCorrection(Loss):
     """ReLoop: L = α·mean(L_sc) + (1 − α)·CE (METHODS.md "ReLoop self-correction").
 
@@ -75,9 +104,21 @@ class SelfCorrection(Loss):
     """
 
     needs = frozenset({"y_last"})
-    name = "self_correction"
 
-    search_space: ClassVar[dict[str, list[Any]]] = {"weight": [0.1, 0.3, 0.5, 0.7]}  # α; paper: 0.1-0.9
+    class Options(Strict):
+        shorthand = "weight"
+        search_space = {"weight": [0.1, 0.3, 0.5, 0.7]}  # α; paper: 0.1-0.9
+        weight: Annotated[float, UNIT] = 0.5  # α; `loss: self_correction` is `{self_correction: 0.5}`
+        scale: Annotated[Literal["plain", "normalized"], one_of("plain", "normalized")] = "plain"
+        # read by the step engine when it attaches y_last to the training rows
+        y_last: Annotated[YLast, one_of("served", "previous_model", "compensated")] = "served"
+
+    search_space: ClassVar[dict[str, list[Any]]] = Options.search_space
+
+    @classmethod
+    def from_options(cls, options: Strict) -> Self:
+        assert isinstance(options, SelfCorrection.Options)
+        return cls(options.weight, options.scale)
 
     def __init__(self, alpha: float, scale: str = "plain") -> None:
         if not 0.0 <= alpha <= 1.0:

@@ -22,14 +22,15 @@ Random draws use ``ctx.generator`` (or a private generator seeded by ``seed``, w
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Annotated, Any, Self
 
 import torch
 from torch import Tensor
 
 from reloop.data.tensors import History, PeriodTensors
 from reloop.models.base import CTRModel
-from reloop.update.strategies import UpdateContext, UpdateStrategy
+from reloop.registry import Strict, number
+from reloop.update.strategies import UPDATES, UpdateContext, UpdateStrategy
 from reloop.update.trainer import predict_rows
 
 
@@ -77,11 +78,22 @@ def reservoir_absorb(reservoir: Tensor, new_ids: Tensor, n_seen: int, generator:
     return out
 
 
+@UPDATES.register("replay")
 class Replay(UpdateStrategy):
-    """SPMF replay: IU on D_t plus rows replayed from a reservoir (see the module docstring)."""
+    """SPMF replay: IU on D_t plus rows replayed from a reservoir (see the module docstring);
+    ``update: {replay: {reservoir: 0.3, ratio: 0.5}}``, its draws seeded by the run's seed."""
 
-    name = "replay"
-    search_space = {"reservoir": [0.1, 0.3], "ratio": [0.3, 0.5, 1.0]}
+    class Options(Strict):
+        search_space = {"reservoir": [0.1, 0.3], "ratio": [0.3, 0.5, 1.0]}
+        reservoir: Annotated[float, number("a number in (0, 1]", lambda x: 0.0 < x <= 1.0)] = 0.3
+        ratio: Annotated[float, number("a number ≥ 0", lambda x: x >= 0.0)] = 0.5
+
+    search_space = Options.search_space
+
+    @classmethod
+    def from_options(cls, options: Strict, seed: int = 0) -> Self:
+        assert isinstance(options, Replay.Options)
+        return cls(options.reservoir, options.ratio, seed=seed)
 
     def __init__(
         self, reservoir: float = 0.3, ratio: float = 0.5, seed: int | None = None, shuffle: bool = False

@@ -12,13 +12,14 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 import torch
 from torch import Tensor
 
 from reloop.data.tensors import History, PeriodTensors
 from reloop.models.base import CTRModel
+from reloop.registry import NoOptions, Registry, Strict, integer, one_of
 from reloop.update.losses import Loss
 from reloop.update.trainer import TrainConfig, make_optimizer, predict_rows, train_rows
 
@@ -77,12 +78,20 @@ def attach_loss_columns(rows: PeriodTensors, previous: CTRModel, ctx: UpdateCont
 
 
 class UpdateStrategy:
-    """Base class: ``update`` = pick rows, start model, train; state via ``state_dict``."""
+    """Base class: ``update`` = pick rows, start model, train; state via ``state_dict``.
+
+    A strategy joins the ``update:`` choices with ``@UPDATES.register("name")`` and declares its options
+    in a nested ``Options`` (:class:`reloop.registry.Strict`), validated once when the config is parsed.
+    """
 
     name: ClassVar[str] = ""
     trains: ClassVar[bool] = True
-    #: candidate option values ``reloop tune`` tries on the valid periods (reloop.protocol.tune)
-    search_space: ClassVar[dict[str, list[Any]]] = {}
+    Options: ClassVar[type[Strict]] = NoOptions
+
+    @classmethod
+    def from_options(cls, options: Strict, seed: int = 0) -> Self:
+        """The strategy of validated ``options`` (``seed``: the run's, for strategies that draw)."""
+        return cls(**dict(options))
 
     def training_rows(self, ctx: UpdateContext) -> PeriodTensors:
         """The rows period t trains on (``ctx.model`` is Θ_{t−1}, for strategies that score rows)."""
@@ -141,43 +150,33 @@ class UpdateStrategy:
             raise ValueError(f"{self.name}: unexpected state keys {sorted(state)}")
 
 
+#: The ``update:`` choices (reloop.registry).
+UPDATES: Registry[UpdateStrategy] = Registry("update")
+
+
+@UPDATES.register("none")
 class NoUpdate(UpdateStrategy):
     """Serve Θ_0 forever: the "never updated" floor."""
 
-    name = "none"
     trains = False
 
 
+@UPDATES.register("incremental")
 class Incremental(UpdateStrategy):
     """IU: Θ_t = argmin L(Θ | D_t) starting from Θ_{t−1} (optimizer state carried over)."""
-
-    name = "incremental"
 
     def training_rows(self, ctx: UpdateContext) -> PeriodTensors:
         return ctx.history.period(ctx.t)
 
 
-class BatchWindow(UpdateStrategy):
-    """BU-w: from Θ_{t−1}, train on D_{t−w+1} ∪ … ∪ D_t (ASMG §4.1.4)."""
-
-    name = "batch"
-    search_space = {"window": [2, 3, 5]}
-
-    def __init__(self, window: int) -> None:
-        if window < 1:
-            raise ValueError(f"update.batch: window must be ≥ 1, got {window}")
-        self.window = window
-
-    def training_rows(self, ctx: UpdateContext) -> PeriodTensors:
-        return ctx.history.periods(ctx.t - self.window + 1, ctx.t)
-
-
+@UPDATES.register("full")
 class FullRetrain(UpdateStrategy):
     """Everything up to t. ``start='previous'`` (default): warm start, ``train.epochs`` passes;
     ``start='scratch'``: a fresh model trained ``train.pretrain_epochs`` passes (the costly upper
     reference)."""
 
-    name = "full"
+    class Options(Strict):
+        start: Annotated[Literal["previous", "scratch"], one_of("previous", "scratch")] = "previous"
 
     def __init__(self, start: str = "previous") -> None:
         if start not in ("previous", "scratch"):
@@ -196,6 +195,26 @@ class FullRetrain(UpdateStrategy):
 
     def epochs(self, ctx: UpdateContext) -> int:
         return ctx.train.pretrain_epochs if self.start == "scratch" else ctx.train.epochs
+
+
+@UPDATES.register("batch")
+class BatchWindow(UpdateStrategy):
+    """BU-w: from Θ_{t−1}, train on D_{t−w+1} ∪ … ∪ D_t (ASMG §4.1.4); ``update: {batch: w}``."""
+
+    class Options(Strict):
+        shorthand = "window"
+        search_space = {"window": [2, 3, 5]}
+        window: Annotated[int, integer("the window size (an integer ≥ 1)", lambda x: x >= 1)]
+
+    search_space = Options.search_space
+
+    def __init__(self, window: int) -> None:
+        if window < 1:
+            raise ValueError(f"update.batch: window must be ≥ 1, got {window}")
+        self.window = window
+
+    def training_rows(self, ctx: UpdateContext) -> PeriodTensors:
+        return ctx.history.periods(ctx.t - self.window + 1, ctx.t)
 
 
 def n_batches(rows: int, batch_size: int) -> int:

@@ -9,13 +9,15 @@ the reference code are listed in the docstring of :mod:`reloop.update.generators
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from reloop.data.tensors import History
-from reloop.update.generators.base import LearnContext
+from reloop.registry import Strict
+from reloop.update.generators.base import GENERATORS, LearnContext
 from reloop.update.generators.coordinate_gru import CoordinateGRU
 from reloop.update.generators.learned import INITS, _LearnedGenerator, _params_to
 from reloop.update.generators.param_layout import Params, ParamSpec, as_rows, module_key, n_coords, zero_padding
@@ -43,6 +45,7 @@ def loss_weights(variant: str, n: int) -> Tensor:
     return j / j.sum()
 
 
+@GENERATORS.register("asmg_gru")
 class ASMGGRU(_LearnedGenerator):
     """ASMG-GRU: coordinate-wise GRU over the k most recent models (see the module docstring).
 
@@ -55,7 +58,20 @@ class ASMGGRU(_LearnedGenerator):
     first step, h_{t−k+1}, is kept: it precedes the next window.
     """
 
-    name = "asmg_gru"
+    class Options(Strict):
+        """``generator: {asmg_gru: {...}}``."""
+
+        search_space = {"k": [2, 3, 4], "variant": ["multi", "single"]}
+        k: int = Field(default=3, ge=1)
+        hidden: int = Field(default=4, ge=1)
+        variant: Literal["multi", "single", "unif", "zero", "full"] = "multi"
+        lr: float = Field(default=1e-2, gt=0)
+        epochs: int = Field(default=1, ge=1)
+        gate_bias: bool = True
+        init: Literal["identity", "glorot"] = "identity"
+        warmup: int = Field(default=1, ge=0)
+        seed: int = 0
+        sparse_rows: bool = True
 
     def __init__(
         self,

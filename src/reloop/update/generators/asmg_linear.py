@@ -9,10 +9,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from reloop.data.tensors import History
-from reloop.update.generators.base import LearnContext
+from reloop.registry import Strict
+from reloop.update.generators.base import GENERATORS, LearnContext
 from reloop.update.generators.learned import _LearnedGenerator
 from reloop.update.generators.param_layout import Params, ParamSpec, module_key, zero_padding
 
@@ -29,11 +31,21 @@ class LinearMix(nn.Module):
         return (stacked * torch.softmax(self.w, dim=-1)).sum(-1)
 
 
+@GENERATORS.register("asmg_linear")
 class ASMGLinear(_LearnedGenerator):
     """ASMG-Linear: Θ* = Σ_j softmax(w)_j Θ_{t−k+1+j}; w ``[d_e, k]`` per embedding table (shared over
     ids), ``[shape..., k]`` per dense tensor; trained single-step on D_{t+1} (METHODS-notes §3.6)."""
 
-    name = "asmg_linear"
+    class Options(Strict):
+        """``generator: {asmg_linear: {...}}``."""
+
+        search_space = {"k": [2, 3, 4]}
+        k: int = Field(default=3, ge=1)
+        lr: float = Field(default=1e-2, gt=0)
+        epochs: int = Field(default=1, ge=1)
+        warmup: int = Field(default=1, ge=0)
+        seed: int = 0
+        sparse_rows: bool = True
 
     def __init__(
         self, k: int = 3, lr: float = 1e-2, epochs: int = 1, warmup: int = 1, seed: int = 0, sparse_rows: bool = True

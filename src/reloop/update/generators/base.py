@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal, Protocol, overload
+from typing import Any, ClassVar, Literal, Protocol, Self, overload
 
 import torch
 from torch import Tensor
 
 from reloop.data.tensors import Batch, History
 from reloop.models.base import CTRModel
+from reloop.registry import NoOptions, Registry, Strict
 
 
 class TrainSettings(Protocol):
@@ -73,10 +74,29 @@ def materialize(model: CTRModel, params: dict[str, Tensor]) -> CTRModel:
     return out
 
 
+#: The ``generator:`` choices (reloop.registry); ``generator: null`` is ``identity``.
+GENERATORS: Registry[ModelGenerator] = Registry("generator", empty="identity")
+
+
+@GENERATORS.register("identity")
 class ModelGenerator:
-    """Identity generator and base class: Θ*_t = Θ_t."""
+    """Identity generator and base class: Θ*_t = Θ_t.
+
+    A generator joins the ``generator:`` choices with ``@GENERATORS.register("name")`` and declares its
+    options in a nested ``Options`` (``generator: {name: {...}}``).
+    """
 
     name: ClassVar[str] = "identity"
+    Options: ClassVar[type[Strict]] = NoOptions
+
+    @classmethod
+    def from_options(cls, options: Strict, seed: int = 0) -> Self:
+        """The generator of validated ``options``; the run's ``seed`` is added to the option ``seed``, so each
+        protocol seed draws its own meta initialisation and shuffling, as it does for the base models."""
+        kwargs = options.model_dump()
+        if "seed" in kwargs:
+            kwargs["seed"] += int(seed)
+        return cls(**kwargs)
 
     def observe(self, t: int, model: CTRModel) -> None:
         """Θ_t exists (after the base update on D_t)."""

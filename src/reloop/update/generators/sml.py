@@ -29,15 +29,17 @@ with glorot-uniform weights (fans of each 2-D weight) and zero biases. ``||w_pre
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
 from reloop.data.tensors import History
 from reloop.models.base import CTRModel
-from reloop.update.generators.base import LearnContext
+from reloop.registry import Strict
+from reloop.update.generators.base import GENERATORS, LearnContext
 from reloop.update.generators.learned import INITS, _LearnedGenerator, _params_to, _uniform
 from reloop.update.generators.param_layout import Params, ParamSpec, as_rows, module_key, zero_padding
 
@@ -77,10 +79,26 @@ class TransferCNN(nn.Module):
         return hat + y if self.residual else y
 
 
+@GENERATORS.register("sml")
 class SML(_LearnedGenerator):
     """SML transfer Θ*_t = f(W_prev, Θ_t) (see the module docstring for the composition)."""
 
-    name = "sml"
+    class Options(Strict):
+        """``generator: sml`` or ``generator: {sml: {...}}``."""
+
+        search_space = {"lr": [1e-4, 1e-3]}
+        lr: float = Field(default=1e-3, gt=0)
+        epochs: int = Field(default=1, ge=1)
+        warmup: int = Field(default=1, ge=0)
+        init: Literal["identity", "glorot"] = "identity"
+        emb_n1: int = Field(default=10, ge=1)
+        emb_n2: int = Field(default=5, ge=1)
+        emb_l1: int = Field(default=20, ge=1)
+        dense_n1: int = Field(default=5, ge=1)
+        dense_n2: int = Field(default=3, ge=1)
+        dense_l1: int | None = Field(default=None, ge=1)
+        seed: int = 0
+        sparse_rows: bool = True
 
     def __init__(
         self,
