@@ -25,6 +25,7 @@ from reloop.protocol.combined import combine_served  # noqa: E402
 from reloop.protocol.runner import pretrain, run_one  # noqa: E402
 from reloop.serve.app import create_app  # noqa: E402
 from reloop.serve.ensemble import COMBINE_DB, CombineLog  # noqa: E402
+from reloop.serve.host import Serving  # noqa: E402
 from reloop.serve.log import ServeLog  # noqa: E402
 from reloop.serve.registry import ExpertDir, ModelDir, RegistryError, bootstrap, pick_run  # noqa: E402
 from reloop.serve.retrain import RetrainOptions, retrain  # noqa: E402
@@ -56,7 +57,7 @@ def _raw(tmp) -> dict:
             "MEM": {"update": "incremental", "memory": MEMORY},
             "combined": {
                 "update": "incremental",
-                "loss": {"self_correction": 0.5},
+                "loss": {"self_correction": 0.2},  # not SC's: its ŷ_last must not stand in for SC's
                 "memory": MEMORY,
                 "combine": {"experts": EXPERTS, "hedge": {"eta": 0.05}},
             },
@@ -72,10 +73,10 @@ def world(tmp_path_factory):
     return {"cfg": cfg, "md": md, "frame": load_source(cfg.data).frame, "root": root}
 
 
-def _fresh(world, tmp_path) -> tuple[TestClient, ModelDir]:
+def _fresh(world, tmp_path, **kw) -> tuple[TestClient, ModelDir]:
     dest = tmp_path / "md"
     shutil.copytree(world["md"], dest)
-    return TestClient(create_app(dest, admin_token=TOKEN), headers=ADMIN), ModelDir(dest)
+    return TestClient(create_app(dest, admin_token=TOKEN, **kw), headers=ADMIN), ModelDir(dest)
 
 
 def _batch(world, period: int, i: int) -> tuple[list[dict], list[int]]:
@@ -118,8 +119,10 @@ def test_layout_and_model_view(world, tmp_path):
 
 
 def test_offline_and_online_serve_the_same_mixture(world, tmp_path):
-    """Periods P+1 (Θ0 of every chain) and P+2 (after one retrain of every chain) served online through
-    predict + feedback per batch give the mixture ``combine_served`` computes offline (float order aside)."""
+    """Periods P+1 (Θ0 of every chain), P+2 and P+3 (after one and two retrains of every chain) served
+    online through predict + feedback per batch give the mixture ``combine_served`` computes offline
+    (float order aside). The first retrain is ``reloop.serve.retrain.retrain`` (the CLI's) + a reload, the
+    second the server's own (``POST /admin/retrain?wait=true``: the scheduler, then the swap)."""
     torch.set_num_threads(1)
     cfg = world["cfg"]
     P = cfg.protocol.pretrain
@@ -128,17 +131,18 @@ def test_offline_and_online_serve_the_same_mixture(world, tmp_path):
     served: dict[str, torch.Tensor] = {}
     for name in NAMES:
         got: dict[str, torch.Tensor] = {}
-        run_one(cfg, stream, name, cfg.runs[name], 0, theta0, optim0, stop_after=P + 1, served_out=got)
+        run_one(cfg, stream, name, cfg.runs[name], 0, theta0, optim0, stop_after=P + 2, served_out=got)
         served[name] = got["final"]
     _, hedge_off, offline = combine_served(
-        cfg, stream, "combined", served, 0, cfg.runs["combined"].combine, last_period=P + 2
+        cfg, stream, "combined", served, 0, cfg.runs["combined"].combine, last_period=P + 3
     )
 
-    client, md = _fresh(world, tmp_path)
+    options = RetrainOptions(holdout=0.0, max_auc_drop=1.0)
+    client, md = _fresh(world, tmp_path, retrain_options=options)
     online: list[float] = []
     for i in range(ROWS // BATCH):
         online += _serve(client, *_batch(world, P + 1, i))[1]
-    result = retrain(md.path, RetrainOptions(holdout=0.0, max_auc_drop=1.0))
+    result = retrain(md.path, options)
     assert result.outcome == "published", result
     assert {e: v["outcome"] for e, v in result.extra["experts"].items()} == dict.fromkeys(NAMES, "published")
     swap = client.post("/admin/reload")
@@ -146,14 +150,20 @@ def test_offline_and_online_serve_the_same_mixture(world, tmp_path):
     assert [e["version"] for e in client.get("/model").json()["combine"]["experts"]] == [2, 2, 2, 2]
     for i in range(ROWS // BATCH):
         online += _serve(client, *_batch(world, P + 2, i))[1]
+    r = client.post("/admin/retrain?wait=true")
+    assert r.status_code == 200 and r.json()["outcome"] == "published", r.text
+    assert [e["version"] for e in client.get("/model").json()["combine"]["experts"]] == [3, 3, 3, 3]
+    for i in range(ROWS // BATCH):
+        online += _serve(client, *_batch(world, P + 3, i))[1]
 
-    start, end = stream.bounds[P][0], stream.bounds[P + 1][1]
+    start, end = stream.bounds[P][0], stream.bounds[P + 2][1]
     want = offline[start:end]
     assert not bool(torch.isnan(want).any())
     torch.testing.assert_close(torch.tensor(online), want, rtol=0, atol=2e-6)
     # the experts really differ (a mixture of identical experts would prove little) and weights moved
     later = slice(stream.bounds[P + 1][0], end)
     assert float((served["IU"][later] - served["MEM"][later]).abs().max()) > 1e-3
+    assert float((served["SC"][later] - served["combined"][later]).abs().max()) > 1e-3
     weights = _weights(client)
     assert weights == pytest.approx(dict(zip(NAMES, hedge_off.weights.tolist())), abs=1e-9)
     assert max(weights.values()) - min(weights.values()) > 1e-3
@@ -249,3 +259,33 @@ def test_pick_run_names_a_bad_expert(world):
     raw["runs"]["combined"]["combine"]["experts"] = ["a/b", "SC"]
     with pytest.raises(RegistryError, match=r"runs\.combined\.combine\.experts: 'a/b'"):
         pick_run(parse_config(raw), "combined")
+
+
+def test_a_request_sees_one_set_across_a_swap(world, tmp_path):
+    """Every expert prediction of a request comes from the set its top-level version names: while a new
+    version's experts are loaded (before the swap) requests still get the old set, after it the new one."""
+    P = world["cfg"].protocol.pretrain
+    client, md = _fresh(world, tmp_path, poll_interval=3600.0)  # swaps only on /admin/reload
+    for i in range(ROWS // BATCH):
+        _serve(client, *_batch(world, P + 1, i))
+    assert retrain(md.path, RetrainOptions(holdout=0.0, max_auc_drop=1.0)).outcome == "published"
+    service = client.app.state.service
+    service.ensemble.prepare(Serving(2, md.load_serving(2), md.meta(2)))  # the experts of v2, loaded
+    assert {e: h.state.version for e, h in service.ensemble.hosts.items()} == dict.fromkeys(EXPERTS, 2)
+
+    def versions(ids: list[str]) -> set[tuple[int, ...]]:
+        store = CombineLog(md.path / COMBINE_DB, NAMES)
+        try:
+            v = store.preds(ids)["version"]
+        finally:
+            store.close()
+        return {tuple(col) for col in v.T.tolist()}
+
+    recs = _batch(world, P + 2, 0)[0]
+    r = client.post("/predict", json={"records": recs})
+    assert r.json()["model_version"] == 1
+    assert versions([p["impression_id"] for p in r.json()["predictions"]]) == {(1, 1, 1, 1)}
+    assert client.post("/admin/reload").json()["swapped"]
+    r = client.post("/predict", json={"records": recs})
+    assert r.json()["model_version"] == 2
+    assert versions([p["impression_id"] for p in r.json()["predictions"]]) == {(2, 2, 2, 2)}
