@@ -11,7 +11,6 @@ offline and online.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +37,6 @@ __all__ = [
     "build_update",
     "memory_key",
     "memory_resets_on_update",
-    "qualify",
     "registries",
 ]
 
@@ -68,17 +66,3 @@ def build_loss(value: Choice[Loss] | Any, where: str = "loss") -> LossSpec:
     (or a null weight) takes the weight's default (0.5 and 0.3)."""
     choice = LOSSES.parse(value, where)
     return LossSpec(choice.build(), getattr(choice.options, "y_last", "served"))
-
-
-_PARTS = ("update", "loss", "generator", "memory")
-
-
-def qualify(message: str, where: str) -> str:
-    """``message`` as one dotted path under ``where``: ``loss.scale: ...`` -> ``runs.IU.loss.scale: ...``
-    (also for each ``; ``-joined problem); anything else becomes ``runs.IU: ...``."""
-    if message.startswith(where):
-        return message
-    parts = "|".join(_PARTS)
-    if not re.match(rf"({parts})[.:]", message):
-        return f"{where}: {message}"
-    return re.sub(rf"(^|; )(?=({parts})[.:])", lambda m: f"{m.group(1)}{where}.", message)

@@ -25,8 +25,7 @@ from reloop.data.sources.config import SOURCE_NAMES, parse_source_config
 from reloop.device import check_device_spec
 from reloop.errors import ConfigError, format_errors
 from reloop.models.base import DEFAULT_MODEL, model_options
-from reloop.registry import Choice, slot
-from reloop.registry import Strict as _Strict
+from reloop.registry import Choice, Strict, slot
 from reloop.update.generators.base import ModelGenerator
 from reloop.update.losses import Loss
 from reloop.update.strategies import UpdateStrategy
@@ -43,7 +42,7 @@ else:  # the registries' slot types: a name is looked up when a config is valida
     MemorySlot = slot(MemoryConfig | None, MemoryConfig.read, lambda m: None if m is None else m.dump())
 
 
-class ProtocolConfig(_Strict):
+class ProtocolConfig(Strict):
     """``protocol``: periods 1..pretrain train Θ0; then warm-up / valid / test served periods."""
 
     pretrain: int = Field(default=10, ge=1)
@@ -62,7 +61,7 @@ class ProtocolConfig(_Strict):
         return self.warmup + self.valid + self.test
 
 
-class EncoderSettings(_Strict):
+class EncoderSettings(Strict):
     """``encoder``: how table capacities are sized from the pretraining periods."""
 
     headroom: float = Field(default=2.0, ge=1.0)
@@ -70,7 +69,7 @@ class EncoderSettings(_Strict):
     overflow_share: float = Field(default=0.125, ge=0.0)
 
 
-class RunSpec(_Strict):
+class RunSpec(Strict):
     """One compared method: a composition of base update, loss, generator and serving memory.
 
     Each slot is parsed once, when the spec is validated, into a typed :class:`reloop.registry.Choice`
@@ -90,7 +89,7 @@ class RunSpec(_Strict):
     combine: CombineOptions | None = None
 
 
-class Config(_Strict):
+class Config(Strict):
     data: dict[str, Any]
     model: dict[str, Any] = Field(default_factory=lambda: {"name": "deepfm"})
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -20,7 +20,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     TypeAdapter,
     field_validator,
@@ -28,16 +27,13 @@ from pydantic import (
 )
 
 from reloop.data.schema import FeatureKind, FeatureSpec
+from reloop.registry import Strict as _Strict
 
 #: Canonical column names of every loaded log.
 LABEL = "label"
 TIME = "time"
 
 _DEFAULT_PERIODS: dict[str, Any] = {"count": 31, "by": "rows"}
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 # --------------------------------------------------------------------------------------------------
