@@ -29,10 +29,16 @@ Usage::
 
 Machines of the same kind differ by tens of percent from day to day, so the ratios to FuxiCTR's
 published figures (``vs_fuxictr_speed``) only hold on a host like theirs. ``--fuxictr-python`` (a venv
-with FuxiCTR 2.3.10, see ``benchmarks/fuxictr_reference.py``) also trains FuxiCTR's DeepFM/DCN on the
-same CSVs in this run, just before reloop's runs of the same model, and adds ``fuxictr`` (its figures)
-and ``vs_fuxictr_same_run_speed`` / ``vs_fuxictr_same_run_e2e`` (reloop's samples/s over FuxiCTR's;
+with FuxiCTR 2.3.10, see ``benchmarks/fuxictr_reference.py``) also trains FuxiCTR's model_zoo DeepFM/DCN
+on the same CSVs in this run, as its ``run_expid.py`` does, just before reloop's runs of the same model
+(``--fuxictr-set KEY=VALUE`` edits its config), and adds ``fuxictr`` (its figures) and
+``vs_fuxictr_same_run_speed`` / ``vs_fuxictr_same_run_e2e`` (reloop's samples/s over FuxiCTR's;
 FuxiCTR's end-to-end time over reloop's) to each line.
+
+Timed regions: ``train_s`` is the ``train_rows`` call, one epoch over the encoded train rows in memory
+(its per-epoch shuffle, batch gathering, forward, backward, optimizer step); FuxiCTR's is ``fit``
+without validation / checkpointing, i.e. one epoch including its loader's per-epoch shuffle.
+``end_to_end_s`` starts before ``import torch`` in the run's fresh process, as FuxiCTR's does.
 """
 
 from __future__ import annotations
@@ -206,13 +212,13 @@ def model_config(name: str) -> dict:
 
 def run_one(args: argparse.Namespace) -> dict:
     """One configuration, in this process."""
+    t_start = time.perf_counter()  # before importing torch: FuxiCTR's end-to-end clock starts there too
     import resource
 
     import torch
 
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
-    t_start = time.perf_counter()
     from reloop.data.tensors import PeriodTensors
     from reloop.models import build_model
     from reloop.protocol.metrics import auc, logloss
@@ -275,10 +281,12 @@ def run_one(args: argparse.Namespace) -> dict:
     return result
 
 
-def fuxictr_reference(python: Path, model: str, data_dir: Path, threads: int) -> dict:
-    """FuxiCTR's run of ``model`` on the same CSVs (``benchmarks/fuxictr_reference.py`` under ``python``)."""
+def fuxictr_reference(python: Path, model: str, data_dir: Path, threads: int, edits: list[str] | None = None) -> dict:
+    """FuxiCTR's run of ``model`` on the same CSVs (``benchmarks/fuxictr_reference.py`` under ``python``;
+    ``edits``: its ``--set KEY=VALUE`` config edits)."""
     script = Path(__file__).resolve().parent / "fuxictr_reference.py"
     cmd = [str(python), str(script), "--models", model, "--data-dir", str(data_dir), "--threads", str(threads)]
+    cmd += [f"--set={item}" for item in edits or []]
     print(f"FuxiCTR reference run: {model} ...", file=sys.stderr)
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
@@ -290,6 +298,8 @@ def same_run_ratios(result: dict, reference: dict) -> dict:
     """FuxiCTR's key figures and reloop's ratios to them (> 1: reloop is faster)."""
     keep = (
         "train_samples_per_s",
+        "train_s",
+        "first_batch_s",
         "end_to_end_s",
         "preprocess_s",
         "test_auc",
@@ -297,6 +307,7 @@ def same_run_ratios(result: dict, reference: dict) -> dict:
         "peak_rss_mb",
         "peak_tree_pss_mb",
         "load_avg",
+        "edits",
     )
     return {
         "fuxictr": {k: reference[k] for k in keep if k in reference},
@@ -334,6 +345,13 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="python of a venv with fuxictr 2.3.10: run FuxiCTR on the same data in this run",
     )
+    ap.add_argument(
+        "--fuxictr-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an edit of FuxiCTR's config (fuxictr_reference.py --set)",
+    )
     # internal: one configuration in a child process
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", default="deepfm", help=argparse.SUPPRESS)
@@ -347,7 +365,9 @@ def main(argv: list[str] | None = None) -> None:
     data_dir = ensure_data(args.rows, args.seed, args.cache, args.generator)
     for model in args.models.split(","):
         reference = (
-            fuxictr_reference(args.fuxictr_python, model, data_dir, args.threads) if args.fuxictr_python else None
+            fuxictr_reference(args.fuxictr_python, model, data_dir, args.threads, args.fuxictr_set)
+            if args.fuxictr_python
+            else None
         )
         for precision in args.precisions.split(","):
             if args.in_process:
