@@ -289,3 +289,68 @@ def test_a_request_sees_one_set_across_a_swap(world, tmp_path):
     r = client.post("/predict", json={"records": recs})
     assert r.json()["model_version"] == 2
     assert versions([p["impression_id"] for p in r.json()["predictions"]]) == {(2, 2, 2, 2)}
+
+
+@pytest.mark.slow
+def test_weights_survive_kill_9_mid_traffic(world, tmp_path):
+    """A server of a combine run killed with SIGKILL mid-traffic: after a restart every acknowledged label
+    has been consumed by the weights, and the weights are exactly those of replaying, in order, every Hedge
+    update recorded in ``combine.sqlite3`` (then the labels it missed, as one update)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import httpx
+
+    from reloop.serve.replay import start_server
+
+    dest = tmp_path / "md"
+    shutil.copytree(world["md"], dest)
+    P = world["cfg"].protocol.pretrain
+    acked: dict[str, int] = {}
+    server = start_server(dest, log_path=tmp_path / "server.log")
+    stop = threading.Event()
+
+    def load() -> None:
+        k = 0
+        with httpx.Client(base_url=server.url, timeout=10) as c:
+            while not stop.is_set():
+                recs, labels = _batch(world, P + 1 + (k // 3) % 4, k % 3)
+                k += 1
+                try:
+                    r = c.post("/predict", json={"records": recs[:20]})
+                    if r.status_code != 200:
+                        continue
+                    ids = [p["impression_id"] for p in r.json()["predictions"]]
+                    events = [{"impression_id": i, "label": y} for i, y in zip(ids, labels)]
+                    if c.post("/feedback", json={"events": events}).status_code == 200:
+                        acked.update({e["impression_id"]: e["label"] for e in events})
+                except httpx.HTTPError:
+                    return
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    time.sleep(2.0)
+    os.kill(server.pid, signal.SIGKILL)
+    server.proc.wait(10)
+    stop.set()
+    worker.join(10)
+    server.stop()
+    assert len(acked) >= 40
+
+    client = TestClient(create_app(dest, admin_token=TOKEN), headers=ADMIN)
+    weights = _weights(client)
+    client.app.state.service.close()
+    store = CombineLog(dest / COMBINE_DB, NAMES)
+    try:
+        rows = store.conn.execute("SELECT id, label, batch FROM labels ORDER BY seq").fetchall()
+        assert {i for i, _, _ in rows} >= set(acked)  # every acknowledged label reached the weights
+        hedge = world["cfg"].runs["combined"].combine.build(NAMES)
+        for b in sorted({r[2] for r in rows}):
+            part = [(i, y) for i, y, bb in rows if bb == b]
+            probs = store.preds([i for i, _ in part])["p_served"]
+            hedge.update(probs, torch.tensor([float(y) for _, y in part]))
+    finally:
+        store.close()
+    assert weights == dict(zip(NAMES, hedge.weights.tolist()))
