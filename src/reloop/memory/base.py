@@ -75,7 +75,7 @@ class ErrorMemory(ABC):
         device: where the state tensors live; inputs are moved there.
     """
 
-    kind: ClassVar[str] = ""
+    #: The kind's name in the ``memory:`` block, set by ``@MEMORIES.register("<kind>")``.
     name: ClassVar[str] = ""
     #: The kind's own options (``memory: {<kind>: {...}}``); the shared ones are ``MemoryConfig``'s.
     Options: ClassVar[type[Strict]] = NoOptions
@@ -175,7 +175,7 @@ class ErrorMemory(ABC):
     def config(self) -> dict[str, StateValue]:
         """Every constructor setting (structure and estimator), as stored in ``state_dict``."""
         return {
-            "kind": self.kind,
+            "kind": self.name,
             "dim": self.dim,
             **self._config(),
             "temperature": self.temperature,

@@ -36,8 +36,6 @@ class ExactMemory(ErrorMemory):
             ``device`` (see ``ErrorMemory``).
     """
 
-    kind = "exact"
-
     class Options(Strict):
         """``memory: {exact: {...}}``: ring buffer of the last ``size`` samples, cosine top-``top_k``."""
 

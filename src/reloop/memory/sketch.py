@@ -60,8 +60,6 @@ class SketchMemory(ErrorMemory):
             ``device`` (see ``ErrorMemory``).
     """
 
-    kind = "sketch"
-
     class Options(Strict):
         """``memory: {sketch: {...}}``: K arrays of 2^L buckets (paper: K = 70 to 180)."""
 
