@@ -354,3 +354,14 @@ def test_weights_survive_kill_9_mid_traffic(world, tmp_path):
     finally:
         store.close()
     assert weights == dict(zip(NAMES, hedge.weights.tolist()))
+
+
+def test_restart_with_a_config_that_changes_an_expert_is_refused(world):
+    """``reloop serve --config`` on a bootstrapped combine directory: an expert's composition is part of
+    what must match (its chain was built with it), like the run's own."""
+    from reloop.serve.cli import _compatible
+
+    raw = _raw(world["root"])
+    assert _compatible(world["cfg"], parse_config(raw), "combined") == []
+    raw["runs"]["SC"]["loss"] = {"self_correction": 0.9}
+    assert _compatible(world["cfg"], parse_config(raw), "combined") == ["runs.SC"]
