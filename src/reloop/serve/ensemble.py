@@ -82,7 +82,9 @@ class CombineLog:
         self.path = Path(path)
         self.names = list(names)
         self._lock = threading.RLock()
-        self.conn = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None, check_same_thread=False)
+        self.conn = sqlite3.connect(
+            str(self.path), timeout=timeout, isolation_level=None, check_same_thread=False, uri=True
+        )
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")
         with self._lock:
@@ -185,7 +187,7 @@ class CombineLog:
         """Labels of the main log (in its order) for impressions with expert predictions that no Hedge
         update consumed (a crash between the main log's commit and this log's)."""
         with self._lock:
-            self.conn.execute("ATTACH DATABASE ? AS lg", (f"file:{main_log}?mode=ro",))
+            self.conn.execute("ATTACH DATABASE ? AS lg", (_read_only(main_log),))
             try:
                 return self.conn.execute(
                     "SELECT f.impression_id, f.label FROM lg.feedback f JOIN mix m ON m.id = f.impression_id "
@@ -198,7 +200,7 @@ class CombineLog:
         """Expert ``k``'s logged ``(p_base, p_served)`` for the main log's closed training rows (in
         ``row_id`` order) followed by ``ids``: the ``served`` column of its retrain history."""
         with self._lock:
-            self.conn.execute("ATTACH DATABASE ? AS lg", (f"file:{main_log}?mode=ro",))
+            self.conn.execute("ATTACH DATABASE ? AS lg", (_read_only(main_log),))
             try:
                 closed = self.conn.execute(
                     "SELECT p.p_base, p.p_served FROM lg.impressions i JOIN preds p ON p.id = i.id AND p.k = ? "
@@ -243,6 +245,11 @@ class CombineLog:
                     }
                 )
         return out
+
+
+def _read_only(path: Path) -> str:
+    """A read-only SQLite URI of ``path`` (percent-encoded: any character of a path is safe)."""
+    return Path(path).resolve().as_uri() + "?mode=ro"
 
 
 class _ExpertLog:
