@@ -313,10 +313,10 @@ class Ensemble:
                 self.dirs[e],
                 cfg,
                 e,
-                _ExpertLog(self.store, k),
+                _ExpertLog(self.store, k),  # type: ignore[arg-type]  # what ModelHost reads of a log
                 device,
                 math.inf,
-                errors=errors,  # type: ignore[arg-type]
+                errors=errors,
             )
         self._sets: dict[int, dict[str, Serving]] = {
             stack.state.version: {e: self.hosts[e].state for e in self.experts}
@@ -422,13 +422,13 @@ class Ensemble:
         with self._lock:
             w = self.hedge.weights.tolist()
             losses = self.hedge.losses
-            out = {
-                "hedge": self.hedge.config() | {"updates": self.hedge.updates, "rows": self.hedge.rows},
+            hedge = self.hedge.config() | {"updates": self.hedge.updates, "rows": self.hedge.rows}
+            out: dict[str, Any] = {
                 "mixture_loss": self.hedge.mixture_loss,
                 "guarantee": self.hedge.guarantee() if self.hedge.updates else None,
             }
-        out.pop("log_prior", None)
-        out["hedge"].pop("log_prior", None)
+        hedge.pop("log_prior", None)
+        out["hedge"] = hedge
         out["experts"] = [
             {
                 "name": n,

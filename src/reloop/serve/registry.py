@@ -418,7 +418,7 @@ class ExpertDir(ModelDir):
     def config(self) -> Config:
         return self.parent.config()
 
-    def encoder(self):  # noqa: ANN201 - the parent's FeatureEncoder
+    def encoder(self) -> FeatureEncoder:
         return self.parent.encoder()
 
     def user_capacity(self) -> tuple[int, int]:
@@ -427,10 +427,10 @@ class ExpertDir(ModelDir):
     def save_encoder_state(self, state: dict[str, Any]) -> None:
         """The parent's live encoder owns the snapshot: nothing to write here."""
 
-    def pretrain_rows(self):  # noqa: ANN201 - the parent's
+    def pretrain_rows(self) -> tuple[PeriodTensors, list[tuple[int, int]], FeatureMap]:
         return self.parent.pretrain_rows()
 
-    def feature_map(self):  # noqa: ANN201 - the parent's
+    def feature_map(self) -> FeatureMap:
         return self.parent.feature_map()
 
     def current_version(self) -> int:
@@ -583,13 +583,12 @@ def bootstrap(
     for name in ("config.yaml", "service.json", "encoder.json"):
         _fsync_file(md.path / name)
     if spec.combine is not None:  # every expert's chain starts from the same Θ0, as offline (run_seed)
-        meta["experts"] = {}
+        pins: dict[str, int] = {}
         for expert in combine_names(cfg, run)[1:]:
             e_state = RunEngine(cfg, cfg.runs[expert], seed, stream.feature_map).version_state(optim_state, expert)
-            e_meta = {**meta, "composition": composition(cfg, expert)}
-            e_meta.pop("experts")
-            ExpertDir(md, expert).publish(model, model, e_state, e_meta, number=1)
-            meta["experts"][expert] = 1
+            ExpertDir(md, expert).publish(model, model, e_state, {**meta, "composition": composition(cfg, expert)}, 1)
+            pins[expert] = 1
+        meta["experts"] = pins
     slog = ServeLog(md.log_path)
     slog.open_period(P + 1)
     version = md.publish(model, model, state, meta, number=1)
