@@ -108,11 +108,15 @@ def context(
 def updates_recorded(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
     """Wrap ``UpdateStrategy.update`` (every strategy but replay inherits it): record t, a copy of
     the model it starts from (Θ_{t−1}) and of the model it returns (Θ_t); ``current`` holds the t
-    of the update in progress, so loss spies can file what they see under it."""
+    of the update in progress, so loss spies can file what they see under it. The guard's shadow IU
+    chain (``ctx.extras["shadow"]``, runs whose update is not incremental) is not the run's update
+    and is not recorded."""
     log: list[dict[str, Any]] = []
     original = UpdateStrategy.update
 
     def update(self, model, optim_state, ctx):
+        if ctx.extras.get("shadow"):
+            return original(self, model, optim_state, ctx)
         entry = {"t": ctx.t, "upto": ctx.history.upto, "before": copy.deepcopy(model).cpu()}
         log.append(entry)
         new, state = original(self, model, optim_state, ctx)

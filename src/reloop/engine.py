@@ -7,7 +7,10 @@ drives one period (ASMG Algorithm 1, METHODS.md "The protocol"):
 1. ``step(t)``: the base update turns Θ_{t−1} into Θ_t using D_1..D_t only (``History(upto=t)``);
    the generator observes Θ_t and forms Θ*_t; the **guard** checks Θ*_t against Θ_t on D_t (the
    latest labelled period) and serves Θ_t instead when Θ*_t is non-finite or worse by more than the
-   stated margin; the error memory is emptied when the base model changed and ``reset_on_update``.
+   stated margin. A run whose base update is not incremental (BU-w, full retraining, replay) also
+   trains a **shadow IU** chain (plain cross-entropy, Θ^IU_t from Θ^IU_{t−1} on D_t, its own random
+   stream) and the guard serves Θ^IU_t when the run's model is non-finite or worse than it by the
+   same margin. The error memory is emptied when the base model changed and ``reset_on_update``.
 2. The caller serves D_{t+1} with ``StepResult.serving`` (offline: :func:`reloop.protocol.serving.serve_period`;
    online: the service, batch by batch from live traffic).
 3. ``learn(t + 1)``: once D_{t+1}'s labels are known, the generator may learn from it.
@@ -43,7 +46,8 @@ from reloop.device import clock
 from reloop.memory.compensate import Compensator
 from reloop.models.base import CTRModel, build_model
 from reloop.update.generators.base import ModelGenerator
-from reloop.update.strategies import UpdateContext, UpdateStrategy
+from reloop.update.losses import CrossEntropy
+from reloop.update.strategies import Incremental, NoUpdate, UpdateContext, UpdateStrategy
 from reloop.update.trainer import predict_rows
 
 #: Rows of D_t the guard scores (the last ones: the most recent behaviour); bounds its cost.
@@ -54,7 +58,7 @@ GUARD_ROWS = 8192
 class GuardDecision:
     """What the guard found for Θ*_t (``served`` says which model serves D_{t+1})."""
 
-    served: str  # "generated" | "base" | "" (no generator: nothing to check)
+    served: str  # "generated" | "base" | "iu" (the shadow IU model) | "" (nothing to check)
     reason: str = ""
     loss_generated: float | None = None
     loss_base: float | None = None
@@ -70,6 +74,7 @@ class StepResult:
     serving: CTRModel  # what serves D_{t+1}
     guard: GuardDecision
     seconds: dict[str, float] = field(default_factory=dict)
+    shadow: CTRModel | None = None  # Θ^IU_t, the shadow IU model (runs whose update is not incremental)
 
 
 def logloss(logits: Tensor, labels: Tensor) -> float:
@@ -119,6 +124,12 @@ class RunEngine:
         )
         self.rng = torch.Generator().manual_seed(self.seed)
         self.guard_margin: float = float(cfg.protocol.guard_margin)
+        # The shadow IU chain (see the module docstring): only for updates other than IU and "none";
+        # its own random stream, so the run's own models are those it would train without a shadow.
+        self.shadow_iu: bool = type(self.strategy) not in (Incremental, NoUpdate)
+        self.shadow_model: CTRModel | None = None  # Θ^IU_{t−1}; None before the first step (= Θ_0)
+        self.shadow_optim: dict[str, Any] | None = None
+        self.shadow_rng = torch.Generator().manual_seed(self.seed)
 
     # --- one period -------------------------------------------------------------------------------
 
@@ -171,14 +182,40 @@ class RunEngine:
         self.generator.observe(t, new)
         candidate = self.generator.serving_model(new)
         t2 = clock(self.device)
-        decision = self.guard(candidate, new, ctx.history.period(t))
+        latest = ctx.history.period(t)
+        decision = self.guard(candidate, new, latest)
         serving = new if decision.served == "base" else candidate
         t3 = clock(self.device)
+        shadow = self._shadow_step(model, optim_state, stream, t) if self.shadow_iu else None
+        if shadow is not None:
+            versus = self.guard(serving, shadow, latest, what="run's model", other="shadow IU model")
+            if versus.served == "base":
+                decision, serving = GuardDecision("iu", versus.reason, versus.loss_generated, versus.loss_base), shadow
+        t4 = clock(self.device)
         if self.compensator is not None and new is not model and self.resets_memory:
             self.compensator.on_model_update()
-        return StepResult(
-            t, new, new_optim, serving, decision, {"update_s": t1 - t0, "generate_s": t2 - t1, "guard_s": t3 - t2}
+        seconds = {"update_s": t1 - t0, "generate_s": t2 - t1, "guard_s": t3 - t2 + t4 - t3}
+        return StepResult(t, new, new_optim, serving, decision, seconds, shadow)
+
+    def _shadow_step(self, model: CTRModel, optim_state: dict[str, Any] | None, stream: Stream, t: int) -> CTRModel:
+        """Θ^IU_t: plain IU (cross-entropy on D_t from Θ^IU_{t−1}), kept in the engine. At its first step
+        the chain starts where the run stands (Θ_0 and its optimizer state offline)."""
+        if self.shadow_model is None:
+            start, self.shadow_optim = model, optim_state
+        else:
+            start = self.shadow_model
+        ctx = UpdateContext(
+            history=History(stream, upto=t),
+            t=t,
+            loss=CrossEntropy(),
+            train=self.cfg.train,
+            generator=self.shadow_rng,
+            fresh_model=self.fresh_model,
+            model=start,
+            extras={"shadow": True},  # marks the guard's own chain (spies on the run's updates skip it)
         )
+        self.shadow_model, self.shadow_optim = Incremental().update(start, self.shadow_optim, ctx)
+        return self.shadow_model
 
     def learn(
         self,
@@ -197,7 +234,14 @@ class RunEngine:
         self.generator.learn(ctx.history, t_next, ctx)
         return clock(self.device) - t0
 
-    def guard(self, candidate: CTRModel, base: CTRModel, latest: PeriodTensors) -> GuardDecision:
+    def guard(
+        self,
+        candidate: CTRModel,
+        base: CTRModel,
+        latest: PeriodTensors,
+        what: str = "generated model",
+        other: str = "updated model",
+    ) -> GuardDecision:
         """Serve Θ*_t only when it is finite and not worse than Θ_t on the latest labelled period.
 
         Rule: on the last ``GUARD_ROWS`` rows of D_t, with L the mean log loss,
@@ -205,7 +249,8 @@ class RunEngine:
         (``protocol.guard_margin``; ``inf`` disables the comparison but not the finiteness check).
         Θ_t was trained on D_t, so the comparison leans towards Θ_t: the margin must cover that
         in-sample advantage, and only a generated model that is clearly worse (e.g. SML diverging) is
-        held back.
+        held back. The same rule compares a non-incremental run's model with the shadow IU model
+        (``what``/``other`` name the two in the reason).
         """
         if candidate is base:
             return GuardDecision("")
@@ -216,14 +261,13 @@ class RunEngine:
         l_gen = logloss(predict_rows(candidate, rows, batch, hidden=False)[0], labels)
         l_base = logloss(predict_rows(base, rows, batch, hidden=False)[0], labels)
         if not math.isfinite(l_gen):
-            return GuardDecision(
-                "base", "generated model gives non-finite scores on the latest period", None, _finite(l_base)
-            )
+            reason = f"{what} gives non-finite scores on the latest period; the {other} serves"
+            return GuardDecision("base", reason, None, _finite(l_base))
         if math.isfinite(l_base) and l_gen > (1.0 + self.guard_margin) * l_base:
             return GuardDecision(
                 "base",
-                f"generated model's log loss {l_gen:.4f} > (1 + {self.guard_margin}) × "
-                f"{l_base:.4f} (the updated model's) on the latest period",
+                f"{what}'s log loss {l_gen:.4f} > (1 + {self.guard_margin}) × "
+                f"{l_base:.4f} (the {other}'s) on the latest period",
                 l_gen,
                 l_base,
             )
@@ -232,13 +276,29 @@ class RunEngine:
     # --- persistence ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything but the models: strategy, generator, memory and RNG state (plain tensors/dicts)."""
+        """Everything but the run's models: strategy, generator, memory, RNG state and the shadow IU
+        chain (plain tensors/dicts)."""
         return {
             "strategy": self.strategy.state_dict(),
             "generator": self.generator.state_dict(),
             "memory": self.compensator.state_dict() if self.compensator is not None else None,
             "rng": self.rng.get_state(),
+            "shadow": self._shadow_state(),
         }
+
+    def _shadow_state(self) -> dict[str, Any] | None:
+        if self.shadow_model is None:
+            return None
+        return {"model": self.shadow_model.state_dict(), "optim": self.shadow_optim, "rng": self.shadow_rng.get_state()}
+
+    def _load_shadow(self, state: dict[str, Any] | None) -> None:
+        if state is None:
+            self.shadow_model = self.shadow_optim = None
+            return
+        self.shadow_model = self.fresh_model()
+        self.shadow_model.load_state_dict(state["model"])
+        self.shadow_optim = state["optim"]
+        self.shadow_rng.set_state(state["rng"])
 
     def version_state(self, optim_state: dict[str, Any] | None, run: str) -> dict[str, Any]:
         """What a service version stores beside its models (``state.pt``): the optimizer state and the
@@ -249,6 +309,7 @@ class RunEngine:
             "strategy": state["strategy"],
             "generator": state["generator"],
             "rng": state["rng"],
+            "shadow": state["shadow"],
             "run": run,
         }
 
@@ -259,6 +320,7 @@ class RunEngine:
         if memory and self.compensator is not None and state.get("memory") is not None:
             self.compensator.load_state_dict(state["memory"])  # the memory and a self-tuning λ
         self.rng.set_state(state["rng"])
+        self._load_shadow(state.get("shadow"))  # absent from states written before the shadow IU
 
 
 def _finite(x: float) -> float | None:

@@ -1,0 +1,130 @@
+"""The guard's shadow IU chain (issue #15 item 4): a run whose base update is not incremental (BU-w,
+full retraining, replay) is compared with the IU model on the latest labelled period, and the IU model
+serves when the run's model is non-finite or clearly worse."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from reloop.config import parse_config
+from reloop.data.prepare import prepare_stream
+from reloop.engine import RunEngine
+from reloop.protocol.runner import pretrain, run_one
+from reloop.update.strategies import BatchWindow
+
+ROWS = 300
+
+
+def _setup(tmp_path, runs: dict):
+    raw = {
+        "data": {
+            "source": "synthetic",
+            "synthetic": {"users": 60, "items": 40, "rows_per_period": ROWS, "periods": 8, "seed": 0},
+            "periods": {"count": 8, "by": "rows"},
+            "cache": str(tmp_path / "cache"),
+        },
+        "model": {"name": "emb_mlp", "embedding_dim": 4, "hidden_units": [8]},
+        "train": {"epochs": 1, "pretrain_epochs": 2, "batch_size": 64, "lr": 0.01},
+        "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2, "seeds": [0], "serve_batch_size": ROWS},
+        "runs": runs,
+    }
+    cfg = parse_config(raw)
+    stream = prepare_stream(cfg.data, cfg.protocol.pretrain).stream
+    theta0, optim0 = pretrain(cfg, stream, 0)
+    return cfg, stream, theta0, optim0
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_shadow_is_the_iu_chain_and_leaves_the_run_alone(tmp_path):
+    """Over three periods a BU-2 engine's shadow equals an IU engine's model bit for bit (plain cross-entropy
+    from Θ_{t−1}^IU, its own random stream), while BU-2's own models equal those of an engine without a
+    shadow (fails if the shadow uses the run's loss or RNG, starts from the run's model after the first
+    step, or disturbs the run's chain)."""
+    torch.set_num_threads(1)
+    cfg, stream, theta0, optim0 = _setup(
+        tmp_path, {"BU": {"update": {"batch": 2}, "loss": {"self_correction": 0.5}}, "IU": {}}
+    )
+    bu = RunEngine(cfg, cfg.runs["BU"], 0, stream.feature_map)
+    plain = RunEngine(cfg, cfg.runs["BU"], 0, stream.feature_map)
+    plain.shadow_iu = False
+    iu = RunEngine(cfg, cfg.runs["IU"], 0, stream.feature_map)
+    assert bu.shadow_iu and not iu.shadow_iu
+    m_bu, o_bu, m_plain, o_plain, m_iu, o_iu = theta0, optim0, theta0, optim0, theta0, optim0
+    for t in range(cfg.protocol.pretrain + 1, cfg.protocol.pretrain + 4):
+        a = bu.step(m_bu, o_bu, stream, t, None)
+        b = plain.step(m_plain, o_plain, stream, t, None)
+        c = iu.step(m_iu, o_iu, stream, t, None)
+        assert a.shadow is not None and _same(a.shadow, c.model), f"shadow ≠ IU at t={t}"
+        assert _same(a.model, b.model), f"the shadow changed BU's own model at t={t}"
+        assert not _same(a.model, c.model)  # BU-2 is not IU: the comparison above means something
+        m_bu, o_bu, m_plain, o_plain, m_iu, o_iu = (
+            a.model,
+            a.optim_state,
+            b.model,
+            b.optim_state,
+            c.model,
+            c.optim_state,
+        )
+
+
+@pytest.mark.parametrize("how", ["nan", "overconfident"])
+def test_a_bad_bu_model_is_replaced_by_the_shadow_iu(tmp_path, monkeypatch, how):
+    """BU-w returning a model with NaN scores, or with logits ×8, is not served: Θ^IU_t is, with the reason
+    (fails if the shadow comparison is skipped or ignores the margin)."""
+    torch.set_num_threads(1)
+    cfg, stream, theta0, optim0 = _setup(tmp_path, {"BU": {"update": {"batch": 2}}})
+    original = BatchWindow.update
+
+    def broken(self, model, optim_state, ctx):
+        new, state = original(self, model, optim_state, ctx)
+        new = copy.deepcopy(new)
+        with torch.no_grad():
+            if how == "nan":
+                new.head.bias.fill_(float("nan"))
+            else:
+                new.head.weight.mul_(8.0)
+                new.head.bias.mul_(8.0)
+        return new, state
+
+    monkeypatch.setattr(BatchWindow, "update", broken)
+    engine = RunEngine(cfg, cfg.runs["BU"], 0, stream.feature_map)
+    step = engine.step(theta0, optim0, stream, cfg.protocol.pretrain + 1, None)
+    assert step.serving is step.shadow and step.guard.served == "iu"
+    assert "shadow IU" in step.guard.reason
+    assert ("non-finite" in step.guard.reason) == (how == "nan")
+    rows = run_one(cfg, stream, "BU", cfg.runs["BU"], 0, theta0, optim0)
+    assert all("shadow IU" in r["fallback"] for r in rows[1:])
+    assert all(torch.isfinite(torch.tensor(r["logloss"])) for r in rows)
+
+
+def test_a_healthy_bu_model_is_served(tmp_path):
+    """Without a defect, BU-2's own model serves (the shadow only guards)."""
+    torch.set_num_threads(1)
+    cfg, stream, theta0, optim0 = _setup(tmp_path, {"BU": {"update": {"batch": 2}}})
+    engine = RunEngine(cfg, cfg.runs["BU"], 0, stream.feature_map)
+    step = engine.step(theta0, optim0, stream, cfg.protocol.pretrain + 1, None)
+    assert step.serving is step.model and step.guard.reason == ""
+
+
+def test_the_shadow_resumes_exactly(tmp_path):
+    """state_dict → load_state_dict in a new engine continues the shadow chain bit for bit (fails if the
+    shadow's model, optimizer or RNG is not saved)."""
+    torch.set_num_threads(1)
+    cfg, stream, theta0, optim0 = _setup(tmp_path, {"BU": {"update": {"batch": 2}}})
+    t = cfg.protocol.pretrain + 1
+    a = RunEngine(cfg, cfg.runs["BU"], 0, stream.feature_map)
+    first = a.step(theta0, optim0, stream, t, None)
+    state = copy.deepcopy(a.state_dict())
+    assert state["shadow"] is not None
+    b = RunEngine(cfg, cfg.runs["BU"], 0, stream.feature_map)
+    b.load_state_dict(state)
+    sa = a.step(first.model, first.optim_state, stream, t + 1, None)
+    sb = b.step(first.model, first.optim_state, stream, t + 1, None)
+    assert sa.shadow is not None and sb.shadow is not None and _same(sa.shadow, sb.shadow)
