@@ -147,6 +147,8 @@ def test_offline_and_online_serve_the_same_mixture(world, tmp_path):
     assert {e: v["outcome"] for e, v in result.extra["experts"].items()} == dict.fromkeys(NAMES, "published")
     swap = client.post("/admin/reload")
     assert swap.status_code == 200 and swap.json()["swapped"], swap.text
+    hosts = client.app.state.service.ensemble.hosts  # loaded by the swap itself, not by the next request
+    assert {e: h.state.version for e, h in hosts.items()} == dict.fromkeys(EXPERTS, 2)
     assert [e["version"] for e in client.get("/model").json()["combine"]["experts"]] == [2, 2, 2, 2]
     for i in range(ROWS // BATCH):
         online += _serve(client, *_batch(world, P + 2, i))[1]
@@ -365,3 +367,38 @@ def test_restart_with_a_config_that_changes_an_expert_is_refused(world):
     assert _compatible(world["cfg"], parse_config(raw), "combined") == []
     raw["runs"]["SC"]["loss"] = {"self_correction": 0.9}
     assert _compatible(world["cfg"], parse_config(raw), "combined") == ["runs.SC"]
+
+
+def test_rejected_chains_keep_their_versions(world, tmp_path, monkeypatch):
+    """Every chain is validated alone: when the run's own candidate is rejected and the experts' are not,
+    a new top-level version re-publishes its models unchanged with the new experts; when all are rejected
+    nothing is published and the period closes."""
+    import reloop.serve.retrain as rt
+
+    P = world["cfg"].protocol.pretrain
+    client, md = _fresh(world, tmp_path, poll_interval=3600.0)
+    for i in range(ROWS // BATCH):
+        _serve(client, *_batch(world, P + 1, i))
+    real = rt._train_chain
+
+    def own_rejected(p, chain_md, run, version, served):
+        chain = real(p, chain_md, run, version, served)
+        return rt._Chain("rejected", "forced") if run == "combined" else chain
+
+    monkeypatch.setattr(rt, "_train_chain", own_rejected)
+    result = retrain(md.path, RetrainOptions(holdout=0.0, max_auc_drop=1.0))
+    assert result.outcome == "published" and result.version == 2, result
+    meta = md.meta(2)
+    assert meta["experts"] == dict.fromkeys(EXPERTS, 2) and meta["trained_through"] == P
+    assert meta["set_through"] == P + 1
+    assert torch.equal(md.load_serving(2).head.weight, md.load_serving(1).head.weight)
+    assert client.post("/admin/reload").json()["swapped"]
+    assert [e["version"] for e in client.get("/model").json()["combine"]["experts"]] == [2, 2, 2, 2]
+
+    monkeypatch.setattr(rt, "_train_chain", real)
+    for i in range(ROWS // BATCH):
+        _serve(client, *_batch(world, P + 2, i))
+    result = retrain(md.path, RetrainOptions(holdout=0.5, max_auc_drop=-1.0))  # every candidate "worse"
+    assert result.outcome == "rejected" and result.version == 2, result
+    assert {e["outcome"] for e in result.extra["experts"].values()} == {"rejected"}
+    assert md.current_version() == 2 and ServeLog(md.log_path).current_period() == P + 3
