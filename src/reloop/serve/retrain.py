@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from reloop.components import build_loss
+from reloop.config import Config
 from reloop.data.tensors import PeriodTensors, Stream
 from reloop.device import resolve_device
 from reloop.engine import RunEngine
@@ -190,13 +191,16 @@ def retrain(
     return result
 
 
+#: A labelled impression of the open period: (impression id, encoded features, label, ŷ base, ŷ served).
+_Labelled = tuple[str, bytes, int, float, float]
+
+
 def _retrain_locked(md: ModelDir, slog: ServeLog, options: RetrainOptions, now: float, say) -> RetrainResult:
-    cfg = md.config()
-    info = md.info()
+    """One retrain step under the lock: the open period's labelled rows (:func:`_labelled_rows`), the
+    history rebuilt with them (:func:`_rebuild_period`), then the run's step on its chain, validated and
+    published or recorded (:func:`_step_and_publish`; a combine run steps every chain, :func:`_retrain_combine`)."""
+    cfg, info = md.config(), md.info()  # read first: a corrupt directory fails even with nothing to train
     run = info["run"]
-    spec = cfg.runs[run]
-    seed = int(info.get("seed", 0))
-    P = int(info["pretrain_periods"])
     version = md.current_version()
     meta_now = md.meta(version)
     t = slog.current_period()
@@ -208,8 +212,32 @@ def _retrain_locked(md: ModelDir, slog: ServeLog, options: RetrainOptions, now: 
         slog.close_period(t, upto, [], "repaired", {"reason": f"version {version} already trained on period {t}"}, None)
         return RetrainResult("skipped", t, version, f"period {t} was already trained on (closed it)")
 
-    rows = slog.period_rows(t, upto)
-    labelled: list[tuple[str, bytes, int, float, float]] = []
+    labelled, waiting = _labelled_rows(slog.period_rows(t, upto), options, now)
+    if len(labelled) < max(options.min_rows, 1):
+        reason = f"period {t}: {len(labelled)} labelled impressions (< {max(options.min_rows, 1)}), {waiting} awaiting labels"
+        slog.record_retrain(t, "skipped", {"reason": reason})
+        return RetrainResult("skipped", t, version, reason)
+
+    period, served, first_row = _rebuild_period(md, slog, cfg, info, t, labelled, options, say)
+    n_train, n_hold = len(period.train_stream.period(t)), len(period.hold)
+    say(
+        f"period {t}: {len(labelled)} labelled impressions ({n_train} train, {n_hold} held out), {waiting} awaiting labels"
+    )
+    rows_ids = [(r[0], first_row + i, r[2]) for i, r in enumerate(labelled)]
+    detail: dict[str, Any] = {"n_train": n_train, "n_holdout": n_hold, "waiting": waiting, "parent": version}
+    if cfg.runs[run].combine is not None:
+        return _retrain_combine(
+            md, slog, period, run, version, meta_now, [r[0] for r in labelled], upto, rows_ids, detail
+        )
+    return _step_and_publish(md, slog, period, run, version, served, upto, rows_ids, detail)
+
+
+def _labelled_rows(
+    rows: list[tuple[str, float, bytes, float, float, int | None, float | None]], options: RetrainOptions, now: float
+) -> tuple[list[_Labelled], int]:
+    """The open period's impressions that train: labelled ones, and unlabelled ones older than
+    ``label_timeout`` (as negatives); and how many still await their label."""
+    labelled: list[_Labelled] = []
     waiting = 0
     for imp_id, ts, feats, p_base, p_served, label, _ in rows:
         if label is not None:
@@ -218,19 +246,27 @@ def _retrain_locked(md: ModelDir, slog: ServeLog, options: RetrainOptions, now: 
             labelled.append((imp_id, feats, 0, p_base, p_served))
         else:
             waiting += 1
-    if len(labelled) < max(options.min_rows, 1):
-        reason = f"period {t}: {len(labelled)} labelled impressions (< {max(options.min_rows, 1)}), {waiting} awaiting labels"
-        slog.record_retrain(t, "skipped", {"reason": reason})
-        return RetrainResult("skipped", t, version, reason)
+    return labelled, waiting
 
+
+def _rebuild_period(
+    md: ModelDir,
+    slog: ServeLog,
+    cfg: Config,
+    info: dict[str, Any],
+    t: int,
+    labelled: list[_Labelled],
+    options: RetrainOptions,
+    say: Callable[[str], Any],
+) -> tuple[_Period, torch.Tensor, int]:
+    """The history of periods 1..t with the open period's ``labelled`` rows appended (the last
+    ``holdout`` share held out for validation), on the run's device; ``served`` (the y_last of every row,
+    on the CPU) and the global row id of the period's first row."""
     n = len(labelled)
-    n_hold = int(math.floor(n * options.holdout)) if options.holdout > 0 else 0
-    n_hold = min(n_hold, n - 1)
+    n_hold = min(int(math.floor(n * options.holdout)) if options.holdout > 0 else 0, n - 1)
     n_train = n - n_hold
-    fmap = md.feature_map()
-    codec = RowCodec(fmap, with_user=info.get("user") is not None)
-    loss_spec = build_loss(spec.loss)
-    y_last = loss_spec.y_last
+    codec = RowCodec(md.feature_map(), with_user=info.get("user") is not None)
+    y_last = build_loss(cfg.runs[info["run"]].loss).y_last
     first_row = slog.next_row_id(int(info["pretrain_rows"]))
     new = codec.decode([r[1] for r in labelled])
     new["label"] = torch.tensor([float(r[2]) for r in labelled], dtype=torch.float32)
@@ -246,21 +282,30 @@ def _retrain_locked(md: ModelDir, slog: ServeLog, options: RetrainOptions, now: 
     train_bounds = full.bounds[:-1] + [(full.bounds[t - 1][0], full.bounds[t - 1][0] + n_train)]
     train_stream = Stream(full.feature_map, full.rows.slice(0, train_bounds[-1][1]), train_bounds)
     hold = full.rows.slice(train_bounds[-1][1], full.bounds[t - 1][1])
-    say(f"period {t}: {n} labelled impressions ({n_train} train, {n_hold} held out), {waiting} awaiting labels")
+    seed, P = int(info.get("seed", 0)), int(info["pretrain_periods"])
+    return _Period(cfg, seed, P, t, full, train_stream, hold, options, device, say), served, first_row
 
-    rows_ids = [(r[0], first_row + i, r[2]) for i, r in enumerate(labelled)]
-    detail: dict[str, Any] = {"n_train": n_train, "n_holdout": n_hold, "waiting": waiting, "parent": version}
-    period = _Period(cfg, seed, P, t, full, train_stream, hold, options, device, say)
-    if spec.combine is not None:
-        return _retrain_combine(
-            md, slog, period, run, version, meta_now, [r[0] for r in labelled], upto, rows_ids, detail
-        )
 
-    chain = _train_chain(period, md, run, version, served)
+def _step_and_publish(
+    md: ModelDir,
+    slog: ServeLog,
+    p: _Period,
+    run: str,
+    version: int,
+    served: torch.Tensor,
+    upto: int,
+    rows_ids: list[tuple[str, int, int]],
+    detail: dict[str, Any],
+) -> RetrainResult:
+    """A plain run's step (:func:`_train_chain`); its candidate published as the next version, or the
+    period closed as rejected / no-update."""
+    t = p.t
+    n_train, n_hold = len(p.train_stream.period(t)), len(p.hold)
+    chain = _train_chain(p, md, run, version, served)
     if chain.outcome == "no-update":
         slog.close_period(t, upto, rows_ids, "no-update", detail, None)
         return RetrainResult("skipped", t, version, "the run's update is 'none'", n_train, n_hold)
-    detail.update({"auc_candidate": chain.auc_c, "auc_serving": chain.auc_s, "max_auc_drop": options.max_auc_drop})
+    detail.update({"auc_candidate": chain.auc_c, "auc_serving": chain.auc_s, "max_auc_drop": p.options.max_auc_drop})
     if chain.outcome == "rejected":
         slog.close_period(t, upto, rows_ids, "rejected", {**detail, "reason": chain.reason}, None)
         return RetrainResult("rejected", t, version, chain.reason, n_train, n_hold, chain.auc_c, chain.auc_s)
@@ -269,7 +314,7 @@ def _retrain_locked(md: ModelDir, slog: ServeLog, options: RetrainOptions, now: 
     slog.close_period(
         t, upto, rows_ids, "published", {**detail, "version": published.number}, (published.number, published.meta)
     )
-    say(f"published version {published.number} (trained through period {t}){chain.note}")
+    p.say(f"published version {published.number} (trained through period {t}){chain.note}")
     return RetrainResult(
         "published", t, published.number, chain.note.strip(" ()"), n_train, n_hold, chain.auc_c, chain.auc_s
     )
