@@ -98,10 +98,6 @@ class Replay(UpdateStrategy):
     def __init__(
         self, reservoir: float = 0.3, ratio: float = 0.5, seed: int | None = None, shuffle: bool = False
     ) -> None:
-        if not 0.0 < reservoir <= 1.0:
-            raise ValueError(f"update.replay.reservoir: must be in (0, 1], got {reservoir}")
-        if ratio < 0.0:
-            raise ValueError(f"update.replay.ratio: must be ≥ 0, got {ratio}")
         self.reservoir, self.ratio, self.seed, self.shuffle = reservoir, ratio, seed, shuffle
         self._rng = torch.Generator().manual_seed(seed) if seed is not None else None
         self.pos: Tensor | None = None

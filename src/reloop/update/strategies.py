@@ -179,8 +179,6 @@ class FullRetrain(UpdateStrategy):
         start: Annotated[Literal["previous", "scratch"], one_of("previous", "scratch")] = "previous"
 
     def __init__(self, start: str = "previous") -> None:
-        if start not in ("previous", "scratch"):
-            raise ValueError(f"update.full.start: expected 'previous' or 'scratch', got {start!r}")
         self.start = start
 
     @property
@@ -209,8 +207,6 @@ class BatchWindow(UpdateStrategy):
     search_space = Options.search_space
 
     def __init__(self, window: int) -> None:
-        if window < 1:
-            raise ValueError(f"update.batch: window must be ≥ 1, got {window}")
         self.window = window
 
     def training_rows(self, ctx: UpdateContext) -> PeriodTensors:

@@ -9,7 +9,7 @@ the reference code are listed in the docstring of :mod:`reloop.update.generators
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from pydantic import Field
@@ -19,10 +19,11 @@ from reloop.data.tensors import History
 from reloop.registry import Strict
 from reloop.update.generators.base import GENERATORS, LearnContext
 from reloop.update.generators.coordinate_gru import CoordinateGRU
-from reloop.update.generators.learned import INITS, _LearnedGenerator, _params_to
+from reloop.update.generators.learned import Init, _LearnedGenerator, _params_to
 from reloop.update.generators.param_layout import Params, ParamSpec, as_rows, module_key, n_coords, zero_padding
 
-VARIANTS = ("multi", "single", "unif", "zero", "full")
+Variant = Literal["multi", "single", "unif", "zero", "full"]
+VARIANTS: tuple[str, ...] = get_args(Variant)
 
 
 def loss_weights(variant: str, n: int) -> Tensor:
@@ -64,11 +65,11 @@ class ASMGGRU(_LearnedGenerator):
         search_space = {"k": [2, 3, 4], "variant": ["multi", "single"]}
         k: int = Field(default=3, ge=1)
         hidden: int = Field(default=4, ge=1)
-        variant: Literal["multi", "single", "unif", "zero", "full"] = "multi"
+        variant: Variant = "multi"
         lr: float = Field(default=1e-2, gt=0)
         epochs: int = Field(default=1, ge=1)
         gate_bias: bool = True
-        init: Literal["identity", "glorot"] = "identity"
+        init: Init = "identity"
         warmup: int = Field(default=1, ge=0)
         seed: int = 0
         sparse_rows: bool = True
@@ -87,14 +88,6 @@ class ASMGGRU(_LearnedGenerator):
         sparse_rows: bool = True,
     ) -> None:
         super().__init__(lr=lr, epochs=epochs, warmup=warmup, seed=seed, sparse_rows=sparse_rows)
-        if k < 1:
-            raise ValueError(f"generator.asmg_gru.k: must be ≥ 1, got {k}")
-        if hidden < 1:
-            raise ValueError(f"generator.asmg_gru.hidden: must be ≥ 1, got {hidden}")
-        if variant not in VARIANTS:
-            raise ValueError(f"generator.asmg_gru.variant: expected one of {VARIANTS}, got {variant!r}")
-        if init not in INITS:
-            raise ValueError(f"generator.asmg_gru.init: expected one of {INITS}, got {init!r}")
         self.k, self.hidden, self.variant = k, hidden, variant
         self.gate_bias, self.init = gate_bias, init
         self._h: Params | None = None  # carried state preceding the current window's first model

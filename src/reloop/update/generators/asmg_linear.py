@@ -51,8 +51,6 @@ class ASMGLinear(_LearnedGenerator):
         self, k: int = 3, lr: float = 1e-2, epochs: int = 1, warmup: int = 1, seed: int = 0, sparse_rows: bool = True
     ) -> None:
         super().__init__(lr=lr, epochs=epochs, warmup=warmup, seed=seed, sparse_rows=sparse_rows)
-        if k < 1:
-            raise ValueError(f"generator.asmg_linear.k: must be ≥ 1, got {k}")
         self.k = k
 
     def config(self) -> dict[str, Any]:

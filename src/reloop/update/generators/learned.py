@@ -13,7 +13,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, overload
+from typing import Any, ClassVar, Literal, get_args, overload
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,9 @@ from reloop.models.base import CTRModel
 from reloop.update.generators.base import LearnContext, ModelGenerator, functional_forward, materialize
 from reloop.update.generators.param_layout import Params, ParamSpec, param_specs, snapshot
 
-INITS = ("identity", "glorot")
+#: How a learned generator starts: ``identity`` (ours: serves Θ_t until trained) or ``glorot`` (the reference).
+Init = Literal["identity", "glorot"]
+INITS: tuple[str, ...] = get_args(Init)
 
 
 def _uniform(shape: Sequence[int], limit: float, generator: torch.Generator) -> Tensor:
@@ -53,12 +55,6 @@ class _LearnedGenerator(ModelGenerator):
     name: ClassVar[str] = ""
 
     def __init__(self, lr: float, epochs: int, warmup: int, seed: int, sparse_rows: bool = True) -> None:
-        if lr <= 0:
-            raise ValueError(f"generator.{self.name}.lr: must be > 0, got {lr}")
-        if epochs < 1:
-            raise ValueError(f"generator.{self.name}.epochs: must be ≥ 1, got {epochs}")
-        if warmup < 0:
-            raise ValueError(f"generator.{self.name}.warmup: must be ≥ 0, got {warmup}")
         self.lr, self.epochs, self.warmup, self.seed = lr, epochs, warmup, seed
         self.sparse_rows = sparse_rows
         self._sparse_ok: bool | None = None  # None: not checked yet (see _train_on_targets)

@@ -29,7 +29,7 @@ with glorot-uniform weights (fans of each 2-D weight) and zero biases. ``||w_pre
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,7 @@ from reloop.data.tensors import History
 from reloop.models.base import CTRModel
 from reloop.registry import Strict
 from reloop.update.generators.base import GENERATORS, LearnContext
-from reloop.update.generators.learned import INITS, _LearnedGenerator, _params_to, _uniform
+from reloop.update.generators.learned import INITS, Init, _LearnedGenerator, _params_to, _uniform
 from reloop.update.generators.param_layout import Params, ParamSpec, as_rows, module_key, zero_padding
 
 
@@ -90,7 +90,7 @@ class SML(_LearnedGenerator):
         lr: float = Field(default=1e-3, gt=0)
         epochs: int = Field(default=1, ge=1)
         warmup: int = Field(default=1, ge=0)
-        init: Literal["identity", "glorot"] = "identity"
+        init: Init = "identity"
         emb_n1: int = Field(default=10, ge=1)
         emb_n2: int = Field(default=5, ge=1)
         emb_l1: int = Field(default=20, ge=1)
@@ -116,18 +116,6 @@ class SML(_LearnedGenerator):
         sparse_rows: bool = True,
     ) -> None:
         super().__init__(lr=lr, epochs=epochs, warmup=warmup, seed=seed, sparse_rows=sparse_rows)
-        if init not in INITS:
-            raise ValueError(f"generator.sml.init: expected one of {INITS}, got {init!r}")
-        for key, v in {
-            "emb_n1": emb_n1,
-            "emb_n2": emb_n2,
-            "emb_l1": emb_l1,
-            "dense_n1": dense_n1,
-            "dense_n2": dense_n2,
-            "dense_l1": dense_l1 or 1,
-        }.items():
-            if v < 1:
-                raise ValueError(f"generator.sml.{key}: must be ≥ 1, got {v}")
         self.init = init
         self.emb = (emb_n1, emb_n2, emb_l1)
         self.dense = (dense_n1, dense_n2, dense_l1)
