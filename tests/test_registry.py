@@ -169,3 +169,19 @@ def test_registration_is_checked():
         reg.register("one")(type("Other", (), {"Options": Strict}))
     assert list(reg) == ["one"] and reg["one"] is One and One.name == "one"
     Registry._kinds.pop("probe_kind")
+
+
+def test_a_choice_owns_its_yaml_form():
+    """Changing the mapping a spec was made from, or a dump of it, leaves the spec as parsed."""
+    raw = {"update": {"replay": {"ratio": 0.2}}, "memory": {"exact": {"size": 40}}}
+    spec = RunSpec(**raw)
+    raw["update"]["replay"]["ratio"] = 0.9
+    raw["memory"]["exact"]["size"] = 5
+    dumped = spec.model_dump()
+    dumped["update"]["replay"]["ratio"] = 0.7
+    dumped["memory"]["exact"]["size"] = 7
+    assert spec.model_dump() == {
+        **RunSpec().model_dump(),
+        "update": {"replay": {"ratio": 0.2}},
+        "memory": {"exact": {"size": 40}},
+    }

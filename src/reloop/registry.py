@@ -27,6 +27,7 @@ when a config is validated, so a component registered later is accepted without 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Mapping
 from typing import Annotated, Any, ClassVar, Generic, TypeVar
 
@@ -310,7 +311,7 @@ class Registry(Mapping[str, type[T]]):
                 head, dot, tail = path.partition(".")
                 out.append((source.get(head, f"{name}.{head}" if head else name) + dot + tail, msg))
             return out
-        raw = self.empty if value is None else value
+        raw = self.empty if value is None else copy.deepcopy(value)  # the choice owns its YAML form
         return Choice(self, name, options, raw)
 
     def parse(self, value: Any, where: str | None = None) -> Choice[T]:

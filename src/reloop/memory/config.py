@@ -20,6 +20,7 @@ their classes; this module holds the shared keys. Unknown keys are errors, repor
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal, overload
@@ -161,7 +162,7 @@ class MemoryConfig(Strict):
         if problems:
             return problems
         assert not isinstance(store, list)
-        cfg._store, cfg._raw = store, dict(data)
+        cfg._store, cfg._raw = store, copy.deepcopy(dict(data))  # the config owns its YAML form
         return cfg
 
     @classmethod
@@ -184,7 +185,7 @@ class MemoryConfig(Strict):
 
     def dump(self) -> dict[str, Any]:
         """The block as it was written (what configs and checkpoint fingerprints record)."""
-        return dict(self._raw)
+        return copy.deepcopy(self._raw)
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Mapping):
