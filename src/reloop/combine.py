@@ -35,8 +35,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor
+
+from reloop.registry import Strict
 
 log = logging.getLogger(__name__)
 
@@ -273,10 +275,9 @@ class Hedge:
 
 
 # ---------------------------------------------------------------------- config
-class HedgeOptions(BaseModel):
+class HedgeOptions(Strict):
     """``combine.hedge``: the learning rate η, the clip ε and the fixed-share rate α."""
 
-    model_config = ConfigDict(extra="forbid")
     eta: float = Field(default=1.0, gt=0.0)
     eps: float = Field(default=DEFAULT_EPS, gt=0.0, lt=0.5)
     share: float = Field(default=0.0, ge=0.0, lt=1.0)
@@ -292,7 +293,7 @@ class HedgeOptions(BaseModel):
         return Hedge(names, eta=self.eta, eps=self.eps, share=self.share)
 
 
-class CombineOptions(BaseModel):
+class CombineOptions(Strict):
     """The ``combine:`` block of a run: which runs are the experts and how they are weighted::
 
         combine: {experts: [IU, ReLoop, ReLoop2, ASMG], hedge: {eta: 1.0, eps: 1.0e-6, share: 0.0}}
@@ -300,7 +301,6 @@ class CombineOptions(BaseModel):
     ``experts: null`` (the default) means every other run of the config.
     """
 
-    model_config = ConfigDict(extra="forbid")
     experts: list[str] | None = None
     hedge: HedgeOptions = Field(default_factory=HedgeOptions)
 

@@ -5,16 +5,16 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from reloop.data.validate import DataError
+from reloop.registry import Strict
 
 
-class PeriodsConfig(BaseModel):
+class PeriodsConfig(Strict):
     """``data.periods``: ``count`` periods, of equal row counts (``by: rows``, the ASMG split of
     Sobazaar/MovieLens) or equal time windows between the first and last event (``by: time``)."""
 
-    model_config = ConfigDict(extra="forbid")
     count: int = Field(default=31, ge=2)
     by: Literal["rows", "time"] = "rows"
 

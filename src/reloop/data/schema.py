@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
+
+from reloop.registry import Strict
 
 FeatureKind = Literal["categorical", "numeric", "sequence"]
 
@@ -19,11 +21,11 @@ OOV = 1  # out-of-vocabulary: an id the encoder may not assign (frozen encoder, 
 N_RESERVED = 2
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _Frozen(Strict):
+    model_config = ConfigDict(frozen=True)  # strict (reloop.registry.Strict) and immutable
 
 
-class FeatureSpec(_Strict):
+class FeatureSpec(_Frozen):
     """One raw column of the log and how to encode it.
 
     - categorical: one id per row (any scalar; cast to string).
@@ -44,7 +46,7 @@ class FeatureSpec(_Strict):
     capacity: int | None = Field(default=None, ge=1)
 
 
-class FeatureSchema(_Strict):
+class FeatureSchema(_Frozen):
     """The columns of a time-ordered click log."""
 
     features: list[FeatureSpec]
@@ -59,7 +61,7 @@ class FeatureSchema(_Strict):
         raise KeyError(f"no feature named {name!r}; known: {[f.name for f in self.features]}")
 
 
-class EncodedField(_Strict):
+class EncodedField(_Frozen):
     """A field as the models see it.
 
     ``table`` names the embedding table the field indexes (its own name, or the field whose vocabulary
@@ -74,7 +76,7 @@ class EncodedField(_Strict):
     max_len: int = 1
 
 
-class FeatureMap(_Strict):
+class FeatureMap(_Frozen):
     """Everything a model needs to build its input layer; persisted as JSON beside checkpoints."""
 
     fields: list[EncodedField]

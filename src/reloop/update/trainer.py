@@ -7,21 +7,21 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, overload
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor
 
 from reloop.data.tensors import PeriodTensors
 from reloop.models.base import CTRModel
+from reloop.registry import Strict
 from reloop.update.losses import Loss
 
 if TYPE_CHECKING:
     from reloop.data.shards import ShardedPeriod
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(Strict):
     """``train:`` section. ``pretrain_epochs`` trains Θ0 on the pretraining periods."""
 
-    model_config = ConfigDict(extra="forbid")
     #: base training settings ``reloop tune`` tries with IU on the valid periods (reloop.protocol.tune)
     search_space: ClassVar[dict[str, list[Any]]] = {"lr": [5e-4, 1e-3, 2e-3, 4e-3], "epochs": [1, 2]}
     epochs: int = Field(default=1, ge=1)
