@@ -58,11 +58,11 @@ def _run(**spec) -> dict:
         ),
         (
             {"source": "cvs", "periods": {"count": 8}},
-            "data.source: unknown source 'cvs'; choose one of ['csv', 'parquet', 'movielens', 'synthetic']",
+            "data.source: unknown source 'cvs'; choose one of ['csv', 'movielens', 'parquet', 'synthetic']",
         ),
         (
             {"periods": {"count": 8}},
-            "data.source: required; choose one of ['csv', 'parquet', 'movielens', 'synthetic']",
+            "data.source: required; choose one of ['csv', 'movielens', 'parquet', 'synthetic']",
         ),
         (
             {

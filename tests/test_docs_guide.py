@@ -122,7 +122,7 @@ def _config_cases() -> list[tuple[str, str, str]]:
     known |= {"MemoryConfig", "AdaptConfig"}  # the `memory` section, below
     assert set(by_name) == known, f"new nested config model(s) {set(by_name) - known}: map them to a section here"
     add(PeriodsConfig, "`data`")
-    for name, source_cls in source_config._BY_SOURCE.items():
+    for name, source_cls in source_config._by_source().items():
         heading = "`source: csv` and `source: parquet`" if name in ("csv", "parquet") else f"`source: {name}`"
         for cls in config_models(source_cls):
             cases.extend((cls.__name__, key, heading) for key in yaml_keys(cls) if key != "source")
@@ -166,7 +166,7 @@ def test_every_config_key_is_documented(config_md: str, data_common: str) -> Non
 
 def test_every_source_and_generator_name_is_documented(config_md: str) -> None:
     data, gen = section(config_md, "`data`"), section(config_md, "`generator`")
-    assert [s for s in source_config._BY_SOURCE if not mentioned(s, data)] == []
+    assert [s for s in source_config._by_source() if not mentioned(s, data)] == []
     assert [g for g in GENERATORS if not mentioned(g, gen)] == []
 
 

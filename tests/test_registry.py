@@ -185,3 +185,39 @@ def test_a_choice_owns_its_yaml_form():
         "update": {"replay": {"ratio": 0.2}},
         "memory": {"exact": {"size": 40}},
     }
+
+
+def test_a_registered_data_source_is_usable_from_a_config(tmp_path):
+    """A source registered with ``@SOURCES.register`` is accepted by ``data.source``, listed in the unknown-
+    source message and loaded by ``load_source`` (fails if any of the three keeps its own list)."""
+    from typing import Literal
+
+    from reloop.data.sources import SOURCES, load_source
+    from reloop.data.sources.config import SyntheticSourceConfig
+    from reloop.data.sources.synthetic import load_synthetic
+
+    class EchoConfig(SyntheticSourceConfig):
+        source: Literal["echo"]  # type: ignore[assignment]
+
+    loaded: list[str] = []
+
+    @SOURCES.register("echo")
+    class Echo:
+        Options = EchoConfig
+
+        @staticmethod
+        def load(cfg: EchoConfig):
+            loaded.append(cfg.source)
+            return load_synthetic(SyntheticSourceConfig(**{**cfg.model_dump(), "source": "synthetic"}))
+
+    try:
+        raw = {**BASE, "data": {"source": "echo", "periods": {"count": 8}, "synthetic": {"rows_per_period": 20}}}
+        cfg = parse_config(raw)
+        log = load_source(cfg.data)
+        assert loaded == ["echo"] and log.frame.height > 0
+        with pytest.raises(ConfigError, match=r"choose one of \['csv', 'echo', 'movielens'"):
+            parse_config({**BASE, "data": {"source": "nope"}})
+    finally:
+        SOURCES.unregister("echo")
+    with pytest.raises(ConfigError, match="unknown source 'echo'"):
+        parse_config(raw)

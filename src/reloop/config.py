@@ -21,7 +21,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 from reloop.combine import CombineOptions
 from reloop.components import GENERATORS, LOSSES, UPDATES, MemoryConfig
 from reloop.data.periods import PeriodsConfig
-from reloop.data.sources.config import SOURCE_NAMES, parse_source_config
+from reloop.data.sources import SOURCES, parse_source_config
 from reloop.device import check_device_spec
 from reloop.errors import ConfigError, format_errors
 from reloop.models.base import DEFAULT_MODEL, model_options
@@ -163,9 +163,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def _check_data(data: dict[str, Any]) -> None:
     """The `data` source's keys and `data.periods`, with dotted paths (the data is not read)."""
     source = data.get("source")
-    if not isinstance(source, str) or source not in SOURCE_NAMES:
+    if not isinstance(source, str) or source not in SOURCES:
         problem = "required" if source is None else f"unknown source {source!r}"
-        raise ConfigError(f"data.source: {problem}; choose one of {list(SOURCE_NAMES)}")
+        raise ConfigError(f"data.source: {problem}; choose one of {SOURCES.names()}")
     try:
         parse_source_config(data)  # checks that `periods` is a mapping
     except ValidationError as e:

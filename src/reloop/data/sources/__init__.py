@@ -23,6 +23,7 @@ from typing import Any
 from reloop.data.sources.config import (
     LABEL,
     SOURCE_CONFIG_ADAPTER,
+    SOURCES,
     TIME,
     CsvSourceConfig,
     FeatureConfig,
@@ -44,6 +45,7 @@ __all__ = [
     "LABEL",
     "TIME",
     "SOURCE_CONFIG_ADAPTER",
+    "SOURCES",
     "CsvSourceConfig",
     "DataError",
     "FeatureConfig",
@@ -69,14 +71,8 @@ __all__ = [
 
 
 def load_source(cfg: SourceConfig | dict[str, Any]) -> LoadedLog:
-    """Load the log a ``data:`` config describes (a validated config or a plain dict)."""
-    cfg = parse_source_config(cfg)
-    if isinstance(cfg, CsvSourceConfig):
-        return load_csv(cfg)
-    if isinstance(cfg, ParquetSourceConfig):
-        return load_parquet(cfg)
-    if isinstance(cfg, MovieLensSourceConfig):
-        return load_movielens(cfg)
-    if isinstance(cfg, SyntheticSourceConfig):
-        return load_synthetic(cfg)
-    raise TypeError(f"unknown source config {type(cfg).__name__}")  # pragma: no cover
+    """Load the log a ``data:`` config describes (a validated config or a plain dict), with the loader
+    its ``source`` is registered under (``SOURCES``)."""
+    parsed = parse_source_config(cfg)
+    loaded: LoadedLog = SOURCES[parsed.source].load(parsed)
+    return loaded

@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from reloop.data.schema import FeatureKind, FeatureSpec
+from reloop.registry import Registry
 from reloop.registry import Strict as _Strict
 
 #: Canonical column names of every loaded log.
@@ -269,14 +270,15 @@ SourceConfig = Annotated[
 ]
 SOURCE_CONFIG_ADAPTER: TypeAdapter[SourceConfig] = TypeAdapter(SourceConfig)
 
-_BY_SOURCE: dict[str, type[BaseModel]] = {
-    "csv": CsvSourceConfig,
-    "parquet": ParquetSourceConfig,
-    "movielens": MovieLensSourceConfig,
-    "synthetic": SyntheticSourceConfig,
-}
-#: The values of ``data.source``.
-SOURCE_NAMES: tuple[str, ...] = tuple(_BY_SOURCE)
+#: Every data source, registered beside its loader (``reloop.data.sources.tabular``, ``movielens``,
+#: ``synthetic``): ``@SOURCES.register("csv")`` on a class whose ``Options`` is the source's config model
+#: (with a ``source: Literal["csv"]`` field) and whose ``load(cfg)`` returns a ``LoadedLog``. Importing
+#: ``reloop.data.sources`` registers the built-in ones; ``SOURCES.names()`` are the values of ``data.source``.
+SOURCES: Registry[Any] = Registry("source")
+
+
+def _by_source() -> dict[str, type[BaseModel]]:
+    return {name: SOURCES.options_class(name) for name in SOURCES.names()}
 
 
 AnySourceConfig = CsvSourceConfig | ParquetSourceConfig | MovieLensSourceConfig | SyntheticSourceConfig
@@ -288,8 +290,9 @@ def parse_source_config(data: Any) -> AnySourceConfig:
     Raises ``pydantic.ValidationError``; error locations are key paths inside ``data`` (no union tag).
     A missing or unknown ``source`` is reported by the discriminated union itself.
     """
-    if isinstance(data, BaseModel) and type(data) in _BY_SOURCE.values():
+    by_source = _by_source()
+    if isinstance(data, BaseModel) and type(data) in by_source.values():
         return data  # type: ignore[return-value]
-    if isinstance(data, dict) and isinstance(data.get("source"), str) and data["source"] in _BY_SOURCE:
-        return _BY_SOURCE[data["source"]].model_validate(data)  # type: ignore[return-value]
+    if isinstance(data, dict) and isinstance(data.get("source"), str) and data["source"] in by_source:
+        return by_source[data["source"]].model_validate(data)  # type: ignore[return-value]
     return SOURCE_CONFIG_ADAPTER.validate_python(data)

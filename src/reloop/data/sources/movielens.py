@@ -31,7 +31,7 @@ import numpy as np
 import polars as pl
 
 from reloop.data.schema import FeatureSchema, FeatureSpec
-from reloop.data.sources.config import LABEL, TIME, ImplicitConfig, MovieLensSourceConfig
+from reloop.data.sources.config import LABEL, SOURCES, TIME, ImplicitConfig, MovieLensSourceConfig
 from reloop.data.sources.tabular import history_column
 from reloop.data.validate import DataError, LoadedLog, RowChecker, parse_time, require_columns
 
@@ -271,6 +271,17 @@ def _sample_negatives(
         out[todo[~rejected]] = cand[~rejected]
         todo = todo[rejected]
     return out.reshape(len(pos), cfg.negatives)
+
+
+@SOURCES.register("movielens")
+class MovieLensSource:
+    """``source: movielens``: a GroupLens MovieLens directory."""
+
+    Options = MovieLensSourceConfig
+
+    @staticmethod
+    def load(cfg: MovieLensSourceConfig) -> LoadedLog:
+        return load_movielens(cfg)
 
 
 def load_movielens(cfg: MovieLensSourceConfig) -> LoadedLog:

@@ -43,7 +43,7 @@ import numpy as np
 import polars as pl
 
 from reloop.data.schema import FeatureSchema, FeatureSpec
-from reloop.data.sources.config import LABEL, TIME, SyntheticConfig, SyntheticSourceConfig
+from reloop.data.sources.config import LABEL, SOURCES, TIME, SyntheticConfig, SyntheticSourceConfig
 from reloop.data.sources.tabular import history_column
 from reloop.data.validate import LoadedLog, LoadReport
 
@@ -204,6 +204,17 @@ def _prefixed(prefix: str, ids: np.ndarray) -> pl.Series:
 def generate(cfg: SyntheticConfig | None = None) -> LoadedLog:
     """Draw the synthetic log (deterministic for a given config)."""
     return SyntheticWorld(cfg).generate()
+
+
+@SOURCES.register("synthetic")
+class SyntheticSource:
+    """``source: synthetic``: reloop's drifting click stream with known click probabilities."""
+
+    Options = SyntheticSourceConfig
+
+    @staticmethod
+    def load(cfg: SyntheticSourceConfig) -> LoadedLog:
+        return load_synthetic(cfg)
 
 
 def load_synthetic(cfg: SyntheticSourceConfig) -> LoadedLog:

@@ -15,7 +15,7 @@ import polars as pl
 import pyarrow as pa
 
 from reloop.data.schema import FeatureSchema
-from reloop.data.sources.config import LABEL, TIME, CsvSourceConfig, ParquetSourceConfig
+from reloop.data.sources.config import LABEL, SOURCES, TIME, CsvSourceConfig, ParquetSourceConfig
 from reloop.data.validate import (
     DataError,
     LoadedLog,
@@ -150,6 +150,28 @@ def read_parquet_raw(cfg: ParquetSourceConfig) -> pl.DataFrame:
         return pl.concat(parts, how="vertical_relaxed")
     except pl.exceptions.PolarsError as e:
         raise DataError(f"{cfg.path}: Parquet shards have incompatible column types: {e}") from e
+
+
+@SOURCES.register("csv")
+class CsvSource:
+    """``source: csv``: a CSV file with a header row."""
+
+    Options = CsvSourceConfig
+
+    @staticmethod
+    def load(cfg: CsvSourceConfig) -> LoadedLog:
+        return load_csv(cfg)
+
+
+@SOURCES.register("parquet")
+class ParquetSource:
+    """``source: parquet``: a Parquet file or a directory of shards."""
+
+    Options = ParquetSourceConfig
+
+    @staticmethod
+    def load(cfg: ParquetSourceConfig) -> LoadedLog:
+        return load_parquet(cfg)
 
 
 def load_csv(cfg: CsvSourceConfig) -> LoadedLog:
