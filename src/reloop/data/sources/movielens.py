@@ -273,17 +273,6 @@ def _sample_negatives(
     return out.reshape(len(pos), cfg.negatives)
 
 
-@SOURCES.register("movielens")
-class MovieLensSource:
-    """``source: movielens``: a GroupLens MovieLens directory."""
-
-    Options = MovieLensSourceConfig
-
-    @staticmethod
-    def load(cfg: MovieLensSourceConfig) -> LoadedLog:
-        return load_movielens(cfg)
-
-
 def load_movielens(cfg: MovieLensSourceConfig) -> LoadedLog:
     layout, root = detect_layout(cfg.path)
     where = f"MovieLens {layout.upper()} at {root}"
@@ -360,3 +349,11 @@ def load_movielens(cfg: MovieLensSourceConfig) -> LoadedLog:
     report.notes.extend(notes)
     schema = FeatureSchema(features=features, label=LABEL, time=TIME, user="user_id")
     return LoadedLog(frame=frame, schema=schema, report=report)
+
+
+@SOURCES.register("movielens")
+class MovieLensSource:
+    """``source: movielens``: a GroupLens MovieLens directory."""
+
+    Options = MovieLensSourceConfig
+    load = staticmethod(load_movielens)

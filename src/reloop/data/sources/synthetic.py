@@ -206,16 +206,13 @@ def generate(cfg: SyntheticConfig | None = None) -> LoadedLog:
     return SyntheticWorld(cfg).generate()
 
 
+def load_synthetic(cfg: SyntheticSourceConfig) -> LoadedLog:
+    return generate(cfg.synthetic)
+
+
 @SOURCES.register("synthetic")
 class SyntheticSource:
     """``source: synthetic``: reloop's drifting click stream with known click probabilities."""
 
     Options = SyntheticSourceConfig
-
-    @staticmethod
-    def load(cfg: SyntheticSourceConfig) -> LoadedLog:
-        return load_synthetic(cfg)
-
-
-def load_synthetic(cfg: SyntheticSourceConfig) -> LoadedLog:
-    return generate(cfg.synthetic)
+    load = staticmethod(load_synthetic)

@@ -152,28 +152,6 @@ def read_parquet_raw(cfg: ParquetSourceConfig) -> pl.DataFrame:
         raise DataError(f"{cfg.path}: Parquet shards have incompatible column types: {e}") from e
 
 
-@SOURCES.register("csv")
-class CsvSource:
-    """``source: csv``: a CSV file with a header row."""
-
-    Options = CsvSourceConfig
-
-    @staticmethod
-    def load(cfg: CsvSourceConfig) -> LoadedLog:
-        return load_csv(cfg)
-
-
-@SOURCES.register("parquet")
-class ParquetSource:
-    """``source: parquet``: a Parquet file or a directory of shards."""
-
-    Options = ParquetSourceConfig
-
-    @staticmethod
-    def load(cfg: ParquetSourceConfig) -> LoadedLog:
-        return load_parquet(cfg)
-
-
 def load_csv(cfg: CsvSourceConfig) -> LoadedLog:
     return _finish(read_csv_raw(cfg), cfg, str(cfg.path))
 
@@ -227,3 +205,19 @@ def history_column(
         values = values.combine_chunks()
     arr = pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), values)
     return pl.Series(name, pl.from_arrow(arr)).cast(pl.List(pl.String))
+
+
+@SOURCES.register("csv")
+class CsvSource:
+    """``source: csv``: a CSV file with a header row."""
+
+    Options = CsvSourceConfig
+    load = staticmethod(load_csv)
+
+
+@SOURCES.register("parquet")
+class ParquetSource:
+    """``source: parquet``: a Parquet file or a directory of shards."""
+
+    Options = ParquetSourceConfig
+    load = staticmethod(load_parquet)
