@@ -505,7 +505,7 @@ def test_group_commit_keeps_each_request_atomic_under_concurrency(tmp_path):
     log = ServeLog(tmp_path / "log.sqlite3")
     log.open_period(4)
     ids = [f"imp{k}" for k in range(300)]
-    log.write_impressions(ids, 1, [b"f"] * 300, [b"h"] * 300, [0.5] * 300, [0.5] * 300)
+    log.submit_impressions(ids, 1, [b"f"] * 300, [b"h"] * 300, [0.5] * 300, [0.5] * 300).result()
     accepted: list[str] = []
     rejected: list[list[str]] = []
     lock = threading.Lock()

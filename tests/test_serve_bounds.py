@@ -11,7 +11,7 @@ import warnings
 import polars as pl
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 warnings.filterwarnings("ignore", message=".*httpx2.*")
@@ -211,3 +211,46 @@ def test_sequences_are_bounded():
     assert "1,025 ids" in errors[0][2] and "sequence item" in errors[1][2]
     _, errors = parser.parse([{**ok, "history": [], "price": 1e31}])
     assert errors and errors[0][1] == "price"
+
+
+# -- the guard's cheap look at a body never hides a broken bound (issue 18) ---------------------------
+JSON_TEXT = st.lists(
+    st.sampled_from(["a", '"', "\\", "[", "]", "{", "}", "é", "\n", "xxxxx", "\ud800"]), max_size=6
+).map("".join)
+JSON_VALUES = st.recursive(
+    st.none() | st.floats(allow_nan=False) | JSON_TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(JSON_TEXT, inner, max_size=3),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(value=JSON_VALUES, ascii_only=st.booleans())
+@example(value=['""""""'], ascii_only=True)  # short runs between quotes, a long string
+@example(value=[[[[]]]], ascii_only=True)
+@example(value={"\ud800": 1}, ascii_only=False)  # a raw surrogate in a key
+def test_the_guards_quick_look_never_hides_a_broken_bound(value, ascii_only):
+    """``may_break_bounds`` (bytes and types looked at in C) says False only when the full walk of
+    ``check_json`` finds nothing: long strings and keys (escaped quotes included), deep nesting,
+    surrogates escaped or raw (``json.loads`` of bytes decodes with surrogatepass)."""
+    import json
+
+    from reloop.serve import guard
+
+    body = json.dumps(value, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    parsed = json.loads(body)
+    for limits in (guard.Limits(max_depth=2, max_string=4), guard.Limits(max_depth=2, max_string=10_000)):
+        problem = _walk(guard, parsed, limits)
+        if problem is not None:
+            assert guard.may_break_bounds(parsed, body, limits), (body, problem)
+        assert guard.check_json(parsed, body, limits) == problem
+
+
+def _walk(guard, value, limits):
+    """``check_json`` with the quick look switched off: the full walk."""
+    original = guard.may_break_bounds
+    guard.may_break_bounds = lambda v, b, lim: True
+    try:
+        return guard.check_json(value, b"", limits)
+    finally:
+        guard.may_break_bounds = original

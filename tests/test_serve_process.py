@@ -48,6 +48,67 @@ def setup(tmp_path_factory):
     return {"root": root, "cfg": cfg, "cfg_path": path, "frame": load_source(cfg.data).frame}
 
 
+@pytest.mark.slow
+def test_group_commits_under_concurrent_load_survive_kill_9(setup, tmp_path):
+    """Eight clients in flight (batch-1 predicts and labels, the case the writer thread groups and the
+    event loop scores together), the server killed with SIGKILL mid-load: every impression and every
+    label acknowledged before the kill is in the log (impressions commit without fsync, labels with
+    one; a killed process loses neither), with the label the client sent."""
+    md = bootstrap(setup["cfg"], tmp_path / "md", "IU-mem", log=lambda *_: None)
+    frame = setup["frame"]
+    recs = frame.slice(900, 400).select(COLS).to_dicts()
+    labels = frame.slice(900, 400)["label"].to_list()
+    acked_imps: set[str] = set()
+    acked_fb: dict[str, int] = {}
+    lock = threading.Lock()
+    server = start_server(md.path, log_path=tmp_path / "server.log")
+    stop = threading.Event()
+
+    def load(w: int) -> None:
+        k = w
+        with httpx.Client(base_url=server.url, timeout=10) as c:
+            while not stop.is_set():
+                i = k % len(recs)
+                k += 8
+                try:
+                    r = c.post("/predict", json={"records": [recs[i]]})
+                    if r.status_code != 200:
+                        continue
+                    imp = r.json()["predictions"][0]["impression_id"]
+                    with lock:
+                        acked_imps.add(imp)
+                    if (
+                        k % 3
+                        and c.post(
+                            "/feedback", json={"events": [{"impression_id": imp, "label": labels[i]}]}
+                        ).status_code
+                        == 200
+                    ):
+                        with lock:
+                            acked_fb[imp] = labels[i]
+                except httpx.HTTPError:
+                    return  # the server is gone
+
+    workers = [threading.Thread(target=load, args=(w,)) for w in range(8)]
+    for th in workers:
+        th.start()
+    time.sleep(1.5)
+    os.kill(server.pid, signal.SIGKILL)  # mid-load
+    server.proc.wait(10)
+    stop.set()
+    for th in workers:
+        th.join(10)
+    server.stop()
+    assert server.proc.returncode == -signal.SIGKILL
+    assert len(acked_imps) >= 40 and len(acked_fb) >= 20
+
+    log = ServeLog(md.log_path)
+    assert acked_imps <= {r["id"] for r in log.impressions()}  # every acknowledged impression survived
+    stored_fb = dict(log.conn.execute("SELECT impression_id, label FROM feedback").fetchall())
+    assert all(stored_fb.get(i) == y for i, y in acked_fb.items())  # every acknowledged label, as sent
+    log.close()
+
+
 def test_acknowledged_writes_survive_kill_9_and_retrain_swaps_a_live_server(setup, tmp_path):
     md = bootstrap(setup["cfg"], tmp_path / "md", "IU-mem", log=lambda *_: None)
     frame = setup["frame"]

@@ -214,7 +214,10 @@ class FeatureEncoder:
                 if spec.kind == "categorical":
                     index = self.vocabs[spec.vocab or spec.name].index
                     out[spec.name] = torch.tensor(
-                        [PAD if v is None else index[_id_key(v)] for v in col], dtype=torch.int64
+                        list(map(index.__getitem__, col))  # all strings (the service's records): C loop
+                        if set(map(type, col)) == {str}
+                        else [PAD if v is None else index[_id_key(v)] for v in col],
+                        dtype=torch.int64,
                     )
                 elif spec.kind == "sequence":
                     index = self.vocabs[spec.vocab or spec.name].index
@@ -242,8 +245,12 @@ class FeatureEncoder:
             )
             if self.schema.user:
                 users = self.users
+                ucol = columns[self.schema.user]
                 out["user"] = torch.tensor(
-                    [-1 if v is None else users[_id_key(v)] for v in columns[self.schema.user]], dtype=torch.int64
+                    list(map(users.__getitem__, ucol))
+                    if set(map(type, ucol)) == {str}
+                    else [-1 if v is None else users[_id_key(v)] for v in ucol],
+                    dtype=torch.int64,
                 )
         except (KeyError, TypeError, ValueError):  # unseen id, or a value only the polars path can judge
             return None

@@ -30,6 +30,7 @@ impression id 404 (nothing of the batch logged); a refused version on ``POST /ad
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -41,10 +42,11 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from reloop.serve.guard import (
+    JSON_SCOPE_KEY,
     TOKEN_ENV,
     Guard,
     Limits,
@@ -90,6 +92,61 @@ class FeedbackEvent(BaseModel):
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     events: list[FeedbackEvent]
+
+
+BODY_MODELS: tuple[type[BaseModel], ...] = (PredictRequest, FeedbackRequest)
+
+
+def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI ``requestBody`` of a route that reads ``model`` itself (:func:`_body`)."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def _body_schemas() -> dict[str, Any]:
+    """JSON schemas of the request bodies (and the models they nest), for the OpenAPI components."""
+    out: dict[str, Any] = {}
+    for model in BODY_MODELS:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        out.update(schema.pop("$defs", {}))
+        out[model.__name__] = schema
+    return out
+
+
+def _plain_event(e: Any) -> bool:
+    return (
+        type(e) is dict
+        and len(e) == 2
+        and type(e.get("impression_id")) is str
+        and 0 < len(e["impression_id"]) <= MAX_IMPRESSION_ID
+        and type(e.get("label")) is int
+        and e["label"] in (0, 1)
+    )
+
+
+def _body(request: Request, model: type[BaseModel]) -> dict[str, Any]:
+    """The body the guard parsed (``JSON_SCOPE_KEY``), checked against ``model``.
+
+    A body of the plain shape (only the model's keys, records as objects, events with a string id and
+    a 0/1 integer label) passes at once; any other goes through the pydantic model, whose errors are a
+    ``RequestValidationError`` located in ``body`` — the 422 FastAPI gives for a body parameter.
+    """
+    value = request.scope.get(JSON_SCOPE_KEY)
+    if type(value) is dict:
+        if model is PredictRequest:
+            records = value.get("records")
+            if len(value) == 1 and type(records) is list and (not records or set(map(type, records)) == {dict}):
+                return value
+        else:
+            events = value.get("events")
+            if len(value) == 1 and type(events) is list and all(_plain_event(e) for e in events):
+                return value
+    try:
+        checked = model.model_validate(value)
+    except ValidationError as e:
+        errors = [{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False)]
+        raise RequestValidationError(errors, body=value) from None
+    return checked.model_dump()
 
 
 class SafeJSONResponse(JSONResponse):
@@ -242,18 +299,26 @@ def create_app(
         body = exc.body
         if isinstance(body, (bytes, bytearray)):
             body = body.decode("utf-8", "replace")
+        path = request.url.path
         with contextlib.suppress(sqlite3.Error):
-            quarantine(request.url.path, body, reason)
+            await asyncio.wrap_future(service.log.submit_quarantine(path, [(body, reason)]))
+            metrics.quarantined.labels(path if path in ENDPOINTS else "other").inc()
         return SafeJSONResponse({"detail": errors, "field": field}, status_code=422)
 
     # -- routes ----------------------------------------------------------------------------------
-    @app.post("/predict")
-    def predict(body: PredictRequest) -> dict[str, Any]:
-        return service.predict(body.records)
+    # /predict and /feedback are async and read the body the guard parsed (no second parse, no
+    # threadpool hop for small batches: Service runs them on the loop, the log commits in its
+    # writer thread); their request schemas are added to the OpenAPI document below.
+    @app.post("/predict", openapi_extra=_body_doc(PredictRequest))
+    async def predict(request: Request) -> SafeJSONResponse:
+        value = _body(request, PredictRequest)
+        return SafeJSONResponse(await service.predict(value["records"]))
 
-    @app.post("/feedback")
-    def feedback(body: FeedbackRequest) -> dict[str, Any]:
-        return service.feedback([(e.impression_id, e.label) for e in body.events])
+    @app.post("/feedback", openapi_extra=_body_doc(FeedbackRequest))
+    async def feedback(request: Request) -> SafeJSONResponse:
+        value = _body(request, FeedbackRequest)
+        events = [(e["impression_id"], int(e["label"])) for e in value["events"]]
+        return SafeJSONResponse(await service.feedback(events))
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
@@ -286,4 +351,13 @@ def create_app(
     def admin_retrain_status() -> dict[str, Any]:
         return {"running": service.retrainer.running(), "last": service.last_retrain}
 
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = default_openapi()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(_body_schemas())
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

@@ -50,6 +50,10 @@ def _compatible(stored, given, run: str) -> list[str]:
         problems.append(f"runs.{run} (missing)")
     elif a["runs"].get(run) != b["runs"][run]:
         problems.append(f"runs.{run}")
+    elif stored.runs[run].combine is not None:  # a combine run's experts are chains of their own
+        from reloop.protocol.combined import experts_of
+
+        problems += [f"runs.{e}" for e in experts_of(stored, run)[1:] if a["runs"].get(e) != b["runs"].get(e)]
     return problems
 
 
@@ -164,6 +168,14 @@ def serve(
         float, typer.Option("--admin-rate", help="Admin requests per minute per client (bursts of 10; 429 above).")
     ] = 30.0,
     max_connections: Annotated[int, typer.Option("--max-connections", help="Concurrent connections (503 above).")] = 64,
+    torch_threads: Annotated[
+        int,
+        typer.Option(
+            "--torch-threads",
+            help="Intra-op threads of the model (torch.set_num_threads); 1 is fastest for small batches "
+            "on a few cores (0: torch's default).",
+        ),
+    ] = 1,
     demo: Annotated[
         bool,
         typer.Option(
@@ -237,9 +249,13 @@ def serve(
         _err(str(e))
     except ConfigError as e:  # e.g. device: cuda on a machine without a GPU
         _err(f"config error: {e}")
+    import torch
     import uvicorn
 
     from reloop.serve.app import create_app
+
+    if torch_threads > 0:
+        torch.set_num_threads(torch_threads)
     from reloop.serve.guard import Limits
 
     limits = Limits(

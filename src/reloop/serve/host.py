@@ -303,7 +303,7 @@ class ModelHost:
         """Base prediction, memory key (one ``forward_key`` call: the key of exactly these records)
         and the served prediction after the error memory, by ``state`` (default: the serving one)."""
         state = state or self.serving()
-        with torch.no_grad():
+        with torch.inference_mode():  # no autograd bookkeeping at all (cheaper than no_grad per op)
             batch = cols if self.device.type == "cpu" else {k: v.to(self.device) for k, v in cols.items()}
             logits, h = state.model.forward_key(batch, self.key)
             p_base = torch.sigmoid(logits.float())
@@ -318,14 +318,20 @@ class ModelHost:
     def remember(self, rows: list[tuple[bytes, int, float, int]]) -> int:
         """Write labelled impressions ``(h bytes, label, p_base, model version)`` into the error memory;
         with ``reset_on_update`` only those of the serving version. Returns how many were written."""
-        if self.compensator is None or not rows:
-            return 0
+        return self.remember_groups([rows])[0]
+
+    def remember_groups(self, groups: Sequence[list[tuple[bytes, int, float, int]]]) -> list[int]:
+        """:meth:`remember` for several requests at once, in order, as one memory write (its fixed
+        cost, ~0.25 ms, paid once); how many rows of each group were written."""
+        if self.compensator is None:
+            return [0] * len(groups)
         with self._mem_lock:
             current = self.state.version
-            keep = [r for r in rows if not self.reset_on_update or r[3] == current]
-            if keep:
-                self._write_memory(keep, self.state.model.key_dim(self.key))
-            return len(keep)
+            keeps = [[r for r in rows if not self.reset_on_update or r[3] == current] for rows in groups]
+            every = [r for keep in keeps for r in keep]
+            if every:
+                self._write_memory(every, self.state.model.key_dim(self.key))
+            return [len(keep) for keep in keeps]
 
     def _write_memory(self, rows: Sequence[tuple[Any, ...]], d: int) -> None:
         assert self.compensator is not None

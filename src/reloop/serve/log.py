@@ -1,8 +1,16 @@
-"""The service's durable log: one SQLite file in WAL mode, ``synchronous=FULL``.
+"""The service's durable log: one SQLite file in WAL mode, written by one writer thread.
 
 Every write the service acknowledges (an impression, a feedback event, a quarantined record, a new
-vocabulary entry) is committed — and therefore fsync-ed into the write-ahead log — *before* the HTTP
-response leaves, so it survives ``kill -9`` and a power cut.
+vocabulary entry) is committed *before* the HTTP response leaves, so it survives ``kill -9``. Writes
+are group-committed: a writer thread takes everything queued, runs each request's work in its own
+SAVEPOINT and commits once; each caller gets a future that completes after the commit holding its
+rows. Feedback, quarantined records and every administrative write are *durable* commits
+(``synchronous=FULL``: the write-ahead log is fsync-ed before the commit returns, so they also survive a
+power cut); a group holding only impressions commits with ``synchronous=NORMAL`` (no fsync: the WAL
+frames are in the OS's page cache, which ``kill -9`` does not lose). The WAL is one sequential file,
+so the fsync of any later durable commit — e.g. the feedback that names an impression — makes every
+earlier impression durable too: a labelled impression is always on disk before its label is
+acknowledged.
 
 Tables::
 
@@ -34,6 +42,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,22 +126,34 @@ class FeedbackResult:
 
 
 class ServeLog:
-    """Thread-safe handle on the log (one connection, one lock; writes are short transactions)."""
+    """Thread-safe handle on the log: one connection, one lock, one writer thread for the group commits
+    (started on the first write). Reads and the administrative transactions (:meth:`close_period` ...)
+    run on the caller's thread under the lock."""
 
     def __init__(self, path: str | Path, timeout: float = 30.0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._qlock = threading.Lock()
+        self._qcond = threading.Condition(threading.Lock())
         self._queue: list[_Pending] = []
+        self._writer: threading.Thread | None = None
+        self._closing = False
         self.conn = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None, check_same_thread=False)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")
+        self._full = True  # the connection's synchronous setting (FULL or NORMAL)
         self.conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
         with self._lock:
             self.conn.executescript(SCHEMA)
 
     def close(self) -> None:
+        """Commit what is queued, stop the writer thread, close the connection."""
+        with self._qcond:
+            self._closing = True
+            self._qcond.notify_all()
+            writer = self._writer
+        if writer is not None and writer is not threading.current_thread():
+            writer.join()
         with self._lock:
             self.conn.close()
 
@@ -140,34 +161,54 @@ class ServeLog:
     def _tx(self):
         return _Transaction(self)
 
-    def _group(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
-        """Run ``work(conn)`` inside a durable commit, sharing the commit with concurrent callers.
+    def _synchronous(self, full: bool) -> None:
+        """Set the connection's ``synchronous`` (under the lock, outside a transaction)."""
+        if full != self._full:
+            self.conn.execute(f"PRAGMA synchronous={'FULL' if full else 'NORMAL'}")
+            self._full = full
 
-        Group commit: every caller queues its work, then takes the connection lock; the first one
-        in runs everything queued so far (each item in its own SAVEPOINT, so one failing item —
-        e.g. feedback naming an unknown id — is rolled back alone) and commits once (one fsync);
-        the others find their item done. Every caller returns only after the COMMIT holding its
-        writes, so "acknowledged" still means "durable".
-        """
-        item = _Pending(work)
-        with self._qlock:
+    def submit(self, work: Callable[[sqlite3.Connection], Any], durable: bool = True) -> Future:
+        """Queue ``work(conn)`` for the writer thread's next group commit; the future completes with its
+        result (or its exception) once the COMMIT holding its writes has returned — with an fsync when
+        ``durable`` or when any other item of the group is durable (see the module docstring)."""
+        item = _Pending(work, durable)
+        with self._qcond:
+            if self._closing:
+                raise sqlite3.ProgrammingError("the log is closed")
             self._queue.append(item)
-        with self._lock:
-            if not item.done:
-                with self._qlock:
-                    batch, self._queue = self._queue, []
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_loop, daemon=True, name="reloop-log-writer")
+                self._writer.start()
+            self._qcond.notify()
+        return item.future
+
+    def _write_loop(self) -> None:
+        """The writer thread: everything queued since the last commit is one group (one transaction,
+        each item in its own SAVEPOINT so one failing item — e.g. feedback naming an unknown id — is
+        rolled back alone, one COMMIT)."""
+        while True:
+            with self._qcond:
+                while not self._queue and not self._closing:
+                    self._qcond.wait()
+                if not self._queue:
+                    return
+                batch, self._queue = self._queue, []
+            with self._lock:
                 self._run_batch(batch)
-        if item.error is not None:
-            raise item.error
-        return item.result
+            for it in batch:
+                if it.error is not None:
+                    it.future.set_exception(it.error)
+                else:
+                    it.future.set_result(it.result)
 
     def _run_batch(self, batch: list[_Pending]) -> None:
         conn = self.conn
         try:
+            self._synchronous(any(it.durable for it in batch))
             conn.execute("BEGIN IMMEDIATE")
         except BaseException as e:  # noqa: BLE001 - every waiter of the batch gets the error
             for it in batch:
-                it.error, it.done = e, True
+                it.error = e
             return
         try:
             for it in batch:
@@ -188,9 +229,6 @@ class ServeLog:
             for it in batch:
                 if it.error is None:
                     it.error, it.result = e, None
-        finally:
-            for it in batch:
-                it.done = True
 
     # -- periods -------------------------------------------------------------------------------
     def current_period(self) -> int | None:
@@ -208,7 +246,7 @@ class ServeLog:
         return [{"period": p, "opened": o, "closed": c, "outcome": out} for p, o, c, out in rows]
 
     # -- impressions ---------------------------------------------------------------------------
-    def write_impressions(
+    def submit_impressions(
         self,
         ids: Sequence[str],
         model_version: int,
@@ -217,10 +255,12 @@ class ServeLog:
         p_base: Sequence[float],
         p_served: Sequence[float],
         vocab: Iterable[tuple[str, str, int]] = (),
-    ) -> int:
-        """Log a predicted batch (and the vocabulary entries it relies on) in one durable commit.
+    ) -> Future:
+        """Log a predicted batch (and the vocabulary entries it relies on) in the next group commit.
 
-        Returns the period the impressions were logged into (the open one at commit time).
+        The future's result is the period the impressions were logged into (the open one at commit
+        time). Not a durable commit by itself (see the module docstring): committed, so it survives
+        ``kill -9``; on disk at the next fsync, at the latest with the first label that names it.
         """
         ts = time.time()
         vocab = list(vocab)
@@ -242,7 +282,7 @@ class ServeLog:
             )
             return period
 
-        return self._group(work)
+        return self.submit(work, durable=False)
 
     def count(self, table: str) -> int:
         if table not in ("impressions", "feedback", "quarantine", "published", "retrains", "vocab"):
@@ -265,9 +305,15 @@ class ServeLog:
 
     # -- feedback ------------------------------------------------------------------------------
     def write_feedback(self, events: Sequence[tuple[str, int]]) -> FeedbackResult:
-        """Log labels; all-or-nothing: an unknown id raises :class:`UnknownImpressions`, nothing is written.
+        """:meth:`submit_feedback`, waited for."""
+        return self.submit_feedback(events).result()
 
-        A second label for an impression (in this or an earlier request) is a duplicate: ignored.
+    def submit_feedback(self, events: Sequence[tuple[str, int]]) -> Future:
+        """Log labels in the next durable group commit (fsync-ed before the future completes).
+
+        All-or-nothing: an unknown id fails the future with :class:`UnknownImpressions`, nothing of the
+        request is written. A second label for an impression (in this or an earlier request) is a
+        duplicate: ignored. The future's result is a :class:`FeedbackResult`.
         """
         ids = list(dict.fromkeys(i for i, _ in events))
         ts = time.time()
@@ -303,7 +349,7 @@ class ServeLog:
                 )
             return FeedbackResult(accepted, duplicates)
 
-        return self._group(work)
+        return self.submit(work, durable=True)
 
     def feedback_for_version(self, version: int | None, limit: int | None = None) -> list[tuple[bytes, int, float]]:
         """``(h, label, p_base)`` of labelled impressions (of ``version``, or all), in feedback order."""
@@ -329,9 +375,11 @@ class ServeLog:
 
     # -- quarantine ----------------------------------------------------------------------------
     def quarantine(self, endpoint: str, payload: Any, reason: str) -> None:
-        self.quarantine_many(endpoint, [(payload, reason)])
+        """Store one refused payload (a durable commit, waited for)."""
+        self.submit_quarantine(endpoint, [(payload, reason)]).result()
 
-    def quarantine_many(self, endpoint: str, items: Sequence[tuple[Any, str]]) -> None:
+    def submit_quarantine(self, endpoint: str, items: Sequence[tuple[Any, str]]) -> Future:
+        """Store refused payloads with their reasons (a durable commit; the future completes after it)."""
         ts = time.time()
         # printable: a lone UTF-16 surrogate (valid JSON, no UTF-8 form) would make SQLite fail
         rows = [
@@ -347,7 +395,7 @@ class ServeLog:
         def work(c: sqlite3.Connection) -> None:
             c.executemany("INSERT INTO quarantine(ts, endpoint, payload, reason) VALUES (?, ?, ?, ?)", rows)
 
-        self._group(work)
+        return self.submit(work, durable=True)
 
     def quarantined(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -443,17 +491,18 @@ class ServeLog:
 
 
 class _Pending:
-    __slots__ = ("done", "error", "result", "work")
+    __slots__ = ("durable", "error", "future", "result", "work")
 
-    def __init__(self, work: Callable[[sqlite3.Connection], Any]) -> None:
+    def __init__(self, work: Callable[[sqlite3.Connection], Any], durable: bool) -> None:
         self.work = work
-        self.done = False
+        self.durable = durable
+        self.future: Future = Future()
         self.result: Any = None
         self.error: BaseException | None = None
 
 
 class _Transaction:
-    """``BEGIN IMMEDIATE`` … ``COMMIT`` (rolled back on error) under the log's lock."""
+    """``BEGIN IMMEDIATE`` … ``COMMIT`` (durable; rolled back on error) under the log's lock."""
 
     def __init__(self, log: ServeLog) -> None:
         self.log = log
@@ -461,6 +510,7 @@ class _Transaction:
     def __enter__(self) -> sqlite3.Connection:
         self.log._lock.acquire()
         try:
+            self.log._synchronous(True)
             self.log.conn.execute("BEGIN IMMEDIATE")
         except BaseException:
             self.log._lock.release()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -63,13 +64,21 @@ class RecordParser:
         data: Columns = {}
         max_id, max_abs = self.limits.max_id, self.limits.max_abs_number
         for name, kind in self.columns:
-            col = [r.get(name, MISSING) for r in records]
+            col = list(map(operator.methodcaller("get", name, MISSING), records))
             if kind == "categorical":
-                # fast path: every value already canonical and within the bounds
-                if not all(type(v) is str and v and len(v) <= max_id and v.isascii() for v in col):
+                # fast path (C loops): every value already canonical — a non-empty ASCII string — and
+                # within the bounds
+                if not (
+                    set(map(type, col)) == {str}
+                    and all(col)
+                    and max(map(len, col)) <= max_id
+                    and "".join(col).isascii()
+                ):
                     col = self._each(col, name, errors, self._id)
             elif kind == "numeric":
-                if not all(type(v) is float and math.isfinite(v) and abs(v) <= max_abs for v in col):
+                if not (
+                    set(map(type, col)) == {float} and all(map(math.isfinite, col)) and max(map(abs, col)) <= max_abs
+                ):
                     col = self._each(col, name, errors, self._number)
             else:
                 sep = self.separators.get(name, values.DEFAULT_SEPARATOR)
