@@ -48,7 +48,7 @@ def _loads(monkeypatch) -> list[int]:
         calls.append(1)
         return load(cfg)
 
-    monkeypatch.setattr(sources, "load_source", counting)
+    monkeypatch.setattr(prep, "load_source", counting)  # the name prepare_stream calls
     return calls
 
 

@@ -36,8 +36,11 @@ from typing import Literal
 import numpy as np
 import polars as pl
 
+from reloop.config import ConfigError, parse_config
+from reloop.data.periods import PeriodsConfig, period_bounds
 from reloop.data.sources.tabular import parquet_files, sniff_delimiter
 from reloop.data.validate import DataError, parse_time
+from reloop.preflight import preflight
 
 #: Rows profiled for types and cardinalities (the row count is exact).
 SAMPLE_ROWS = 200_000
@@ -365,7 +368,6 @@ def size_protocol(rows: int) -> Protocol:
 
 def _period_rows(profile: DataProfile, count: int) -> tuple[list[int], str]:
     """Rows per period and ``by`` (time windows when the log has a time column without gaps)."""
-    from reloop.data.periods import PeriodsConfig, period_bounds
 
     by_rows = np.diff(np.linspace(0, profile.rows, count + 1).round().astype(np.int64)).tolist()
     if profile.time is None:
@@ -477,9 +479,6 @@ def write_config(
     """Profile ``data``, render its config, check it (:func:`reloop.config.parse_config` and
     :func:`reloop.checks.preflight`) and write it to ``out``; returns the profile and the text."""
     import yaml
-
-    from reloop.config import ConfigError, parse_config
-    from reloop.preflight import preflight
 
     out = Path(out)
     if out.exists() and not force:

@@ -15,7 +15,8 @@ from typing import Any
 
 from rich.console import Console
 
-from reloop.config import parse_config
+from reloop.config import parse_config, set_dotted
+from reloop.models import MODELS
 from reloop.protocol.experiment import run_experiment
 
 ML100K_DEFAULT = Path("../shared/data/movielens-100k")
@@ -191,7 +192,6 @@ HISTORY = 30
 
 
 def _zoo_sections() -> list[Section]:
-    from reloop.models import MODELS
 
     return [
         Section(
@@ -262,7 +262,6 @@ def section_config(
     overrides: dict[str, Any] | None = None,
 ):
     """The run config of one section: the shared protocol and training settings, then ``--set``."""
-    from reloop.config import set_dotted
 
     data_cfg = datasets(ml_path)[data]
     if section.history:  # the data sets' own feature (MovieLens: last positives; synthetic: the same)

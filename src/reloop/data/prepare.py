@@ -32,6 +32,8 @@ import torch
 from reloop.data.encode import EncoderConfig, FeatureEncoder
 from reloop.data.periods import PeriodsConfig, period_bounds
 from reloop.data.schema import FeatureMap
+from reloop.data.sources import CsvSourceConfig, ParquetSourceConfig, load_source, parse_source_config
+from reloop.data.sources.tabular import parquet_files
 from reloop.data.tensors import PeriodTensors, Stream
 
 CACHE_VERSION = 2
@@ -59,7 +61,6 @@ def prepare_stream(
     use_cache: bool = True,
 ) -> Prepared:
     """Load, split and encode a log. ``data`` is the config's ``data`` section."""
-    from reloop.data.sources import load_source, parse_source_config
 
     source = parse_source_config(data)
     periods = PeriodsConfig(**data.get("periods", {}))
@@ -202,8 +203,6 @@ def _index_path(
 ) -> tuple[Path, bool] | None:
     """The index file of a file-backed log (``csv``/``parquet``) and whether it may be written now
     (every file unchanged for ``STABLE_S`` seconds); None for other sources or a missing file."""
-    from reloop.data.sources import CsvSourceConfig, ParquetSourceConfig
-    from reloop.data.sources.tabular import parquet_files
 
     seen_ns = time.time_ns()
     try:

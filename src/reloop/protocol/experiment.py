@@ -19,11 +19,14 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from reloop import threads as host_threads
+from reloop.components import build_update
 from reloop.config import Config, RunSpec, dump_config
 from reloop.data.encode import EncoderConfig
 from reloop.data.prepare import prepare_stream
 from reloop.data.tensors import Stream
 from reloop.distributed import runtime_device
+from reloop.preflight import check_before_run
 from reloop.protocol.metrics import auc, logloss
 from reloop.protocol.report import (
     plot_periods,
@@ -33,6 +36,10 @@ from reloop.protocol.report import (
     write_summary,
 )
 from reloop.protocol.runner import check_resume, fresh_model, pretrain, run_seed
+from reloop.threads import apply_threads, current_setting, dense_work
+from reloop.update.generators.config import parse_generator
+from reloop.update.replay import Replay
+from reloop.update.strategies import BatchWindow, FullRetrain
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +69,6 @@ def _dense_work(cfg: Config, stream: Stream) -> float:
     """Dense multiply-adds of one training step of the run's model (for the automatic thread count)."""
     import torch
 
-    from reloop.threads import dense_work
-
     with torch.random.fork_rng(devices=[]):  # building a model draws from the global RNG
         model = fresh_model(cfg, stream, 0)
     return dense_work(model, cfg.train.batch_size)
@@ -74,10 +79,6 @@ def expected_rows(cfg: Config, spec: RunSpec, period_rows: Sequence[int]) -> int
     (exact for none, incremental, batch and full; replay adds ``ratio`` × the period, capped by the
     reservoir at run time) plus a learned generator's rows (``epochs`` × the periods its steps are
     judged on). An estimate where noted; the bar is clamped to it and completed at the end."""
-    from reloop.components import build_update
-    from reloop.update.generators.config import parse_generator
-    from reloop.update.replay import Replay
-    from reloop.update.strategies import BatchWindow, FullRetrain
 
     rows = lambda a, b: sum(period_rows[max(a, 1) - 1 : b])
     strategy = build_update(spec.update)
@@ -121,8 +122,6 @@ def run_experiment(
     Before any training, :func:`reloop.preflight.check_before_run` refuses runs with a component that can
     never act; those that cannot act in some periods are printed on ``console`` as warnings.
     """
-    from reloop.preflight import check_before_run
-    from reloop.threads import SMALL_WORK, apply_threads, current_setting
 
     console = console or Console(stderr=True)
     device = runtime_device(cfg.device)  # resolved once (a ConfigError naming `device` before any work)
@@ -137,7 +136,9 @@ def run_experiment(
     work = _dense_work(cfg, stream) if setting == "auto" else None
     choice = apply_threads(setting, work)
     # a model large enough for several threads: the host's load is looked at again before each run
-    recheck = setting == "auto" and work is not None and work >= SMALL_WORK
+    recheck = (
+        setting == "auto" and work is not None and work >= host_threads.SMALL_WORK
+    )  # read at run time (a tunable module constant)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(cfg))
     console.print(f"[bold]data[/]: {len(stream.rows):,} rows in {stream.n_periods} periods; {prepared.report}")

@@ -10,8 +10,11 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from reloop import distributed as rd
 from reloop.data.tensors import PeriodTensors
+from reloop.distributed import unwrap
 from reloop.models.base import CTRModel
+from reloop.models.ftrl import optimizer_for
 from reloop.registry import Strict
 from reloop.update.losses import Loss
 
@@ -35,7 +38,6 @@ class TrainConfig(Strict):
 
 def make_optimizer(model: CTRModel, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Adam (the papers' optimiser), or FTRL-Proximal when the model asks for it (LR, ReLoop's baseline)."""
-    from reloop.models.ftrl import optimizer_for
 
     special = optimizer_for(model)
     if special is not None:
@@ -118,8 +120,6 @@ def train_rows(
 
     With ``split`` and ``local`` the returned loss is the mean over every rank's rows.
     """
-    from reloop import distributed as rd
-
     mode = data_parallel
     if mode == "auto":
         mode = ("local" if getattr(rows, "rank_local", False) else "split") if rd.is_active() else "off"
@@ -161,8 +161,6 @@ def _train_rows_ddp(
     mode: str,
 ) -> float:
     from torch.distributed.algorithms.join import Join, Joinable
-
-    from reloop import distributed as rd
 
     env = rd.current()
     rank, world = env.rank, env.world_size
@@ -232,7 +230,6 @@ def predict_rows(
     Outputs are written into preallocated tensors (no per-batch list, no second copy from ``cat``);
     ``hidden=False`` skips ``h`` (returned as None): ``N x d`` floats can outweigh the model.
     """
-    from reloop.distributed import unwrap
 
     inner = unwrap(model)
     assert isinstance(inner, CTRModel)  # a CTRModel, or the one a DDP wrapper holds
