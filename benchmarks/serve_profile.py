@@ -39,7 +39,7 @@ sys.path.insert(0, str(HERE))
 import serve_load  # noqa: E402 - the benchmark's config and client
 
 BUCKETS = [
-    ("http: uvicorn + h11", ("/h11/", "/uvicorn/", "/httptools/")),
+    ("http: uvicorn (h11 or httptools)", ("/h11/", "/uvicorn/", "/httptools/")),
     ("asgi: starlette + fastapi", ("/starlette/", "/fastapi/")),
     ("validation: pydantic", ("/pydantic/", "/pydantic_core/")),
     ("threadpool: anyio", ("/anyio/",)),
