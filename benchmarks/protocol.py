@@ -127,6 +127,22 @@ class Stages:
     def __init__(self) -> None:
         self.s: dict[str, float] = {}
         self._stack: list[list[Any]] = []  # [stage, started, seconds of nested calls]
+        self.rss: dict[str, int] = {}  # the highest RSS (MB) sampled while each stage was the innermost one
+
+    def sample_rss(self, every_s: float = 0.005) -> None:
+        """Sample this process's RSS every ``every_s`` seconds in a daemon thread, each sample counted for
+        the stage running then (``rss_by_stage``: where the peak is reached)."""
+        import threading
+
+        def loop() -> None:
+            while True:
+                stage = self._stack[-1][0] if self._stack else "other"
+                mb = _rss_mb()
+                if mb > self.rss.get(stage, 0):
+                    self.rss[stage] = mb
+                time.sleep(every_s)
+
+        threading.Thread(target=loop, daemon=True).start()
 
     def wrap(self, owner: Any, attr: str, stage: str) -> None:
         inner = getattr(owner, attr, None)
@@ -166,6 +182,8 @@ def instrument() -> Stages:
     st.wrap(runner, "_atomic_save", "checkpoint")
     st.wrap(runner, "_write_checkpoint", "checkpoint")  # the blob's making included, where there is one
     st.wrap(engine.RunEngine, "guard", "guard")
+    st.wrap(engine.RunEngine, "step", "train")  # the base update (its guard counts as guard)
+    st.wrap(engine.RunEngine, "learn", "generator")
     for name in ("predict", "predict_with_support", "feedback", "on_model_update"):
         st.wrap(Compensator, name, f"memory.{name}")
     for name in ("update", "advance", "add_task"):
@@ -185,6 +203,7 @@ def child_run(args: argparse.Namespace) -> dict[str, Any]:
     load = os.getloadavg()[0]
     torch.set_num_threads(args.threads)
     st = instrument()
+    st.sample_rss()
     spec = json.loads(args.spec)
     cfg = parse_config(experiment_config(Path(args.data), {args.name: spec}, Path(args.stream_cache), args))
     out = Path(args.out_dir)
@@ -226,6 +245,7 @@ def child_run(args: argparse.Namespace) -> dict[str, Any]:
         ),
         "stages": {k: round(v, 2) for k, v in stages.items()},
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "rss_by_stage_mb": dict(sorted(st.rss.items())),
         "threads": torch.get_num_threads(),
         "load_avg": round(load, 2),
     }

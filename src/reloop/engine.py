@@ -173,9 +173,16 @@ class RunEngine:
         t: int,
         served: Tensor | None,
         on_batch: Callable[[int], None] | None = None,
+        release: bool = False,
     ) -> StepResult:
-        """Update on D_t, generate Θ*_t, guard it, reset the memory when the model changed."""
+        """Update on D_t, generate Θ*_t, guard it, reset the memory when the model changed.
+
+        ``release``: the caller gives up ``model`` and ``optim_state`` (it keeps the returned ones only),
+        so the update may train them in place (``UpdateContext.owned``) — except when the shadow IU
+        chain starts from them after the update.
+        """
         ctx = self.context(stream, t, served, model, on_batch)
+        ctx.owned = release and not self.shadow_iu
         t0 = clock(self.device)
         new, new_optim = self.strategy.update(model, optim_state, ctx)
         t1 = clock(self.device)
@@ -192,7 +199,7 @@ class RunEngine:
             if versus.served == "base":
                 decision, serving = GuardDecision("iu", versus.reason, versus.loss_generated, versus.loss_base), shadow
         t4 = clock(self.device)
-        if self.compensator is not None and new is not model and self.resets_memory:
+        if self.compensator is not None and self.strategy.trains and self.resets_memory:
             self.compensator.on_model_update()
         seconds = {"update_s": t1 - t0, "generate_s": t2 - t1, "guard_s": t3 - t2 + t4 - t3}
         return StepResult(t, new, new_optim, serving, decision, seconds, shadow)

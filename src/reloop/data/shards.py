@@ -329,7 +329,12 @@ class ShardedPeriod:
     def batches(
         self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
     ) -> Iterator[Batch]:
-        """Batches of ``batch_size`` rows (the last one shorter), in order or shuffled within windows."""
+        """Batches of ``batch_size`` rows (the last one shorter), in order or shuffled within windows.
+
+        Shuffled, a window's rows are drawn through a permutation of their indices, batch by batch: the
+        window is held once (not also as a permuted copy), and the rows past its last full batch are
+        copied out to wait for the next window (so they do not keep the window alive).
+        """
         window = max(self.shuffle_rows, batch_size) if shuffle else batch_size
         pending: list[dict[str, Tensor]] = []
         held = 0
@@ -337,22 +342,14 @@ class ShardedPeriod:
             pending.append(cols)
             held += _rows(cols)
             if held >= window:
-                buf = _concat(pending)
-                if shuffle:  # the window in random order; rows past the last full batch wait for the next
-                    order = torch.randperm(held, generator=generator)
-                    buf = {k: v[order] for k, v in buf.items()}
+                buf, pending = _concat(pending), []
                 usable = (held // batch_size) * batch_size
-                for i in range(0, usable, batch_size):
-                    yield {k: v[i : i + batch_size] for k, v in buf.items()}
-                rest = {k: v[usable:] for k, v in buf.items()}
-                pending, held = ([rest], held - usable) if held > usable else ([], 0)
+                yield from _window_batches(buf, held, usable, batch_size, shuffle, generator, pending)
+                held -= usable
+                del buf
         if held:
-            buf = _concat(pending)
-            if shuffle:
-                order = torch.randperm(held, generator=generator)
-                buf = {k: v[order] for k, v in buf.items()}
-            for i in range(0, held, batch_size):
-                yield {k: v[i : i + batch_size] for k, v in buf.items()}
+            buf, pending = _concat(pending), []
+            yield from _window_batches(buf, held, held, batch_size, shuffle, generator, pending)
 
     @property
     def rank_local(self) -> bool:
@@ -371,6 +368,33 @@ class ShardedPeriod:
         if not chunks:
             raise ValueError(f"{self.path}: no rows")
         return PeriodTensors(_concat(chunks))
+
+
+def _window_batches(
+    buf: dict[str, Tensor],
+    held: int,
+    usable: int,
+    batch_size: int,
+    shuffle: bool,
+    generator: torch.Generator | None,
+    rest: list[dict[str, Tensor]],
+) -> Iterator[Batch]:
+    """The first ``usable`` rows of a window as batches (in a random order of the window's ``held`` rows
+    when ``shuffle``); its other rows are appended to ``rest``. Batch ``i`` of a shuffled window is
+    ``{k: v[order[i·b:(i+1)·b]]}``: the same rows, in the same order, as slicing the permuted window."""
+    order = torch.randperm(held, generator=generator) if shuffle else None
+    for i in range(0, usable, batch_size):
+        if order is None:
+            yield {k: v[i : i + batch_size] for k, v in buf.items()}
+        else:
+            index = order[i : i + batch_size]
+            yield {k: v[index] for k, v in buf.items()}
+    if held > usable:
+        if order is None:
+            rest.append({k: v[usable:] for k, v in buf.items()})
+        else:
+            tail = order[usable:]
+            rest.append({k: v[tail] for k, v in buf.items()})
 
 
 def _rows(cols: dict[str, Tensor]) -> int:

@@ -38,10 +38,11 @@ from reloop.device import clock, to_cpu
 from reloop.distributed import runtime_device
 from reloop.engine import RunEngine
 from reloop.errors import ConfigError
+from reloop.memory.compensate import Compensator
 from reloop.models.base import CTRModel, build_model
 from reloop.protocol.combined import combine_served, experts_of
 from reloop.protocol.metrics import period_metrics
-from reloop.protocol.serving import serve_period
+from reloop.protocol.serving import Served, serve_period
 from reloop.update.losses import CrossEntropy
 from reloop.update.trainer import make_optimizer, train_rows
 
@@ -346,11 +347,11 @@ def run_one(
             torch.cuda.set_rng_state(blob["cuda_rng"], device)
     else:
         nan = torch.full((n_rows,), float("nan"))  # served predictions per global row: on the CPU
+        # The run's own Θ0 and optimizer state (Θ0 is shared by the seed's runs): each update then trains
+        # the run's model in place (``release`` below), so a period holds one model, not two.
         state = RunState(P, copy.deepcopy(theta0).to(device), copy.deepcopy(optim0), nan, nan.clone(), [])
         # Θ0 serves period P+1 so that its served predictions exist when training on it.
-        served = serve_period(
-            state.model, stream.period(P + 1), compensator, cfg.protocol.serve_batch_size, cfg.protocol.feedback_delay
-        )
+        served = _serve(cfg, state.model, stream, P + 1, compensator)
         _record(state, stream, P + 1, served, cfg, name, seed)
         torch.manual_seed(seed)
 
@@ -359,11 +360,10 @@ def run_one(
     while state.t < last_t:
         t = state.t + 1
         y_last = state.served_final if engine.loss_spec.y_last == "compensated" else state.served_base
-        step = engine.step(state.model, state.optim_state, stream, t, y_last, on_batch)
+        # Θ_{t−1} and its optimizer state are given up: only Θ_t and its state are kept (and checkpointed)
+        step = engine.step(state.model, state.optim_state, stream, t, y_last, on_batch, release=True)
         t_serve = clock(device)
-        served = serve_period(
-            step.serving, stream.period(t + 1), compensator, cfg.protocol.serve_batch_size, cfg.protocol.feedback_delay
-        )
+        served = _serve(cfg, step.serving, stream, t + 1, compensator)
         t_served = clock(device)
         state.model, state.optim_state, state.t = step.model, step.optim_state, t
         _record(state, stream, t + 1, served, cfg, name, seed)
@@ -400,6 +400,15 @@ def run_one(
     if served_out is not None:
         served_out.update(base=state.served_base, final=state.served_final)
     return state.rows
+
+
+def _serve(cfg: Config, model: CTRModel, stream: Stream, period: int, compensator: Compensator | None) -> Served:
+    """Serve ``period`` with ``model``: in ``protocol.serve_batch_size`` batches when an error memory acts
+    between them, else in ``train.eval_batch_size`` batches (the same predictions, fewer calls)."""
+    p = cfg.protocol
+    return serve_period(
+        model, stream.period(period), compensator, p.serve_batch_size, p.feedback_delay, cfg.train.eval_batch_size
+    )
 
 
 def load_checkpoint(path: Path, mmap: bool = False) -> dict[str, Any]:

@@ -35,8 +35,17 @@ def serve_period(
     compensator: Compensator | None = None,
     batch_size: int = 1024,
     feedback_delay: int = 0,
+    predict_batch_size: int | None = None,
 ) -> Served:
     """Predict every row of ``rows`` in order; feed labels back to ``compensator`` after the fact.
+
+    ``batch_size`` is production's batch: the memory is read and written between batches. Without a
+    memory nothing happens between batches and the model does not change within a period, so the
+    rows are predicted in batches of ``predict_batch_size`` when given and a multiple of ``batch_size``
+    (``train.eval_batch_size``: fewer, larger matrix products). Each row then sits at the same offset
+    modulo ``batch_size`` in its batch as before; on the CPU (MKL) that gives the same bits for every
+    row (``tests/test_protocol_memory_copies.py``), while batches at other offsets (1,000 instead of
+    1,024) differ in the last bit. GPU kernels chosen by shape may differ in the last bit.
 
     Runs on the model's device (the rows are moved there once when they are elsewhere; the
     compensator's memory should live there too); the served probabilities come back to the CPU once,
@@ -51,6 +60,8 @@ def serve_period(
     users: list[Tensor] = []
     # (key, label, base prediction, the ê it was served with): a self-tuning λ is scored on what was served
     pending: deque[tuple[Tensor, Tensor, Tensor, Tensor]] = deque()
+    if compensator is None and predict_batch_size is not None and predict_batch_size % batch_size == 0:
+        batch_size = predict_batch_size
     for batch in rows.batches(batch_size):
         batch = _to(batch, device)
         logits, h = model.forward_key(batch, compensator.key if compensator is not None else "hidden")

@@ -2,7 +2,9 @@
 
 Protocol (METHODS.md "Base updates"): after period t the strategy turns Θ_{t−1} into Θ_t using only
 data from periods ≤ t (enforced by ``History``). Strategies never mutate the model they are given:
-they return a trained copy.
+they return a trained copy — unless the caller hands them over (``UpdateContext.owned``: nothing reads
+Θ_{t−1} or its optimizer state after the update), in which case a warm start trains that model and
+state in place (the same values as the copy: one model and one optimizer state fewer in memory).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class UpdateContext:
     y_last_source: str = "served"  # or "previous_model"
     on_batch: Callable[[int], None] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    # The caller gives up ``model`` and its optimizer state: a warm start may train them in place.
+    owned: bool = False
 
 
 def attach_loss_columns(rows: PeriodTensors, previous: CTRModel, ctx: UpdateContext) -> PeriodTensors:
@@ -102,7 +106,7 @@ class UpdateStrategy:
         return True
 
     def start_model(self, previous: CTRModel, ctx: UpdateContext) -> CTRModel:
-        return copy.deepcopy(previous)
+        return _warm_start(previous, ctx)
 
     def epochs(self, ctx: UpdateContext) -> int:
         return ctx.train.epochs
@@ -110,7 +114,8 @@ class UpdateStrategy:
     def update(
         self, model: CTRModel, optim_state: dict[str, Any] | None, ctx: UpdateContext
     ) -> tuple[CTRModel, dict[str, Any] | None]:
-        """Return (Θ_t, optimizer state) from Θ_{t−1}; ``model`` is left untouched."""
+        """Return (Θ_t, optimizer state) from Θ_{t−1}; ``model`` and ``optim_state`` are left untouched
+        unless ``ctx.owned`` (then a warm start trains them in place and returns them)."""
         if not self.trains:
             return model, optim_state
         if ctx.model is not model:
@@ -118,8 +123,9 @@ class UpdateStrategy:
         rows = attach_loss_columns(self.training_rows(ctx), model, ctx)
         new = self.start_model(model, ctx)
         optimizer = make_optimizer(new, ctx.train)
-        if optim_state is not None and new is not model and self.keeps_optimizer:
-            optimizer.load_state_dict(copy.deepcopy(optim_state))
+        if optim_state is not None and self.keeps_optimizer:
+            # load_state_dict keeps the given tensors (same dtype and device): Adam then steps them in place
+            optimizer.load_state_dict(optim_state if ctx.owned else copy.deepcopy(optim_state))
         train_rows(
             new,
             optimizer,
@@ -148,6 +154,11 @@ class UpdateStrategy:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             raise ValueError(f"{self.name}: unexpected state keys {sorted(state)}")
+
+
+def _warm_start(previous: CTRModel, ctx: UpdateContext) -> CTRModel:
+    """Θ_{t−1} to train from: a copy, or the model itself when the caller handed it over (``ctx.owned``)."""
+    return previous if ctx.owned else copy.deepcopy(previous)
 
 
 #: The ``update:`` choices (reloop.registry).
@@ -189,7 +200,7 @@ class FullRetrain(UpdateStrategy):
         return ctx.history.periods(1, ctx.t)
 
     def start_model(self, previous: CTRModel, ctx: UpdateContext) -> CTRModel:
-        return ctx.fresh_model() if self.start == "scratch" else copy.deepcopy(previous)
+        return ctx.fresh_model() if self.start == "scratch" else _warm_start(previous, ctx)
 
     def epochs(self, ctx: UpdateContext) -> int:
         return ctx.train.pretrain_epochs if self.start == "scratch" else ctx.train.epochs
