@@ -44,6 +44,7 @@ def _run(stream, name: str, monkeypatch, release: bool | None):
     theta0_before = copy.deepcopy(theta0.state_dict())
     step = RunEngine.step
     log: list[tuple[bool, bool]] = []  # (the step returned the model it was given, the optimizer state)
+    shadows: list[dict[str, torch.Tensor]] = []
 
     def spy(self, model, optim_state, *a, **kw):
         if release is not None:
@@ -52,6 +53,8 @@ def _run(stream, name: str, monkeypatch, release: bool | None):
         same_state = out.optim_state is not None and optim_state is not None
         same_state = same_state and out.optim_state["state"][0]["exp_avg"] is optim_state["state"][0]["exp_avg"]
         log.append((out.model is model, same_state))
+        if out.shadow is not None:  # the shadow IU chain's models, for the comparison
+            shadows.append(copy.deepcopy(out.shadow.state_dict()))
         return out
 
     monkeypatch.setattr(RunEngine, "step", spy)
@@ -60,7 +63,7 @@ def _run(stream, name: str, monkeypatch, release: bool | None):
     monkeypatch.setattr(RunEngine, "step", step)
     # Θ0 (shared by the seed's runs) is never trained in place
     assert all(torch.equal(v, theta0.state_dict()[k]) for k, v in theta0_before.items())
-    return rows, served, log
+    return rows, served, log, shadows
 
 
 def _results(rows):
@@ -70,12 +73,15 @@ def _results(rows):
 
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_handing_the_previous_model_to_the_update_changes_no_result(stream, monkeypatch, name):
-    copied, served_copied, log_copied = _run(stream, name, monkeypatch, release=False)
-    handed, served_handed, log_handed = _run(stream, name, monkeypatch, release=None)  # run_one's own choice
+    copied, served_copied, log_copied, shadows_copied = _run(stream, name, monkeypatch, release=False)
+    handed, served_handed, log_handed, shadows_handed = _run(stream, name, monkeypatch, release=None)
     assert _results(handed) == _results(copied)  # every metric of every period, exactly (floats with ==)
     for key in ("base", "final"):  # the served predictions, bit for bit (NaN where never served)
         torch.testing.assert_close(served_handed[key], served_copied[key], rtol=0, atol=0, equal_nan=True)
     assert not any(m or s for m, s in log_copied)  # the copying path: a new model and state every period
+    assert len(shadows_handed) == len(shadows_copied) == (len(log_copied) if name == "BU-2" else 0)
+    for a, b in zip(shadows_handed, shadows_copied, strict=True):  # the guard's own chain, bit for bit
+        assert all(torch.equal(a[k], b[k]) for k in a)
     if name == "BU-2":  # the shadow IU chain starts from Θ_{t−1} after the update: it keeps its copy
         assert not any(m or s for m, s in log_handed)
     else:  # trained in place: no second model or optimizer state per period
