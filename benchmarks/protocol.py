@@ -46,6 +46,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import shutil
@@ -399,6 +400,8 @@ def child_shards_run(args: argparse.Namespace) -> dict[str, Any]:
     pretrain_s = time.perf_counter() - t
     after_pretrain = _rss_mb()
     by_period: list[int] = []  # after each period's update, serving and checkpoint
+    # as reloop run's last run of a seed: Θ0 trained in place (where this version of reloop can)
+    owned = {"own_theta0": True} if "own_theta0" in inspect.signature(run_one).parameters else {}
     rows = run_one(
         cfg,
         stream,
@@ -409,6 +412,7 @@ def child_shards_run(args: argparse.Namespace) -> dict[str, Any]:
         optim0,
         out=out,
         on_period=lambda _t: by_period.append(_rss_mb()),
+        **owned,
     )
     wall = time.perf_counter() - t
     peak = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -592,17 +596,23 @@ def shards_main(args: argparse.Namespace, names: list[str]) -> None:
         args.rows = rows
         if not (shards_root(args) / "feature_map.json").exists():
             print(json.dumps(_child(args, "write-shards")), file=sys.stderr, flush=True)
-        for name in names:
+        codes: list[tuple[str, Path | None]] = [("current", None)]
+        if args.baseline_src is not None:  # the same shards, read by the older reloop just before
+            codes.insert(0, ("baseline", args.baseline_src))
+        for name, (code, src) in ((n, c) for n in names for c in codes):
             result = _child(
                 args,
                 "shards-run",
+                src,
                 name=name,
                 spec=json.dumps(RUNS[name]),
-                out_dir=str(args.work / f"shards-{rows}-{name}"),
+                out_dir=str(args.work / f"shards-{rows}-{name}-{code}"),
                 hidden=args.hidden,
                 rss_cap_mb=str(args.rss_cap_mb),
             )
             line = {**result, "base_rows": base_rows, "batch_size": args.batch_size}
+            if args.baseline_src is not None:
+                line.update(code=code, src=str(src) if src else None)
             print(json.dumps(line), flush=True)
             if args.out is not None:
                 with args.out.open("a") as fh:

@@ -2,7 +2,8 @@
 
 - ``run_one`` hands Θ_{t−1} and its optimizer state over to each update (``RunEngine.step(release=True)``):
   a warm start trains them in place instead of a deep copy. Every run gives the same metrics and the same
-  served predictions, bit for bit, as the copying path.
+  served predictions, bit for bit, as the copying path. A seed's last run trains Θ0 itself
+  (``run_seed(own_theta0=True)``, as ``reloop run`` calls it).
 - ``serve_period`` without an error memory predicts in ``train.eval_batch_size`` batches: the same bits.
 - ``ShardedPeriod.batches`` permutes indices instead of copying its shuffle window: the same batches.
 """
@@ -20,7 +21,7 @@ from reloop.data.shards import ShardedPeriod, write_tensors
 from reloop.engine import RunEngine
 from reloop.memory.compensate import Compensator
 from reloop.models import build_model
-from reloop.protocol.runner import pretrain, run_one
+from reloop.protocol.runner import pretrain, run_one, run_seed
 from reloop.protocol.serving import serve_period
 from reloop.update.strategies import Incremental, UpdateContext
 
@@ -86,6 +87,17 @@ def test_handing_the_previous_model_to_the_update_changes_no_result(stream, monk
         assert not any(m or s for m, s in log_handed)
     else:  # trained in place: no second model or optimizer state per period
         assert log_handed and all(m and s for m, s in log_handed)
+
+
+def test_the_last_run_of_a_seed_trains_theta0_itself_with_the_same_results(stream):
+    cfg = tiny_config(IU=RUNS["IU"], ReLoop2=RUNS["ReLoop2"], ASMG=RUNS["ASMG"])
+    theta0, optim0 = pretrain(cfg, stream, 0)
+    before = copy.deepcopy(theta0.state_dict())
+    shared = run_seed(cfg, stream, 0, theta0, optim0)
+    assert all(torch.equal(v, theta0.state_dict()[k]) for k, v in before.items())  # copies only
+    owned = run_seed(cfg, stream, 0, theta0, optim0, own_theta0=True)
+    assert _results(owned) == _results(shared)
+    assert not all(torch.equal(v, theta0.state_dict()[k]) for k, v in before.items())  # the last run's model
 
 
 def test_an_update_leaves_the_given_model_alone_unless_it_is_handed_over(stream):

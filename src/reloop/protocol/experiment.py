@@ -207,6 +207,7 @@ def run_experiment(
                 device=device,
                 progress_for=progress_for,
                 on_run=finished,
+                own_theta0=True,  # this seed's Θ0 is not used after its runs
             )
     result = write_results(cfg, out, all_rows, {p: o["auc"] for p, o in oracle.items()})
     if oracle:

@@ -302,8 +302,12 @@ def run_one(
     device: torch.device | str | None = None,
     on_period: Callable[[int], None] | None = None,
     served_out: dict[str, torch.Tensor] | None = None,
+    own_theta0: bool = False,
 ) -> list[dict[str, Any]]:
     """One run under one seed; returns its per-period metric rows.
+
+    ``own_theta0``: the caller gives ``theta0`` and ``optim0`` up (no other run starts from them): the run
+    trains them in place instead of copies (the same results; one model and optimizer state fewer).
 
     ``served_out``, when given, receives ``{"base", "final"}``: the served probability per global row
     (NaN outside the served periods), for a ``combine:`` run to mix. ``progress(name, n)`` is told the
@@ -347,9 +351,12 @@ def run_one(
             torch.cuda.set_rng_state(blob["cuda_rng"], device)
     else:
         nan = torch.full((n_rows,), float("nan"))  # served predictions per global row: on the CPU
-        # The run's own Θ0 and optimizer state (Θ0 is shared by the seed's runs): each update then trains
-        # the run's model in place (``release`` below), so a period holds one model, not two.
-        state = RunState(P, copy.deepcopy(theta0).to(device), copy.deepcopy(optim0), nan, nan.clone(), [])
+        # The run's own Θ0 and optimizer state (a copy while Θ0 is shared by the seed's runs): each update
+        # then trains the run's model in place (``release`` below), so a period holds one model, not two.
+        if own_theta0:
+            state = RunState(P, theta0.to(device), optim0, nan, nan.clone(), [])
+        else:
+            state = RunState(P, copy.deepcopy(theta0).to(device), copy.deepcopy(optim0), nan, nan.clone(), [])
         # Θ0 serves period P+1 so that its served predictions exist when training on it.
         served = _serve(cfg, state.model, stream, P + 1, compensator)
         _record(state, stream, P + 1, served, cfg, name, seed)
@@ -452,8 +459,12 @@ def run_seed(
     device: torch.device | str | None = None,
     progress_for: Callable[[str], Progress | None] | None = None,
     on_run: Callable[[str, list[dict[str, Any]]], None] | None = None,
+    own_theta0: bool = False,
 ) -> list[dict[str, Any]]:
     """Every run of ``cfg`` under one seed (Θ0 shared, paired comparisons); returns their period rows.
+
+    ``own_theta0``: the caller gives ``theta0`` and ``optim0`` up; the last run trains them in place
+    (the others start from copies).
 
     Runs without ``combine:`` go first, in config order; then each ``combine:`` run trains its own
     composition and serves the Hedge mixture of its predictions and its experts'
@@ -481,6 +492,7 @@ def run_seed(
             device=device,
             progress=progress_for(name) if progress_for else None,
             served_out=got,
+            own_theta0=own_theta0 and name == order[-1],
         )
         served[name] = got["final"]
         if spec.combine is not None:
