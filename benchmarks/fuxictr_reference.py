@@ -153,14 +153,18 @@ def dataset_section(src: dict[str, Path], work: Path) -> dict:
 
 def config_files(config_dir: Path, expid: str, model: str, src: dict[str, Path], work: Path, edits: dict) -> None:
     """Write ``model_config.yaml`` (Base + the experiment) and ``dataset_config.yaml`` as a model_zoo
-    user keeps them (JSON is YAML). Each edit goes to the section that has its key (else the experiment)."""
+    user keeps them. Each edit goes to the section that has its key (else the experiment). PyYAML's own
+    dump: it writes 1e-5 as ``1.0e-05``, which ``load_config`` reads back as a float (JSON's ``1e-05``
+    would come back as a string)."""
+    import yaml  # PyYAML, a fuxictr dependency
+
     config_dir.mkdir(parents=True)
     sections = [dict(EXPERIMENTS[model]), dict(BASE, model_root=str(work / "checkpoints")), dataset_section(src, work)]
     for key, value in edits.items():
         next((s for s in sections if key in s), sections[0])[key] = value
     experiment, base, dataset = sections
-    (config_dir / "model_config.yaml").write_text(json.dumps({"Base": base, expid: experiment}, indent=1))
-    (config_dir / "dataset_config.yaml").write_text(json.dumps({DATASET_ID: dataset}, indent=1))
+    (config_dir / "model_config.yaml").write_text(yaml.safe_dump({"Base": base, expid: experiment}, sort_keys=False))
+    (config_dir / "dataset_config.yaml").write_text(yaml.safe_dump({DATASET_ID: dataset}, sort_keys=False))
 
 
 def _kb(text: str, key: str) -> int:
