@@ -155,3 +155,45 @@ def test_concurrent_predicts_log_each_requests_own_key(world, tmp_path, run):
     if run == "IU-mem":
         assert service._key == "embeddings"
         assert logged_keys_that_differ(service, ids) == 0
+
+
+def test_coalescer_keeps_each_event_loop_to_itself():
+    """Requests of two event loops (two threads, as ``TestClient`` used from threads runs them) are
+    batched per loop and resumed by their own loop: a shared queue let one loop's flush set another
+    loop's future from the wrong thread, which then slept until something else woke it (a hang)."""
+    import asyncio
+    import time
+
+    from reloop.serve.service import Coalescer
+
+    calls: list[list[int]] = []
+    coalescer = Coalescer(lambda items: calls.append(list(items)) or [x * 10 for x in items])
+    b_queued = threading.Event()
+    results: dict[str, object] = {}
+
+    def loop_a() -> None:
+        async def main() -> int:
+            # loop A is busy (this callback runs before A's flush) until B has queued its item
+            asyncio.get_running_loop().call_soon(b_queued.wait, 5)
+            return await coalescer.run(1)
+
+        results["a"] = asyncio.run(main())
+
+    def loop_b() -> None:
+        async def main() -> int:
+            asyncio.get_running_loop().call_soon(b_queued.set)  # runs once B's item is queued
+            return await coalescer.run(2)
+
+        start = time.perf_counter()
+        results["b"] = asyncio.run(main())
+        results["b_seconds"] = time.perf_counter() - start
+
+    threads = [threading.Thread(target=loop_a), threading.Thread(target=loop_b)]
+    threads[0].start()
+    time.sleep(0.2)  # A has queued its item and is blocked before its flush
+    threads[1].start()
+    for th in threads:
+        th.join(10)
+    assert results["a"] == 10 and results["b"] == 20
+    assert results["b_seconds"] < 2.0
+    assert sorted(calls) == [[1], [2]]  # one flush per loop, never another loop's items

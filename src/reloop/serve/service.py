@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,25 +95,33 @@ class RetrainBusy(ServiceError):
 
 class Coalescer(Generic[T, R]):
     """Runs ``fn`` once for the items of every request that reached :meth:`run` in the same turn of
-    the event loop (concurrent requests' reads are handled together), in arrival order, and hands
+    its event loop (concurrent requests' reads are handled together), in arrival order, and hands
     each request its own result: ``fn(items) -> results``, one result per item. Work with a large
     fixed cost per call (a forward pass, a memory write) is then paid once per turn, not per request.
-    Used on the event loop only (not thread-safe)."""
+    One queue per event loop: each loop's requests are flushed and resumed on that loop (several loops
+    in several threads — e.g. ``TestClient`` used from threads — never hand each other results)."""
 
     def __init__(self, fn: Callable[[list[T]], list[R]]) -> None:
         self.fn = fn
-        self._queue: list[tuple[T, asyncio.Future[R]]] = []
+        self._queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[tuple[T, asyncio.Future[R]]]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._lock = threading.Lock()
 
     async def run(self, item: T) -> R:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
-        self._queue.append((item, future))
-        if len(self._queue) == 1:
-            loop.call_soon(self._flush)  # after the requests already ready in this turn
+        with self._lock:
+            queue = self._queues.setdefault(loop, [])
+            queue.append((item, future))
+            first = len(queue) == 1
+        if first:
+            loop.call_soon(self._flush, loop)  # after the requests already ready in this turn
         return await future
 
-    def _flush(self) -> None:
-        queue, self._queue = self._queue, []
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            queue = self._queues.pop(loop, [])
         try:
             results = self.fn([item for item, _ in queue])
         except Exception as e:  # noqa: BLE001 - every request of the turn gets the error
