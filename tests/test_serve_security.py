@@ -377,17 +377,18 @@ def test_retrain_still_publishes_loadable_safe_versions(world, tmp_path):
     save_model(c.app.state.service.state.model, tmp_path / "m.safetensors")
 
 
-def test_a_combine_run_is_refused_by_the_service_naming_the_key(tmp_path):
-    """The service hosts one model: a ``combine:`` run is refused before any work, naming the key."""
+def test_a_combine_run_is_hosted_and_a_bad_expert_name_is_refused_naming_the_key(tmp_path):
+    """A ``combine:`` run is hosted (one chain per expert, reloop.serve.ensemble); an expert whose name cannot
+    be a directory, is refused before any work, naming the key."""
     from reloop.config import parse_config
     from reloop.serve.registry import RegistryError, pick_run
 
-    cfg = parse_config(
-        {
-            "data": {"source": "synthetic", "periods": {"count": 31, "by": "rows"}},
-            "runs": {"IU": {"update": "incremental"}, "mix": {"update": "incremental", "combine": {"experts": ["IU"]}}},
-        }
-    )
-    assert pick_run(cfg, None) == "IU"
-    with pytest.raises(RegistryError, match=r"runs\.mix\.combine"):
-        pick_run(cfg, "mix")
+    def cfg_with(runs):
+        return parse_config({"data": {"source": "synthetic", "periods": {"count": 31, "by": "rows"}}, "runs": runs})
+
+    mix = {"update": "incremental", "combine": {"experts": ["IU"]}}
+    cfg = cfg_with({"IU": {"update": "incremental"}, "mix": mix})
+    assert pick_run(cfg, None) == "IU" and pick_run(cfg, "mix") == "mix"
+    bad = cfg_with({"a/b": {"update": "incremental"}, "mix": {**mix, "combine": {"experts": ["a/b"]}}})
+    with pytest.raises(RegistryError, match=r"runs\.mix\.combine\.experts: 'a/b'"):
+        pick_run(bad, "mix")

@@ -37,6 +37,7 @@ from reloop.data.encode import FeatureEncoder
 from reloop.data.schema import FeatureSchema
 from reloop.device import resolve_device
 from reloop.memory.compensate import Compensator
+from reloop.serve.ensemble import Ensemble
 from reloop.serve.guard import ErrorLog, Limits
 from reloop.serve.host import ModelHost, Scored, Serving
 from reloop.serve.log import FeedbackResult, RowCodec, ServeLog
@@ -188,6 +189,10 @@ class Service:
         if self.log.current_period() is None:
             raise RegistryError(f"{self.md.log_path}: no open period")
         self.host = ModelHost(self.md, self.cfg, run, self.log, self.device, poll_interval, self.metrics, self.errors)
+        # a combine: run serves the Hedge mixture of its experts' models (reloop.serve.ensemble)
+        self.ensemble = (
+            Ensemble(self.md, self.cfg, run, self.host, self.device, self.errors) if self.spec.combine else None
+        )
         self.schema: FeatureSchema = self.host.encoder.schema
         self.parser = RecordParser(self.schema, self.limits, sequence_separators(self.cfg.data))
         self.feature_map = self.md.feature_map()
@@ -251,8 +256,9 @@ class Service:
     # -- predict -------------------------------------------------------------------------------
     def _inline(self, n: int) -> bool:
         """Work on ``n`` rows runs on the event loop itself (no threadpool hop) when it is short: up to
-        :data:`INLINE_ROWS` rows."""
-        return n <= INLINE_ROWS
+        :data:`INLINE_ROWS` rows and no blocking I/O besides the log's writer thread (a combine run
+        commits its experts' predictions itself)."""
+        return n <= INLINE_ROWS and self.ensemble is None
 
     async def predict(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         """Score ``records`` and log them; returns after the commit holding the impressions."""
@@ -319,6 +325,8 @@ class Service:
             else:
                 cols = {k: torch.cat([batches[i][0][k] for i in members]) for k in batches[members[0]][0]}
             scored = self.host.score(cols, state)
+            if self.ensemble is not None:
+                scored = self.ensemble.score(cols, state, scored)  # p_served: the mixture
             if len(members) == 1:
                 out[members[0]] = scored
                 continue
@@ -348,6 +356,8 @@ class Service:
         raw = h_np.tobytes()
         h_blobs = [raw[i * row_bytes : (i + 1) * row_bytes] for i in range(n)]
         pb, ps = p_base.tolist(), p_served.tolist()
+        if self.ensemble is not None:
+            self.ensemble.log(ids, scored, time.time())  # every expert's prediction, before the main log
         return _Impressions(ids, scored.version, features, h_blobs, pb, ps, self.host.take_pending())
 
     # -- feedback ------------------------------------------------------------------------------
@@ -367,11 +377,13 @@ class Service:
         return self._learn(result, written)
 
     def _learn(self, result: FeedbackResult, written: int) -> dict[str, Any]:
-        """Metrics for the labels just committed and written to the memory."""
+        """Metrics (and a combine run's weights) for the labels just committed and written to the memory."""
         accepted = result.accepted
         if accepted:
             self.metrics.window.add([y for _, y in accepted], [r.p_served for r, _ in accepted])
             self.metrics.feedback.inc(len(accepted))
+            if self.ensemble is not None:
+                written += self.ensemble.feedback([(r.id, y) for r, y in accepted])
         if result.duplicates:
             self.metrics.duplicates.inc(len(result.duplicates))
         self.retrainer.feedback(len(accepted))
@@ -416,6 +428,7 @@ class Service:
             "device": str(self.device),
             "refused": self.refused,
             "memory": self.host.memory_info(),
+            "combine": self.ensemble.info(state) if self.ensemble is not None else None,
             "schema": {"features": [f.name for f in self.schema.features], "user": self.schema.user},
         }
 
@@ -423,4 +436,6 @@ class Service:
         return self.metrics.render(self.compensator.memory if self.compensator is not None else None)
 
     def close(self) -> None:
+        if self.ensemble is not None:
+            self.ensemble.close()
         self.log.close()
