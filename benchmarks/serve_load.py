@@ -13,6 +13,11 @@ drives it with a bounded asyncio httpx client (``--concurrency`` requests in fli
   would, next to the server) and publishes a new version that the server hot-swaps by polling
   ``CURRENT``: failed_requests must be 0; ``versions_seen`` shows the swap happened under load.
 
+Every ``predict`` line also has ``raw_rows_per_s``: the same version's bare model scoring the same
+records, already encoded, at the same batch size, in this process with one torch thread (the server's
+``--torch-threads`` default) just before the server starts, and ``ratio_to_raw`` = raw_rows_per_s /
+rows_per_s (how much the service costs over the model itself, measured in the same invocation).
+
 With the memory, every scenario also reports ``wrong_keys``: impressions of that scenario (predicted,
 or labelled by its feedback) whose logged memory key differs from the key of that record computed
 alone with the version that served it (read back from the log). It must be 0; a key caught from a
@@ -38,6 +43,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import polars as pl
 import yaml
 
 from reloop.components import memory_key
@@ -289,7 +295,46 @@ async def _swap_phase(
     }
 
 
+def raw_rows_per_s(md: Path, records: list[dict], batch: int, n: int) -> float:
+    """Rows/s of the serving model alone (encoded inputs, ``inference_mode``, one thread): the service's floor."""
+    import torch
+
+    mdir = ModelDir(md)
+    model = mdir.load_serving(mdir.current_version()).eval()
+    encoder = mdir.encoder()
+    names = [f.name for f in encoder.schema.features]
+    rows = [records[(i * batch) % (len(records) - batch) :][:batch] for i in range(n)]
+    # unseen ids score as out-of-vocabulary (the service would add them; encoding is not timed here)
+    inputs = [
+        encoder.transform(
+            pl.DataFrame(chunk).select(names).with_columns(pl.lit(0).alias(encoder.schema.label)), grow=False
+        )
+        for chunk in rows
+    ]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            for x in inputs[:20]:
+                model(x)  # warm-up
+            t0 = time.perf_counter()
+            for x in inputs:
+                model(x)
+            seconds = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
+    return len(inputs) * batch / seconds
+
+
 def bench_variant(md: Path, memory: bool, records: list[dict], labels: list[int], args, emit) -> None:
+    raw1 = raw_rows_per_s(md, records, 1, args.requests_b1)
+    raw256 = raw_rows_per_s(md, records, 256, args.requests_b256)
+
+    def versus_raw(line: dict, raw: float) -> dict:
+        line["raw_rows_per_s"] = round(raw, 1)
+        line["ratio_to_raw"] = round(raw / line["rows_per_s"], 2) if line["rows_per_s"] else None
+        return line
+
     server = start_server(md, args=["--poll-interval", "0.5"], log_path=md / "server.log")
     try:
         c, cf = args.concurrency, args.feedback_concurrency or args.concurrency
@@ -307,12 +352,14 @@ def bench_variant(md: Path, memory: bool, records: list[dict], labels: list[int]
         meter = CpuMeter(server.pid)
         lat, failed, wall, resp1 = asyncio.run(_drive(server.url, "/predict", bodies, c))
         cpu = meter.per_request(len(bodies))
-        emit(_summary("predict", 1, memory, lat, failed, wall, c, **cpu, **checked(_ids(resp1))))
+        emit(versus_raw(_summary("predict", 1, memory, lat, failed, wall, c, **cpu, **checked(_ids(resp1))), raw1))
         bodies = [{"records": records[(i * 256) % (len(records) - 256) :][:256]} for i in range(n256)]
         meter = CpuMeter(server.pid)
         lat, failed, wall, resp256 = asyncio.run(_drive(server.url, "/predict", bodies, c))
         cpu = meter.per_request(len(bodies))
-        emit(_summary("predict", 256, memory, lat, failed, wall, c, **cpu, **checked(_ids(resp256))))
+        emit(
+            versus_raw(_summary("predict", 256, memory, lat, failed, wall, c, **cpu, **checked(_ids(resp256))), raw256)
+        )
         fb1 = [
             {"events": [{"impression_id": r["predictions"][0]["impression_id"], "label": labels[i % len(labels)]}]}
             for i, r in enumerate(resp1)
