@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from test_engine import _raw
 
 from reloop.config import parse_config
 from reloop.data.prepare import prepare_stream
@@ -15,22 +16,10 @@ from reloop.engine import RunEngine
 from reloop.protocol.runner import pretrain, run_one
 from reloop.update.strategies import BatchWindow
 
-ROWS = 300
-
 
 def _setup(tmp_path, runs: dict):
-    raw = {
-        "data": {
-            "source": "synthetic",
-            "synthetic": {"users": 60, "items": 40, "rows_per_period": ROWS, "periods": 8, "seed": 0},
-            "periods": {"count": 8, "by": "rows"},
-            "cache": str(tmp_path / "cache"),
-        },
-        "model": {"name": "emb_mlp", "embedding_dim": 4, "hidden_units": [8]},
-        "train": {"epochs": 1, "pretrain_epochs": 2, "batch_size": 64, "lr": 0.01},
-        "protocol": {"pretrain": 3, "warmup": 1, "valid": 1, "test": 2, "seeds": [0], "serve_batch_size": ROWS},
-        "runs": runs,
-    }
+    """test_engine's tiny synthetic world (same data, model, training, protocol) with these ``runs``."""
+    raw = {**_raw(tmp_path), "runs": runs}
     cfg = parse_config(raw)
     stream = prepare_stream(cfg.data, cfg.protocol.pretrain).stream
     theta0, optim0 = pretrain(cfg, stream, 0)
