@@ -22,6 +22,7 @@ the memory's reset policy, the guard).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -211,14 +212,10 @@ class RunEngine:
             start, self.shadow_optim = model, optim_state
         else:
             start = self.shadow_model
-        ctx = UpdateContext(
-            history=History(stream, upto=t),
-            t=t,
+        ctx = dataclasses.replace(
+            self.context(stream, t, None, start),
             loss=CrossEntropy(),
-            train=self.cfg.train,
             generator=self.shadow_rng,
-            fresh_model=self.fresh_model,
-            model=start,
             extras={"shadow": True},  # marks the guard's own chain (spies on the run's updates skip it)
         )
         self.shadow_model, self.shadow_optim = Incremental().update(start, self.shadow_optim, ctx)
