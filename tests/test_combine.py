@@ -291,3 +291,39 @@ def test_options_parse_and_build():
     ):
         with pytest.raises(ValueError):
             CombineOptions.model_validate(bad)
+
+
+def test_named_prior_weights_by_hand():
+    """``prior: {IU: 4}`` over five experts: π_IU = 4/8, each other 1/8; the bound against IU is ln 2 / η."""
+    opts = HedgeOptions.model_validate({"eta": 0.5, "prior": {"IU": 4}})
+    h = opts.build(["combined", "IU", "a", "b", "c"])
+    assert h.weights.tolist() == pytest.approx([0.125, 0.5, 0.125, 0.125, 0.125], abs=1e-12)
+    assert h.regret_bound("IU") == pytest.approx(math.log(2) / 0.5)
+    assert h.regret_bound("a") == pytest.approx(math.log(8) / 0.5)
+    # the prior is part of the configuration a saved state must match
+    other = HedgeOptions.model_validate({"eta": 0.5}).build(["combined", "IU", "a", "b", "c"])
+    with pytest.raises(ValueError, match="log_prior"):
+        other.load_state_dict(h.state_dict())
+
+
+def test_prior_errors_name_the_field():
+    from reloop.config import ConfigError, parse_config
+
+    def cfg(prior: object) -> dict:
+        return {
+            "data": {"source": "synthetic"},
+            "runs": {
+                "IU": {"update": "incremental"},
+                "mix": {"update": "incremental", "combine": {"hedge": {"prior": prior}}},
+            },
+        }
+
+    with pytest.raises(ConfigError, match=r"runs\.mix\.combine\.hedge\.prior: \['IUx'\] are not experts"):
+        parse_config(cfg({"IUx": 2}))
+    with pytest.raises(ConfigError, match=r"runs\.mix\.combine\.hedge\.prior"):
+        parse_config(cfg({"IU": 0}))
+    with pytest.raises(ConfigError, match=r"runs\.mix\.combine\.hedge\.prior"):
+        parse_config(cfg({"IU": float("nan")}))
+    got = parse_config(cfg({"mix": 1, "IU": 3}))
+    assert got.runs["mix"].combine is not None
+    assert got.runs["mix"].combine.build(["mix", "IU"]).weights.tolist() == pytest.approx([0.25, 0.75])

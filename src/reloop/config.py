@@ -193,12 +193,30 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> Config:
         if not path.is_absolute() and not path.exists() and (base_dir / path).exists():
             cfg.data["path"] = str((base_dir / path).resolve())
     for name, run in cfg.runs.items():
-        for expert in (run.combine.experts or []) if run.combine is not None else []:
+        if run.combine is None:
+            continue
+        for expert in run.combine.experts or []:
             if expert not in cfg.runs:
                 raise ConfigError(f"runs.{name}.combine.experts: unknown run {expert!r} (runs: {sorted(cfg.runs)})")
             if cfg.runs[expert].combine is not None and expert != name:
                 raise ConfigError(f"runs.{name}.combine.experts: {expert!r} is itself a combine run")
+        try:
+            run.combine.hedge.prior_of(experts_of(cfg, name))
+        except ValueError as e:
+            raise ConfigError(f"runs.{name}.combine.hedge.{e}") from None
     return cfg
+
+
+def experts_of(cfg: Config, name: str) -> list[str]:
+    """The runs a ``combine:`` run mixes (itself first): ``experts``, or every run without ``combine``."""
+    options = cfg.runs[name].combine
+    assert options is not None
+    others = (
+        options.experts
+        if options.experts is not None
+        else [r for r, spec in cfg.runs.items() if r != name and spec.combine is None]
+    )
+    return [name, *[r for r in others if r != name]]
 
 
 def demo_config_path() -> Path:

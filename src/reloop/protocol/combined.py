@@ -30,18 +30,6 @@ from reloop.data.tensors import Stream
 from reloop.protocol.metrics import period_metrics
 
 
-def experts_of(cfg: Config, name: str) -> list[str]:
-    """The runs a ``combine:`` run mixes (itself first): ``experts``, or every run without ``combine``."""
-    options = cfg.runs[name].combine
-    assert options is not None
-    others = (
-        options.experts
-        if options.experts is not None
-        else [r for r, spec in cfg.runs.items() if r != name and spec.combine is None]
-    )
-    return [name, *[r for r in others if r != name]]
-
-
 def combine_served(
     cfg: Config,
     stream: Stream,

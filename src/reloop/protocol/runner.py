@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from reloop.components import memory_key
-from reloop.config import Config, RunSpec
+from reloop.config import Config, RunSpec, experts_of
 from reloop.data.periods import phase_of
 from reloop.data.tensors import Stream
 from reloop.device import clock, to_cpu
@@ -40,7 +40,7 @@ from reloop.engine import RunEngine
 from reloop.errors import ConfigError
 from reloop.memory.compensate import Compensator
 from reloop.models.base import CTRModel, build_model
-from reloop.protocol.combined import combine_served, experts_of
+from reloop.protocol.combined import combine_served
 from reloop.protocol.metrics import period_metrics
 from reloop.protocol.serving import Served, serve_period
 from reloop.update.losses import CrossEntropy

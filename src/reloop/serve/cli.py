@@ -51,7 +51,7 @@ def _compatible(stored, given, run: str) -> list[str]:
     elif a["runs"].get(run) != b["runs"][run]:
         problems.append(f"runs.{run}")
     elif stored.runs[run].combine is not None:  # a combine run's experts are chains of their own
-        from reloop.protocol.combined import experts_of
+        from reloop.config import experts_of
 
         problems += [f"runs.{e}" for e in experts_of(stored, run)[1:] if a["runs"].get(e) != b["runs"].get(e)]
     return problems

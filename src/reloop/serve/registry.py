@@ -42,7 +42,7 @@ from typing import Any
 import torch
 import yaml
 
-from reloop.config import Config, dump_config, parse_config
+from reloop.config import Config, dump_config, experts_of, parse_config
 from reloop.data.encode import EncoderConfig, FeatureEncoder
 from reloop.data.schema import N_RESERVED, FeatureMap
 from reloop.data.tensors import PeriodTensors
@@ -53,7 +53,6 @@ from reloop.models.base import (
     load_model,
     save_model,
 )
-from reloop.protocol.combined import experts_of
 
 logger = logging.getLogger("reloop.serve")
 

@@ -1,0 +1,150 @@
+"""How the ``combined`` run's Hedge (η, fixed share, prior on IU) was chosen: on ``valid`` periods only.
+
+Two steps, so the experts are trained once and the Hedge settings are compared on the same predictions:
+
+1. ``--collect``: for every regime of ``benchmarks/robustness.py`` and every seed, each run of
+   ``configs/recommended.yaml`` (IU, ReLoop, ReLoop2, ASMG and the ``combined`` stack's own prediction)
+   is served up to the last ``valid`` period (``stop_after``: no test period is trained on or served)
+   and its served probabilities are saved to ``OUT/<regime>/seed<k>.npz``.
+2. ``--sweep``: every Hedge setting of the grid mixes those predictions with
+   :func:`reloop.protocol.combined.combine_served` (the function ``reloop run`` uses), stopped at the last
+   valid period, and is scored by its valid AUC imp% vs IU, paired per seed.
+
+The rule, fixed before any figure was read: per setting, take the mean over seeds of the imp% on each
+regime; choose the setting with the best **worst regime**, ties (within 0.02) broken by the best mean.
+
+    python benchmarks/combine_valid.py --collect --jobs 2
+    python benchmarks/combine_valid.py --sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import multiprocessing as mp
+import os
+from typing import Any
+
+import numpy as np
+from robustness import ML100K, REGIMES, ROOT, recommended_runs, regime_config
+
+OUT = ROOT / "runs" / "combine-valid"
+ETAS = [0.001, 0.003, 0.01, 0.03, 0.1]
+SHARES = [0.0, 0.01]
+IU_PRIOR = [1.0, 2.0, 4.0, 8.0]  # IU's prior weight relative to each other expert's 1 (1 = uniform)
+
+
+def _config(regime: str, seeds: list[int]) -> Any:
+    from reloop.config import parse_config
+
+    runs = recommended_runs()
+    return parse_config(regime_config(regime, runs, seeds, OUT / regime))
+
+
+def _stream(cfg: Any) -> Any:
+    from reloop.data.encode import EncoderConfig
+    from reloop.data.prepare import prepare_stream
+
+    return prepare_stream(cfg.data, cfg.protocol.pretrain, EncoderConfig(**cfg.encoder.model_dump())).stream
+
+
+def _collect(job: tuple[str, int]) -> str:
+    regime, seed = job
+    import torch
+
+    torch.set_num_threads(1)
+    from reloop.protocol.runner import pretrain, run_one
+    from reloop.protocol.tune import last_valid_step
+
+    cfg = _config(regime, [seed])
+    stream = _stream(cfg)
+    theta0, optim0 = pretrain(cfg, stream, seed, out=OUT / regime / "pretrain")
+    served: dict[str, np.ndarray] = {}
+    for name, spec in cfg.runs.items():
+        got: dict[str, torch.Tensor] = {}
+        rows = run_one(cfg, stream, name, spec, seed, theta0, optim0, stop_after=last_valid_step(cfg), served_out=got)
+        assert not any(r["phase"] == "test" for r in rows), "a test period was served"
+        served[name] = got["final"].float().numpy()
+    np.savez_compressed(OUT / regime / f"seed{seed}.npz", **served)
+    return f"{regime} seed {seed}"
+
+
+def _sweep_regime(regime: str) -> dict[str, list[float]]:
+    """imp% of every grid setting per seed on this regime's valid periods."""
+    import torch
+
+    from reloop.combine import CombineOptions
+    from reloop.config import experts_of
+    from reloop.protocol.combined import combine_served
+    from reloop.protocol.tune import last_valid_step, valid_score
+
+    files = sorted((OUT / regime).glob("seed*.npz"))
+    cfg = _config(regime, [0])
+    stream = _stream(cfg)
+    names = experts_of(cfg, "combined")
+    last = last_valid_step(cfg) + 1
+    out: dict[str, list[float]] = {}
+    for f in files:
+        seed = int(f.stem[4:])
+        data = np.load(f)
+        served = {n: torch.from_numpy(data[n]) for n in names}
+        for n in names:  # every run alone: the mixture with all weight on it is its own served AUC
+            solo = {n: served[n]}
+            rows, _, _ = combine_served(cfg, stream, n, solo, seed, CombineOptions(), last_period=last)
+            out.setdefault(f"run {n}", []).append(valid_score(rows)[0])
+        for eta, share, iu in itertools.product(ETAS, SHARES, IU_PRIOR):
+            prior = {"IU": iu} if iu != 1.0 else None
+            opts = CombineOptions(hedge={"eta": eta, "share": share, "prior": prior})
+            rows, _, _ = combine_served(cfg, stream, "combined", served, seed, opts, last_period=last)
+            out.setdefault(f"hedge eta={eta} share={share} iu_prior={iu}", []).append(valid_score(rows)[0])
+    base = out["run IU"]
+    return {k: [(a - b) / b * 100 for a, b in zip(v, base)] for k, v in out.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--collect", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--regimes", nargs="*", default=list(REGIMES))
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--jobs", type=int, default=2)
+    args = ap.parse_args()
+    if not ML100K.exists():
+        args.regimes = [r for r in args.regimes if not r.startswith("ml100k")]
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.collect:
+        for r in args.regimes:
+            (OUT / r).mkdir(parents=True, exist_ok=True)
+        jobs = [(r, s) for s in range(args.seeds) for r in args.regimes if not (OUT / r / f"seed{s}.npz").exists()]
+        with mp.get_context("spawn").Pool(args.jobs) as pool:
+            for done in pool.imap_unordered(_collect, jobs):
+                print(json.dumps({"collected": done}), flush=True)
+    if args.sweep:
+        with mp.get_context("spawn").Pool(args.jobs) as pool:
+            per = dict(zip(args.regimes, pool.map(_sweep_regime, args.regimes)))
+        table: dict[str, dict[str, float]] = {}
+        for regime, by in per.items():
+            for k, v in by.items():
+                table.setdefault(k, {})[regime] = float(np.mean(v))
+                print(json.dumps({"regime": regime, "candidate": k, "valid_imp_pct": [round(x, 3) for x in v]}))
+        summary = [
+            {
+                "candidate": k,
+                "mean": round(float(np.mean(list(v.values()))), 3),
+                "worst": round(min(v.values()), 3),
+                **{r: round(x, 3) for r, x in v.items()},
+            }
+            for k, v in table.items()
+            if len(v) == len(args.regimes)
+        ]
+        hedges = [s for s in summary if s["candidate"].startswith("hedge")]
+        best_worst = max(s["worst"] for s in hedges)
+        chosen = max((s for s in hedges if s["worst"] >= best_worst - 0.02), key=lambda s: s["mean"])
+        for s in summary:
+            print(json.dumps(s))
+        print(json.dumps({"chosen": chosen}))
+
+
+if __name__ == "__main__":
+    main()
