@@ -5,7 +5,8 @@ Two steps, so the experts are trained once and the Hedge settings are compared o
 1. ``--collect``: for every regime of ``benchmarks/robustness.py`` and every seed, each run of
    ``configs/recommended.yaml`` (IU, ReLoop, ReLoop2, ASMG and the ``combined`` stack's own prediction)
    is served up to the last ``valid`` period (``stop_after``: no test period is trained on or served)
-   and its served probabilities are saved to ``OUT/<regime>/seed<k>.npz``.
+   and its served probabilities are saved to ``OUT/<regime>/seed<k>.npz`` (with ``protocol.guard_periods
+   = 0``; ``--guard-periods N ...`` re-serves the runs with a generator, ASMG and combined, with each N).
 2. ``--sweep``: every Hedge setting of the grid mixes those predictions with
    :func:`reloop.protocol.combined.combine_served` (the function ``reloop run`` uses), stopped at the last
    valid period, and is scored by its valid AUC imp% vs IU, paired per seed.
@@ -35,11 +36,13 @@ SHARES = [0.0, 0.01]
 IU_PRIOR = [1.0, 2.0, 4.0, 8.0]  # IU's prior weight relative to each other expert's 1 (1 = uniform)
 
 
-def _config(regime: str, seeds: list[int]) -> Any:
+def _config(regime: str, seeds: list[int], guard_periods: int | None = None) -> Any:
     from reloop.config import parse_config
 
-    runs = recommended_runs()
-    return parse_config(regime_config(regime, runs, seeds, OUT / regime))
+    raw = regime_config(regime, recommended_runs(), seeds, OUT / regime)
+    if guard_periods is not None:
+        raw["protocol"]["guard_periods"] = guard_periods
+    return parse_config(raw)
 
 
 def _stream(cfg: Any) -> Any:
@@ -49,29 +52,41 @@ def _stream(cfg: Any) -> Any:
     return prepare_stream(cfg.data, cfg.protocol.pretrain, EncoderConfig(**cfg.encoder.model_dump())).stream
 
 
-def _collect(job: tuple[str, int]) -> str:
-    regime, seed = job
+def _collect(job: tuple[str, int, int | None, list[str] | None]) -> str:
+    regime, seed, guard_periods, only = job
     import torch
 
     torch.set_num_threads(1)
     from reloop.protocol.runner import pretrain, run_one
     from reloop.protocol.tune import last_valid_step
 
-    cfg = _config(regime, [seed])
+    cfg = _config(regime, [seed], 0 if guard_periods is None else guard_periods)
     stream = _stream(cfg)
     theta0, optim0 = pretrain(cfg, stream, seed, out=OUT / regime / "pretrain")
     served: dict[str, np.ndarray] = {}
     for name, spec in cfg.runs.items():
+        if only is not None and name not in only:
+            continue
         got: dict[str, torch.Tensor] = {}
         rows = run_one(cfg, stream, name, spec, seed, theta0, optim0, stop_after=last_valid_step(cfg), served_out=got)
         assert not any(r["phase"] == "test" for r in rows), "a test period was served"
         served[name] = got["final"].float().numpy()
-    np.savez_compressed(OUT / regime / f"seed{seed}.npz", **served)
-    return f"{regime} seed {seed}"
+    np.savez_compressed(OUT / regime / _file(seed, guard_periods), **served)
+    return f"{regime} seed {seed} guard_periods {guard_periods}"
 
 
-def _sweep_regime(regime: str) -> dict[str, list[float]]:
-    """imp% of every grid setting per seed on this regime's valid periods."""
+def _file(seed: int, guard_periods: int | None) -> str:
+    return f"seed{seed}.npz" if guard_periods is None else f"seed{seed}-g{guard_periods}.npz"
+
+
+def _sweep_regime(job: tuple[str, list[int]]) -> dict[str, list[float]]:
+    """imp% of every grid setting per seed on this regime's valid periods.
+
+    ``seed<k>.npz`` holds every run with the out-of-sample check off (``guard_periods = 0``); ``seed<k>-g<N>.npz`` the runs with a generator
+    (ASMG, combined) re-served with ``protocol.guard_periods = N``, scored as ``run ASMG g=N`` and mixed
+    as ``... g=N``.
+    """
+    regime, guards = job
     import torch
 
     from reloop.combine import CombineOptions
@@ -79,7 +94,7 @@ def _sweep_regime(regime: str) -> dict[str, list[float]]:
     from reloop.protocol.combined import combine_served
     from reloop.protocol.tune import last_valid_step, valid_score
 
-    files = sorted((OUT / regime).glob("seed*.npz"))
+    files = sorted((OUT / regime).glob("seed?.npz"))
     cfg = _config(regime, [0])
     stream = _stream(cfg)
     names = experts_of(cfg, "combined")
@@ -87,17 +102,23 @@ def _sweep_regime(regime: str) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {}
     for f in files:
         seed = int(f.stem[4:])
-        data = np.load(f)
-        served = {n: torch.from_numpy(data[n]) for n in names}
-        for n in names:  # every run alone: the mixture with all weight on it is its own served AUC
-            solo = {n: served[n]}
-            rows, _, _ = combine_served(cfg, stream, n, solo, seed, CombineOptions(), last_period=last)
-            out.setdefault(f"run {n}", []).append(valid_score(rows)[0])
-        for eta, share, iu in itertools.product(ETAS, SHARES, IU_PRIOR):
-            prior = {"IU": iu} if iu != 1.0 else None
-            opts = CombineOptions(hedge={"eta": eta, "share": share, "prior": prior})
-            rows, _, _ = combine_served(cfg, stream, "combined", served, seed, opts, last_period=last)
-            out.setdefault(f"hedge eta={eta} share={share} iu_prior={iu}", []).append(valid_score(rows)[0])
+        base = {n: torch.from_numpy(v) for n, v in np.load(f).items()}
+        for g in [None, *guards]:
+            served = dict(base)
+            if g is not None:
+                served.update({n: torch.from_numpy(v) for n, v in np.load(OUT / regime / _file(seed, g)).items()})
+            tag = "" if g is None else f" g={g}"
+            for n in names:  # every run alone: the mixture with all weight on it is its own served AUC
+                if g is not None and n in ("IU", "ReLoop", "ReLoop2"):
+                    continue
+                solo = {n: served[n]}
+                rows, _, _ = combine_served(cfg, stream, n, solo, seed, CombineOptions(), last_period=last)
+                out.setdefault(f"run {n}{tag}", []).append(valid_score(rows)[0])
+            for eta, share, iu in itertools.product(ETAS, SHARES, IU_PRIOR):
+                prior = {"IU": iu} if iu != 1.0 else None
+                opts = CombineOptions(hedge={"eta": eta, "share": share, "prior": prior})
+                rows, _, _ = combine_served(cfg, stream, "combined", served, seed, opts, last_period=last)
+                out.setdefault(f"hedge eta={eta} share={share} iu_prior={iu}{tag}", []).append(valid_score(rows)[0])
     base = out["run IU"]
     return {k: [(a - b) / b * 100 for a, b in zip(v, base)] for k, v in out.items()}
 
@@ -109,6 +130,7 @@ def main() -> None:
     ap.add_argument("--regimes", nargs="*", default=list(REGIMES))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--guard-periods", type=int, nargs="*", default=[], help="re-serve ASMG and combined with these")
     args = ap.parse_args()
     if not ML100K.exists():
         args.regimes = [r for r in args.regimes if not r.startswith("ml100k")]
@@ -116,13 +138,19 @@ def main() -> None:
     if args.collect:
         for r in args.regimes:
             (OUT / r).mkdir(parents=True, exist_ok=True)
-        jobs = [(r, s) for s in range(args.seeds) for r in args.regimes if not (OUT / r / f"seed{s}.npz").exists()]
+        jobs = [
+            (r, s, g, None if g is None else ["ASMG", "combined"])
+            for g in [None, *args.guard_periods]
+            for s in range(args.seeds)
+            for r in args.regimes
+            if not (OUT / r / _file(s, g)).exists()
+        ]
         with mp.get_context("spawn").Pool(args.jobs) as pool:
             for done in pool.imap_unordered(_collect, jobs):
                 print(json.dumps({"collected": done}), flush=True)
     if args.sweep:
         with mp.get_context("spawn").Pool(args.jobs) as pool:
-            per = dict(zip(args.regimes, pool.map(_sweep_regime, args.regimes)))
+            per = dict(zip(args.regimes, pool.map(_sweep_regime, [(r, args.guard_periods) for r in args.regimes])))
         table: dict[str, dict[str, float]] = {}
         for regime, by in per.items():
             for k, v in by.items():

@@ -3,6 +3,7 @@ and the guard never serves a generated model that is non-finite or clearly worse
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -15,13 +16,14 @@ from fastapi.testclient import TestClient  # noqa: E402
 from reloop.config import parse_config  # noqa: E402
 from reloop.data.prepare import prepare_stream  # noqa: E402
 from reloop.data.sources import load_source  # noqa: E402
-from reloop.engine import RunEngine  # noqa: E402
+from reloop.engine import GUARD_ROWS, GuardDecision, RunEngine, logloss  # noqa: E402
 from reloop.models.base import CTRModel  # noqa: E402
 from reloop.protocol.runner import pretrain, run_one  # noqa: E402
 from reloop.serve.app import create_app  # noqa: E402
 from reloop.serve.registry import ModelDir, bootstrap  # noqa: E402
 from reloop.serve.retrain import RetrainOptions, retrain  # noqa: E402
 from reloop.update.generators.base import ModelGenerator  # noqa: E402
+from reloop.update.trainer import predict_rows  # noqa: E402
 
 ROWS = 300
 RUNS = {
@@ -120,9 +122,11 @@ class _Scaled(ModelGenerator):
         return out
 
 
-def _engine_and_stream(tmp_path, margin: float = 0.1):
+def _engine_and_stream(tmp_path, margin: float = 0.1, periods: int = 0):
+    """``periods=0``: the in-sample margin alone (the out-of-sample check has its own tests below)."""
     raw = _raw(tmp_path)
     raw["protocol"]["guard_margin"] = margin
+    raw["protocol"]["guard_periods"] = periods
     cfg = parse_config(raw)
     stream = prepare_stream(cfg.data, cfg.protocol.pretrain).stream
     theta0, optim0 = pretrain(cfg, stream, 0)
@@ -155,6 +159,74 @@ def test_guard_margin_decides_between_generated_and_updated(tmp_path):
     ok = engine.step(theta0, optim0, stream, t, None)
     assert ok.serving is not ok.model and ok.guard.served == "generated"
     assert math.isfinite(ok.guard.loss_generated)
+
+
+def test_out_of_sample_gap_scores_the_previous_pair_before_the_update(tmp_path):
+    """g_t = L(Θ*_{t−1}; D_t) − L(Θ_{t−1}; D_t): both models from step t−1, scored on D_t before step t
+    trains on it (fails if Θ_t, the freshly updated model, or Θ*_t is scored instead, or if no gap is
+    kept)."""
+    torch.set_num_threads(1)
+    cfg, stream, theta0, optim0, engine = _engine_and_stream(tmp_path, periods=3)
+    engine.generator = _Scaled(1.3)
+    t = cfg.protocol.pretrain + 1
+    first = engine.step(theta0, optim0, stream, t, None)
+    assert engine.gaps == [] and first.guard.served == "base" and "out of sample yet" in first.guard.reason
+    generated, base = copy.deepcopy(engine.last_generated), copy.deepcopy(first.model)
+    rows = stream.period(t + 1)
+    rows = rows.slice(max(0, len(rows) - GUARD_ROWS), len(rows))
+    batch = cfg.train.eval_batch_size
+    want = logloss(predict_rows(generated, rows, batch)[0], rows.data["label"]) - logloss(
+        predict_rows(base, rows, batch)[0], rows.data["label"]
+    )
+    second = engine.step(first.model, first.optim_state, stream, t + 1, None, release=True)
+    assert engine.gaps == pytest.approx([want], abs=1e-9)
+    assert want != pytest.approx(0.0, abs=1e-6)
+    assert (second.guard.served == "generated") == (want < 0)
+
+
+@pytest.mark.parametrize(
+    ("gaps", "served"),
+    [
+        ([], "base"),
+        ([0.01], "base"),
+        ([0.0], "base"),
+        ([-0.01], "generated"),
+        ([0.02, -0.03, -0.01], "generated"),
+        ([-0.02, 0.03, 0.01], "base"),
+    ],
+)
+def test_out_of_sample_rule_by_hand(tmp_path, gaps, served):
+    """Θ*_t serves iff gaps were measured and their mean is < 0; ``guard_periods: 0`` switches it off
+    (fails if the sign, the mean or the no-evidence default is wrong)."""
+    cfg, stream, theta0, optim0, engine = _engine_and_stream(tmp_path, periods=3)
+    engine.gaps = list(gaps)
+    assert engine.evidence(GuardDecision("generated")).served == served
+    engine.guard_periods = 0
+    assert engine.evidence(GuardDecision("generated")).served == "generated"
+
+
+def test_out_of_sample_window_and_state_round_trip(tmp_path):
+    """Only the last ``guard_periods`` gaps count; the gaps and Θ*_{t−1} survive state_dict (fails if the
+    window is not trimmed or a resumed engine forgets the pair it must score next)."""
+    torch.set_num_threads(1)
+    cfg, stream, theta0, optim0, engine = _engine_and_stream(tmp_path, periods=2)
+    engine.generator = _Scaled(0.9)
+    model, optim = theta0, optim0
+    t = cfg.protocol.pretrain + 1
+    for s in range(t, t + 4):
+        step = engine.step(model, optim, stream, s, None)
+        model, optim = step.model, step.optim_state
+    assert len(engine.gaps) == 2
+    state = engine.state_dict()
+    other = RunEngine(cfg, cfg.runs["IU"], 0, stream.feature_map)
+    other.generator = _Scaled(0.9)
+    other.load_state_dict(state)
+    assert other.gaps == engine.gaps
+    for a, b in zip(other.last_generated.state_dict().values(), engine.last_generated.state_dict().values()):
+        assert torch.equal(a, b)
+    nxt_a = engine.step(model, optim, stream, t + 4, None)
+    nxt_b = other.step(copy.deepcopy(model), copy.deepcopy(optim), stream, t + 4, None)
+    assert engine.gaps == other.gaps and nxt_a.guard.served == nxt_b.guard.served
 
 
 def test_run_records_the_fallback_in_its_rows(tmp_path, monkeypatch):

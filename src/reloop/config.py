@@ -55,6 +55,10 @@ class ProtocolConfig(Strict):
     # The step engine's guard (reloop.engine.RunEngine.guard): a generated model whose log loss on the
     # latest labelled period exceeds (1 + guard_margin) × the updated model's is not served.
     guard_margin: float = Field(default=0.1, ge=0.0)
+    # ... and, out of sample: Θ*_t serves only while the generated models' mean log loss on the last
+    # guard_periods labelled periods, each scored before it was trained on, is below the updated
+    # models' (0 switches this check off).
+    guard_periods: int = Field(default=3, ge=0)
 
     @property
     def served_periods(self) -> int:

@@ -7,7 +7,9 @@ drives one period (ASMG Algorithm 1, METHODS.md "The protocol"):
 1. ``step(t)``: the base update turns Θ_{t−1} into Θ_t using D_1..D_t only (``History(upto=t)``);
    the generator observes Θ_t and forms Θ*_t; the **guard** checks Θ*_t against Θ_t on D_t (the
    latest labelled period) and serves Θ_t instead when Θ*_t is non-finite or worse by more than the
-   stated margin. A run whose base update is not incremental (BU-w, full retraining, replay) also
+   stated margin, or when the generated models have done worse than the updated ones *out of sample*
+   (each pair Θ*_{s−1}, Θ_{s−1} scored on D_s before either trained on it, over the last
+   ``protocol.guard_periods`` periods: :meth:`RunEngine.evidence`). A run whose base update is not incremental (BU-w, full retraining, replay) also
    trains a **shadow IU** chain (plain cross-entropy, Θ^IU_t from Θ^IU_{t−1} on D_t, its own random
    stream) and the guard serves Θ^IU_t when the run's model is non-finite or worse than it by the
    same margin. The error memory is emptied when the base model changed and ``reset_on_update``.
@@ -131,6 +133,11 @@ class RunEngine:
         self.shadow_model: CTRModel | None = None  # Θ^IU_{t−1}; None before the first step (= Θ_0)
         self.shadow_optim: dict[str, Any] | None = None
         self.shadow_rng = torch.Generator().manual_seed(self.seed)
+        # The out-of-sample check (``protocol.guard_periods``): Θ*_{t−1} when it differed from Θ_{t−1},
+        # and per labelled period s the log-loss gap L(Θ*_{s−1}; D_s) − L(Θ_{s−1}; D_s), newest last.
+        self.guard_periods: int = int(cfg.protocol.guard_periods)
+        self.last_generated: CTRModel | None = None
+        self.gaps: list[float] = []
 
     # --- one period -------------------------------------------------------------------------------
 
@@ -184,16 +191,20 @@ class RunEngine:
         """
         ctx = self.context(stream, t, served, model, on_batch)
         ctx.owned = release and not self.shadow_iu
+        latest = ctx.history.period(t)
         t0 = clock(self.device)
+        self._score_last_generated(model, latest)  # Θ_{t−1} before the update trains it (maybe in place)
+        t_scored = clock(self.device)
         new, new_optim = self.strategy.update(model, optim_state, ctx)
         t1 = clock(self.device)
         self.generator.observe(t, new)
         candidate = self.generator.serving_model(new)
         t2 = clock(self.device)
-        latest = ctx.history.period(t)
         decision = self.guard(candidate, new, latest)
+        if decision.served == "generated":
+            decision = self.evidence(decision)
         serving = new if decision.served == "base" else candidate
-        t3 = clock(self.device)
+        self.last_generated = None if candidate is new else candidate
         shadow = self._shadow_step(model, optim_state, stream, t) if self.shadow_iu else None
         if shadow is not None:
             versus = self.guard(serving, shadow, latest, what="run's model", other="shadow IU model")
@@ -202,7 +213,7 @@ class RunEngine:
         t4 = clock(self.device)
         if self.compensator is not None and self.strategy.trains and self.resets_memory:
             self.compensator.on_model_update()
-        seconds = {"update_s": t1 - t0, "generate_s": t2 - t1, "guard_s": t3 - t2 + t4 - t3}
+        seconds = {"update_s": t1 - t_scored, "generate_s": t2 - t1, "guard_s": t_scored - t0 + t4 - t2}
         return StepResult(t, new, new_optim, serving, decision, seconds, shadow)
 
     def _shadow_step(self, model: CTRModel, optim_state: dict[str, Any] | None, stream: Stream, t: int) -> CTRModel:
@@ -258,8 +269,7 @@ class RunEngine:
         """
         if candidate is base:
             return GuardDecision("")
-        n = len(latest)
-        rows = latest.slice(max(0, n - GUARD_ROWS), n)
+        rows = _guard_rows(latest)
         labels = rows.data["label"]
         batch = self.cfg.train.eval_batch_size
         l_gen = logloss(predict_rows(candidate, rows, batch, hidden=False)[0], labels)
@@ -277,6 +287,50 @@ class RunEngine:
             )
         return GuardDecision("generated", "", l_gen, _finite(l_base))
 
+    def _score_last_generated(self, base: CTRModel, latest: PeriodTensors) -> None:
+        """Append ``L(Θ*_{t−1}; D_t) − L(Θ_{t−1}; D_t)``: both models predicted D_t before training on it.
+
+        A non-finite generated model counts as a gap of ``ln 2`` nats a row (worse than a coin flip's
+        loss over a well-fitted base), so one divergence weighs heavily but does not block it forever.
+        """
+        if self.last_generated is None or self.guard_periods == 0:
+            return
+        rows = _guard_rows(latest)
+        batch = self.cfg.train.eval_batch_size
+        labels = rows.data["label"]
+        l_gen = logloss(predict_rows(self.last_generated, rows, batch, hidden=False)[0], labels)
+        l_base = logloss(predict_rows(base, rows, batch, hidden=False)[0], labels)
+        if math.isfinite(l_base):
+            self.gaps = [*self.gaps, l_gen - l_base if math.isfinite(l_gen) else math.log(2.0)][-self.guard_periods :]
+
+    def evidence(self, decision: GuardDecision) -> GuardDecision:
+        """The out-of-sample check: keep serving Θ*_t only if the generated models beat the updated ones.
+
+        Rule: with ``g_s = L(Θ*_{s−1}; D_s) − L(Θ_{s−1}; D_s)`` (mean log loss on D_s's last
+        ``GUARD_ROWS`` rows, both models trained on D_1..D_{s−1} only), Θ*_t serves iff the last
+        ``protocol.guard_periods`` gaps exist and their mean is < 0. Until a generated model has been
+        scored on a period it had not seen, the updated model serves. ``guard_periods = 0`` skips it.
+        """
+        if self.guard_periods == 0:
+            return decision
+        if not self.gaps:
+            return GuardDecision(
+                "base",
+                "no generated model has been scored out of sample yet; the updated model serves",
+                decision.loss_generated,
+                decision.loss_base,
+            )
+        gap = sum(self.gaps) / len(self.gaps)
+        if gap >= 0.0:
+            return GuardDecision(
+                "base",
+                f"generated models' out-of-sample log loss exceeded the updated models' by {gap:+.4f} "
+                f"(mean over the last {len(self.gaps)} periods); the updated model serves",
+                decision.loss_generated,
+                decision.loss_base,
+            )
+        return decision
+
     # --- persistence ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -288,6 +342,10 @@ class RunEngine:
             "memory": self.compensator.state_dict() if self.compensator is not None else None,
             "rng": self.rng.get_state(),
             "shadow": self._shadow_state(),
+            "guard": {
+                "gaps": list(self.gaps),
+                "last_generated": None if self.last_generated is None else self.last_generated.state_dict(),
+            },
         }
 
     def _shadow_state(self) -> dict[str, Any] | None:
@@ -325,6 +383,18 @@ class RunEngine:
             self.compensator.load_state_dict(state["memory"])  # the memory and a self-tuning λ
         self.rng.set_state(state["rng"])
         self._load_shadow(state.get("shadow"))  # absent from states written before the shadow IU
+        guard = state.get("guard") or {}  # absent from states written before the out-of-sample check
+        self.gaps = [float(g) for g in guard.get("gaps", [])]
+        self.last_generated = None
+        if guard.get("last_generated") is not None:
+            self.last_generated = self.fresh_model()
+            self.last_generated.load_state_dict(guard["last_generated"])
+
+
+def _guard_rows(latest: PeriodTensors) -> PeriodTensors:
+    """The last ``GUARD_ROWS`` rows of a period: the guard's sample of the most recent behaviour."""
+    n = len(latest)
+    return latest.slice(max(0, n - GUARD_ROWS), n)
 
 
 def _finite(x: float) -> float | None:
