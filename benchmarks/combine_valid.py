@@ -13,6 +13,8 @@ Two steps, so the experts are trained once and the Hedge settings are compared o
 
 The rule, fixed before any figure was read: per setting, take the mean over seeds of the imp% on each
 regime; choose the setting with the best **worst regime**, ties (within 0.02) broken by the best mean.
+First ``protocol.guard_periods`` (0 = the out-of-sample check off), by the ASMG run alone; then the
+Hedge's η, share and IU prior, over the experts served with that guard.
 
     python benchmarks/combine_valid.py --collect --jobs 2
     python benchmarks/combine_valid.py --sweep
@@ -94,7 +96,11 @@ def _sweep_regime(job: tuple[str, list[int]]) -> dict[str, list[float]]:
     from reloop.protocol.combined import combine_served
     from reloop.protocol.tune import last_valid_step, valid_score
 
-    files = sorted((OUT / regime).glob("seed?.npz"))
+    files = [  # the seeds with every guard variant collected
+        f
+        for f in sorted((OUT / regime).glob("seed?.npz"))
+        if all((OUT / regime / _file(int(f.stem[4:]), g)).exists() for g in guards)
+    ]
     cfg = _config(regime, [0])
     stream = _stream(cfg)
     names = experts_of(cfg, "combined")
@@ -166,12 +172,26 @@ def main() -> None:
             for k, v in table.items()
             if len(v) == len(args.regimes)
         ]
-        hedges = [s for s in summary if s["candidate"].startswith("hedge")]
-        best_worst = max(s["worst"] for s in hedges)
-        chosen = max((s for s in hedges if s["worst"] >= best_worst - 0.02), key=lambda s: s["mean"])
         for s in summary:
             print(json.dumps(s))
-        print(json.dumps({"chosen": chosen}))
+        # first guard_periods, by ASMG alone; then the Hedge over the experts served with that guard
+        asmg = [s for s in summary if s["candidate"] == "run ASMG" or s["candidate"].startswith("run ASMG g=")]
+        guard = _best(asmg)
+        tag = guard["candidate"][len("run ASMG") :]
+        hedges = [
+            s
+            for s in summary
+            if s["candidate"].startswith("hedge")
+            and (s["candidate"].endswith(tag) if tag else " g=" not in s["candidate"])
+        ]
+        print(json.dumps({"chosen_guard": guard}))
+        print(json.dumps({"chosen_hedge": _best(hedges)}))
+
+
+def _best(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The rule: the best worst regime; among those within 0.02 of it, the best mean."""
+    best_worst = max(s["worst"] for s in rows)
+    return max((s for s in rows if s["worst"] >= best_worst - 0.02), key=lambda s: s["mean"])
 
 
 if __name__ == "__main__":
