@@ -156,9 +156,12 @@ def test_generator_that_never_serves_is_an_error():
 
 
 def test_generator_late_in_the_test_periods_is_a_warning():
-    cfg = _cfg({"G": {"update": "incremental", "generator": {"asmg_linear": {"k": 3, "warmup": 1}}}})
-    (f,) = preflight(cfg, [375] * 8)  # serves from the 4th update on: the 2nd of the 2 test periods
+    gen = {"G": {"update": "incremental", "generator": {"asmg_linear": {"k": 3, "warmup": 1}}}}
+    (f,) = preflight(_cfg(gen, guard_periods=0), [375] * 8)  # from the 4th update on: the 2nd of 2 test periods
     assert f.level == "warning" and "first 1 of the 2 test periods" in f.message and "protocol.warmup" in f.message
+    # the guard's out-of-sample check scores a generated model on one unseen period before it may serve
+    (f,) = preflight(_cfg(gen), [375] * 8)
+    assert f.level == "error" and "update 5 on at the earliest" in f.message and "out-of-sample" in f.message
 
 
 @pytest.mark.slow
@@ -177,7 +180,14 @@ def test_generator_late_in_the_test_periods_is_a_warning():
 def test_the_generator_rule_matches_the_protocol(gen):
     """The first period the generated model is served (metrics differ from IU) is the one the rule predicts."""
     # guard_margin inf: a generated model that is worse on the latest period is still served
-    cfg = _cfg({"G": {"update": "incremental", "generator": gen}}, warmup=1, valid=1, test=2, guard_margin=float("inf"))
+    cfg = _cfg(
+        {"G": {"update": "incremental", "generator": gen}},
+        warmup=1,
+        valid=1,
+        test=2,
+        guard_margin=float("inf"),
+        guard_periods=0,  # nor held back for lack of out-of-sample evidence
+    )
     stream = tiny_stream()
     iu = _metrics(cfg, stream, {"update": "incremental"})
     generated = _metrics(cfg, stream, {"update": "incremental", "generator": gen})

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from reloop.config import Config, RunSpec
+from reloop.config import Config, ProtocolConfig, RunSpec
 from reloop.data.periods import phase_of
 from reloop.errors import ConfigError
 
@@ -113,6 +113,10 @@ def _memory_findings(name: str, spec: RunSpec, cfg: Config, served: _Served) -> 
     return found
 
 
+def _first_why(p: ProtocolConfig) -> str:
+    return "k + warmup" + (", + 1 for the guard's out-of-sample check" if p.guard_periods > 0 else "")
+
+
 def _generator_findings(name: str, spec: RunSpec, cfg: Config) -> list[Finding]:
     gen_name, options = spec.generator.name, spec.generator.options
     if gen_name == "identity":
@@ -121,18 +125,21 @@ def _generator_findings(name: str, spec: RunSpec, cfg: Config) -> list[Finding]:
     # A learned generator serves Θ*_t once it has seen `min_models` updated models and learned
     # `warmup` times (it learns once per period from its min_models-th model on): from the
     # (min_models + warmup)-th update on. With `init: identity` its untrained output is Θ_t itself,
-    # so it changes what is served only after learning once.
+    # so it changes what is served only after learning once. With the guard's out-of-sample check
+    # (protocol.guard_periods > 0) a generated model must first be scored on a period it had not seen:
+    # one update later at the earliest.
+    p = cfg.protocol
     min_models = getattr(options, "k", 1)
     warmup = int(getattr(options, "warmup", 0))
     first = min_models + max(warmup, 1 if getattr(options, "init", None) == "identity" else 0)
-    p = cfg.protocol
+    first += 1 if p.guard_periods > 0 else 0
     knobs = "k and warmup" if hasattr(options, "k") else "warmup"
     if first > p.served_periods:
         return [
             Finding(
                 "error",
                 where,
-                f"serves a generated model from update {first} on (k + warmup = {first}), "
+                f"serves a generated model from update {first} on at the earliest ({_first_why(p)}), "
                 f"but the protocol makes {p.served_periods} updates (protocol.warmup + valid + test): "
                 f"it never acts; lower {where}.{knobs.replace(' and ', ' / ')} or raise protocol.warmup",
             )
@@ -144,7 +151,7 @@ def _generator_findings(name: str, spec: RunSpec, cfg: Config) -> list[Finding]:
                 "warning",
                 where,
                 f"serves the updated model (no generated one) in the first {missed} of the {p.test} test "
-                f"periods (k + warmup = {first} updates needed); raise protocol.warmup to "
+                f"periods ({first} updates needed: {_first_why(p)}); raise protocol.warmup to "
                 f"{first - 1 - p.valid} or lower {where}.{knobs.replace(' and ', ' / ')}",
             )
         ]
