@@ -90,6 +90,43 @@ def test_offline_and_online_train_the_same_period_bit_for_bit(tmp_path, run):
     assert not torch.equal(offline["head.weight"], theta0.state_dict()["head.weight"])  # it did train
 
 
+def test_the_out_of_sample_guard_decides_the_same_offline_and_online(tmp_path, monkeypatch):
+    """Four periods of a run with a generator through ``reloop run`` and through the service (one retrain
+    per period, a fresh engine each time): the guard's decisions, the served models and the gaps agree
+    (fails if a service version forgets the gaps or Θ*_{t−1}, e.g. ``version_state`` without ``guard``)."""
+    torch.set_num_threads(1)
+    raw = _raw(tmp_path)
+    raw["protocol"].update(warmup=2, valid=1, test=1)
+    raw["runs"] = {"IU": {"update": "incremental"}}
+    cfg = parse_config(raw)
+    P = cfg.protocol.pretrain
+    periods = range(P + 1, P + 5)
+    monkeypatch.setattr("reloop.engine.build_generator", lambda *a, **k: _Scaled(0.8))
+
+    stream = prepare_stream(cfg.data, P).stream
+    theta0, optim0 = pretrain(cfg, stream, 0)
+    rows = run_one(cfg, stream, "IU", cfg.runs["IU"], 0, theta0, optim0, stop_after=periods[-1])
+    offline = {r["period"] - 1: r["fallback"] for r in rows if r["period"] - 1 in periods}
+    assert any(offline.values()) and not all(offline.values()), offline  # both decisions occur
+
+    md = bootstrap(cfg, tmp_path / "md", "IU", log=lambda *_: None).path
+    client = TestClient(create_app(md))
+    frame = load_source(cfg.data).frame
+    online = {}
+    for t in periods:
+        part = frame.slice((t - 1) * ROWS, ROWS)
+        recs = part.select(["user_id", "item_id", "item_cat", "hour"]).to_dicts()
+        ids = [p["impression_id"] for p in client.post("/predict", json={"records": recs}).json()["predictions"]]
+        events = [{"impression_id": i, "label": y} for i, y in zip(ids, part["label"].to_list())]
+        assert client.post("/feedback", json={"events": events}).status_code == 200
+        result = retrain(md, RetrainOptions(holdout=0.0, max_auc_drop=1.0))
+        assert result.outcome == "published", result
+        client.close()
+        client = TestClient(create_app(md))  # the new version serves the next period
+        online[t] = ModelDir(md).meta(result.version)["validation"]["guard"]
+    assert online == offline
+
+
 class _Diverging(ModelGenerator):
     """A generator whose Θ* outputs NaN (SML's failure mode, made certain)."""
 

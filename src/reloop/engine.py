@@ -372,6 +372,7 @@ class RunEngine:
             "generator": state["generator"],
             "rng": state["rng"],
             "shadow": state["shadow"],
+            "guard": state["guard"],
             "run": run,
         }
 
