@@ -54,7 +54,9 @@ def test_offline_and_online_train_the_same_period_bit_for_bit(tmp_path, run):
     gives the same Θ_{P+1} and the same served model, bit for bit: one step engine, one meaning of a
     config (fails if either path builds its strategy, loss, RNG or y_last differently)."""
     torch.set_num_threads(1)
-    cfg = parse_config(_raw(tmp_path))
+    raw = _raw(tmp_path)
+    raw["protocol"]["guard_periods"] = 0  # BU's first step would serve the shadow IU model for lack of evidence
+    cfg = parse_config(raw)
     P = cfg.protocol.pretrain
     spec = cfg.runs[run]
 

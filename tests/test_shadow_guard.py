@@ -94,12 +94,42 @@ def test_a_bad_bu_model_is_replaced_by_the_shadow_iu(tmp_path, monkeypatch, how)
 
 
 def test_a_healthy_bu_model_is_served(tmp_path):
-    """Without a defect, BU-2's own model serves (the shadow only guards)."""
+    """Without a defect, BU-2's own model passes the in-sample check and serves (out-of-sample check off)."""
     torch.set_num_threads(1)
     cfg, stream, theta0, optim0 = _setup(tmp_path, {"BU": {"update": {"batch": 2}}})
     engine = RunEngine(cfg, cfg.runs["BU"], 0, stream.feature_map)
+    engine.guard_periods = 0
     step = engine.step(theta0, optim0, stream, cfg.protocol.pretrain + 1, None)
     assert step.serving is step.model and step.guard.reason == ""
+
+
+def test_the_shadow_check_is_out_of_sample_too(tmp_path):
+    """The run's choice at t−1 and Θ^IU_{t−1}, scored on D_t before step t trains: the gap is kept, the run
+    serves iff the mean gap is < 0, and the shadow serves until one gap exists (fails if the shadow
+    comparison keeps no evidence, scores the models after training, or ignores the gap's sign)."""
+    from reloop.engine import GUARD_ROWS, logloss
+    from reloop.update.trainer import predict_rows
+
+    torch.set_num_threads(1)
+    cfg, stream, theta0, optim0 = _setup(tmp_path, {"BU": {"update": {"batch": 2}}})
+    engine = RunEngine(cfg, cfg.runs["BU"], 0, stream.feature_map)
+    t = cfg.protocol.pretrain + 1
+    first = engine.step(theta0, optim0, stream, t, None)
+    assert first.serving is first.shadow and "out of sample yet" in first.guard.reason
+    run_choice, shadow = copy.deepcopy(first.model), copy.deepcopy(first.shadow)
+    rows = stream.period(t + 1)
+    rows = rows.slice(max(0, len(rows) - GUARD_ROWS), len(rows))
+    batch, y = cfg.train.eval_batch_size, rows.data["label"]
+    want = logloss(predict_rows(run_choice, rows, batch)[0], y) - logloss(predict_rows(shadow, rows, batch)[0], y)
+    second = engine.step(first.model, first.optim_state, stream, t + 1, None)
+    assert engine.shadow_gaps == pytest.approx([want], abs=1e-9) and want != pytest.approx(0.0, abs=1e-6)
+    assert (second.serving is second.model) == (want < 0)
+    assert (second.serving is second.shadow) == (want >= 0)
+    for gaps, own in (([-0.01], True), ([0.01], False), ([], False)):
+        engine.shadow_gaps = gaps
+        engine.last_run_model = None  # keep the gaps as set: nothing new to score
+        step = engine.step(second.model, second.optim_state, stream, t + 2, None)
+        assert (step.serving is step.model) == own, gaps
 
 
 def test_the_shadow_resumes_exactly(tmp_path):

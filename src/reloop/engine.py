@@ -9,10 +9,12 @@ drives one period (ASMG Algorithm 1, METHODS.md "The protocol"):
    latest labelled period) and serves Θ_t instead when Θ*_t is non-finite or worse by more than the
    stated margin, or when the generated models have done worse than the updated ones *out of sample*
    (each pair Θ*_{s−1}, Θ_{s−1} scored on D_s before either trained on it, over the last
-   ``protocol.guard_periods`` periods: :meth:`RunEngine.evidence`). A run whose base update is not incremental (BU-w, full retraining, replay) also
-   trains a **shadow IU** chain (plain cross-entropy, Θ^IU_t from Θ^IU_{t−1} on D_t, its own random
-   stream) and the guard serves Θ^IU_t when the run's model is non-finite or worse than it by the
-   same margin. The error memory is emptied when the base model changed and ``reset_on_update``.
+   ``protocol.guard_periods`` periods: :meth:`RunEngine.evidence`). A run whose base update is not
+   incremental (BU-w, full retraining, replay) also trains a **shadow IU** chain (plain cross-entropy,
+   Θ^IU_t from Θ^IU_{t−1} on D_t, its own random stream), and the guard serves Θ^IU_t when the run's
+   model is non-finite or worse than it by the same margin, or has done worse than Θ^IU out of sample
+   (the same evidence: the run's choice at s−1 against Θ^IU_{s−1} on D_s). The error memory is
+   emptied when the base model changed and ``reset_on_update``.
 2. The caller serves D_{t+1} with ``StepResult.serving`` (offline: :func:`reloop.protocol.serving.serve_period`;
    online: the service, batch by batch from live traffic).
 3. ``learn(t + 1)``: once D_{t+1}'s labels are known, the generator may learn from it.
@@ -138,6 +140,10 @@ class RunEngine:
         self.guard_periods: int = int(cfg.protocol.guard_periods)
         self.last_generated: CTRModel | None = None
         self.gaps: list[float] = []
+        # The same evidence for the shadow comparison: what the run chose to serve at t−1 (before the
+        # shadow check) against Θ^IU_{t−1}, each scored on D_t.
+        self.last_run_model: CTRModel | None = None
+        self.shadow_gaps: list[float] = []
 
     # --- one period -------------------------------------------------------------------------------
 
@@ -193,7 +199,11 @@ class RunEngine:
         ctx.owned = release and not self.shadow_iu
         latest = ctx.history.period(t)
         t0 = clock(self.device)
-        self._score_last_generated(model, latest)  # Θ_{t−1} before the update trains it (maybe in place)
+        # the previous pairs, on D_t before anything trains on it (the update may train Θ_{t−1} in place)
+        if self.last_generated is not None:
+            self.gaps = self._with_gap(self.gaps, self.last_generated, model, latest)
+        if self.last_run_model is not None and self.shadow_model is not None:
+            self.shadow_gaps = self._with_gap(self.shadow_gaps, self.last_run_model, self.shadow_model, latest)
         t_scored = clock(self.device)
         new, new_optim = self.strategy.update(model, optim_state, ctx)
         t1 = clock(self.device)
@@ -208,6 +218,9 @@ class RunEngine:
         shadow = self._shadow_step(model, optim_state, stream, t) if self.shadow_iu else None
         if shadow is not None:
             versus = self.guard(serving, shadow, latest, what="run's model", other="shadow IU model")
+            if versus.served == "generated":
+                versus = self.evidence(versus, self.shadow_gaps, what="run's models", other="shadow IU models")
+            self.last_run_model = serving
             if versus.served == "base":
                 decision, serving = GuardDecision("iu", versus.reason, versus.loss_generated, versus.loss_base), shadow
         t4 = clock(self.device)
@@ -287,45 +300,55 @@ class RunEngine:
             )
         return GuardDecision("generated", "", l_gen, _finite(l_base))
 
-    def _score_last_generated(self, base: CTRModel, latest: PeriodTensors) -> None:
-        """Append ``L(Θ*_{t−1}; D_t) − L(Θ_{t−1}; D_t)``: both models predicted D_t before training on it.
+    def _with_gap(self, gaps: list[float], candidate: CTRModel, base: CTRModel, latest: PeriodTensors) -> list[float]:
+        """``gaps`` plus ``L(candidate; D_t) − L(base; D_t)``, the last ``guard_periods`` kept.
 
-        A non-finite generated model counts as a gap of ``ln 2`` nats a row (worse than a coin flip's
-        loss over a well-fitted base), so one divergence weighs heavily but does not block it forever.
+        Both models were trained on D_1..D_{t−1} only (the caller scores them before step t trains). A
+        non-finite candidate counts as a gap of ``ln 2`` nats a row (a coin flip's loss over a fitted
+        base), so one divergence weighs heavily without blocking the candidate forever.
         """
-        if self.last_generated is None or self.guard_periods == 0:
-            return
+        if self.guard_periods == 0:
+            return gaps
         rows = _guard_rows(latest)
         batch = self.cfg.train.eval_batch_size
         labels = rows.data["label"]
-        l_gen = logloss(predict_rows(self.last_generated, rows, batch, hidden=False)[0], labels)
+        l_cand = logloss(predict_rows(candidate, rows, batch, hidden=False)[0], labels)
         l_base = logloss(predict_rows(base, rows, batch, hidden=False)[0], labels)
-        if math.isfinite(l_base):
-            self.gaps = [*self.gaps, l_gen - l_base if math.isfinite(l_gen) else math.log(2.0)][-self.guard_periods :]
+        if not math.isfinite(l_base):
+            return gaps
+        return [*gaps, l_cand - l_base if math.isfinite(l_cand) else math.log(2.0)][-self.guard_periods :]
 
-    def evidence(self, decision: GuardDecision) -> GuardDecision:
-        """The out-of-sample check: keep serving Θ*_t only if the generated models beat the updated ones.
+    def evidence(
+        self,
+        decision: GuardDecision,
+        gaps: list[float] | None = None,
+        what: str = "generated models",
+        other: str = "updated models",
+    ) -> GuardDecision:
+        """The out-of-sample check: keep serving the candidate only if it has beaten the fallback.
 
         Rule: with ``g_s = L(Θ*_{s−1}; D_s) − L(Θ_{s−1}; D_s)`` (mean log loss on D_s's last
         ``GUARD_ROWS`` rows, both models trained on D_1..D_{s−1} only), Θ*_t serves iff the last
-        ``protocol.guard_periods`` gaps exist and their mean is < 0. Until a generated model has been
-        scored on a period it had not seen, the updated model serves. ``guard_periods = 0`` skips it.
+        ``protocol.guard_periods`` gaps exist and their mean is < 0. Until a candidate has been scored on
+        a period it had not seen, the fallback serves. ``guard_periods = 0`` skips it. ``gaps`` defaults
+        to the generator's (Θ*_t vs Θ_t); the shadow check passes the run's against Θ^IU's.
         """
+        gaps = self.gaps if gaps is None else gaps
         if self.guard_periods == 0:
             return decision
-        if not self.gaps:
+        if not gaps:
             return GuardDecision(
                 "base",
-                "no generated model has been scored out of sample yet; the updated model serves",
+                f"none of the {what} has been scored out of sample yet; the {other[:-1]} serves",
                 decision.loss_generated,
                 decision.loss_base,
             )
-        gap = sum(self.gaps) / len(self.gaps)
+        gap = sum(gaps) / len(gaps)
         if gap >= 0.0:
             return GuardDecision(
                 "base",
-                f"generated models' out-of-sample log loss exceeded the updated models' by {gap:+.4f} "
-                f"(mean over the last {len(self.gaps)} periods); the updated model serves",
+                f"{what}' out-of-sample log loss exceeded the {other}' by {gap:+.4f} "
+                f"(mean over the last {len(gaps)} periods); the {other[:-1]} serves",
                 decision.loss_generated,
                 decision.loss_base,
             )
@@ -345,6 +368,8 @@ class RunEngine:
             "guard": {
                 "gaps": list(self.gaps),
                 "last_generated": None if self.last_generated is None else self.last_generated.state_dict(),
+                "shadow_gaps": list(self.shadow_gaps),
+                "last_run_model": None if self.last_run_model is None else self.last_run_model.state_dict(),
             },
         }
 
@@ -386,10 +411,16 @@ class RunEngine:
         self._load_shadow(state.get("shadow"))  # absent from states written before the shadow IU
         guard = state.get("guard") or {}  # absent from states written before the out-of-sample check
         self.gaps = [float(g) for g in guard.get("gaps", [])]
-        self.last_generated = None
-        if guard.get("last_generated") is not None:
-            self.last_generated = self.fresh_model()
-            self.last_generated.load_state_dict(guard["last_generated"])
+        self.shadow_gaps = [float(g) for g in guard.get("shadow_gaps", [])]
+        self.last_generated = self._model_from(guard.get("last_generated"))
+        self.last_run_model = self._model_from(guard.get("last_run_model"))
+
+    def _model_from(self, state: dict[str, Any] | None) -> CTRModel | None:
+        if state is None:
+            return None
+        model = self.fresh_model()
+        model.load_state_dict(state)
+        return model
 
 
 def _guard_rows(latest: PeriodTensors) -> PeriodTensors:
