@@ -6,7 +6,8 @@ Two steps, so the experts are trained once and the Hedge settings are compared o
    ``configs/recommended.yaml`` (IU, ReLoop, ReLoop2, ASMG and the ``combined`` stack's own prediction)
    is served up to the last ``valid`` period (``stop_after``: no test period is trained on or served)
    and its served probabilities are saved to ``OUT/<regime>/seed<k>.npz`` (with ``protocol.guard_periods
-   = 0``; ``--guard-periods N ...`` re-serves the runs with a generator, ASMG and combined, with each N).
+   = 0``; ``--guard-periods N ...`` re-serves the runs with a generator, ASMG and combined, with each N;
+   ``N:auc`` also sets ``protocol.guard_metric: auc``).
 2. ``--sweep``: every Hedge setting of the grid mixes those predictions with
    :func:`reloop.protocol.combined.combine_served` (the function ``reloop run`` uses), stopped at the last
    valid period, and is scored by its valid AUC imp% vs IU, paired per seed.
@@ -38,12 +39,15 @@ SHARES = [0.0, 0.01]
 IU_PRIOR = [1.0, 2.0, 4.0, 8.0]  # IU's prior weight relative to each other expert's 1 (1 = uniform)
 
 
-def _config(regime: str, seeds: list[int], guard_periods: int | None = None) -> Any:
+def _config(regime: str, seeds: list[int], guard: str | None = None) -> Any:
+    """``guard``: ``N`` (``protocol.guard_periods = N``) or ``N:auc`` (and ``guard_metric: auc``)."""
     from reloop.config import parse_config
 
     raw = regime_config(regime, recommended_runs(), seeds, OUT / regime)
-    if guard_periods is not None:
-        raw["protocol"]["guard_periods"] = guard_periods
+    if guard is not None:
+        periods, _, metric = guard.partition(":")
+        raw["protocol"]["guard_periods"] = int(periods)
+        raw["protocol"]["guard_metric"] = metric or "logloss"
     return parse_config(raw)
 
 
@@ -54,7 +58,7 @@ def _stream(cfg: Any) -> Any:
     return prepare_stream(cfg.data, cfg.protocol.pretrain, EncoderConfig(**cfg.encoder.model_dump())).stream
 
 
-def _collect(job: tuple[str, int, int | None, list[str] | None]) -> str:
+def _collect(job: tuple[str, int, str | None, list[str] | None]) -> str:
     regime, seed, guard_periods, only = job
     import torch
 
@@ -62,7 +66,7 @@ def _collect(job: tuple[str, int, int | None, list[str] | None]) -> str:
     from reloop.protocol.runner import pretrain, run_one
     from reloop.protocol.tune import last_valid_step
 
-    cfg = _config(regime, [seed], 0 if guard_periods is None else guard_periods)
+    cfg = _config(regime, [seed], "0" if guard_periods is None else guard_periods)
     stream = _stream(cfg)
     theta0, optim0 = pretrain(cfg, stream, seed, out=OUT / regime / "pretrain")
     served: dict[str, np.ndarray] = {}
@@ -77,11 +81,11 @@ def _collect(job: tuple[str, int, int | None, list[str] | None]) -> str:
     return f"{regime} seed {seed} guard_periods {guard_periods}"
 
 
-def _file(seed: int, guard_periods: int | None) -> str:
-    return f"seed{seed}.npz" if guard_periods is None else f"seed{seed}-g{guard_periods}.npz"
+def _file(seed: int, guard: str | None) -> str:
+    return f"seed{seed}.npz" if guard is None else f"seed{seed}-g{guard.replace(':', '-')}.npz"
 
 
-def _sweep_regime(job: tuple[str, list[int]]) -> dict[str, list[float]]:
+def _sweep_regime(job: tuple[str, list[str]]) -> dict[str, list[float]]:
     """imp% of every grid setting per seed on this regime's valid periods.
 
     ``seed<k>.npz`` holds every run with the out-of-sample check off (``guard_periods = 0``); ``seed<k>-g<N>.npz`` the runs with a generator
@@ -136,7 +140,12 @@ def main() -> None:
     ap.add_argument("--regimes", nargs="*", default=list(REGIMES))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--guard-periods", type=int, nargs="*", default=[], help="re-serve ASMG and combined with these")
+    ap.add_argument(
+        "--guard-periods",
+        nargs="*",
+        default=[],
+        help="re-serve ASMG and combined with these: N (guard_periods) or N:auc (and guard_metric auc)",
+    )
     args = ap.parse_args()
     if not ML100K.exists():
         args.regimes = [r for r in args.regimes if not r.startswith("ml100k")]

@@ -223,6 +223,28 @@ def test_out_of_sample_gap_scores_the_previous_pair_before_the_update(tmp_path):
     assert (second.guard.served == "generated") == (want < 0)
 
 
+def test_out_of_sample_gap_in_auc(tmp_path):
+    """``guard_metric: auc``: g_t = AUC(Θ_{t−1}; D_t) − AUC(Θ*_{t−1}; D_t), a positive gap meaning the
+    generated model ranked worse (fails if the sign is flipped or log loss is used instead)."""
+    from reloop.protocol.metrics import auc
+
+    torch.set_num_threads(1)
+    cfg, stream, theta0, optim0, engine = _engine_and_stream(tmp_path, periods=3)
+    engine.guard_metric = "auc"
+    engine.generator = _Scaled(-1.0)  # reversed scores: AUC 1 − AUC(Θ)
+    t = cfg.protocol.pretrain + 1
+    first = engine.step(theta0, optim0, stream, t, None)
+    generated, base = copy.deepcopy(engine.last_generated), copy.deepcopy(first.model)
+    rows = stream.period(t + 1)
+    rows = rows.slice(max(0, len(rows) - GUARD_ROWS), len(rows))
+    y = rows.data["label"].numpy()
+    batch = cfg.train.eval_batch_size
+    want = auc(y, predict_rows(base, rows, batch)[0].numpy()) - auc(y, predict_rows(generated, rows, batch)[0].numpy())
+    second = engine.step(first.model, first.optim_state, stream, t + 1, None)
+    assert want > 0.05 and engine.gaps == pytest.approx([want], abs=1e-9)
+    assert second.guard.served == "base" and "AUC fell short" in second.guard.reason
+
+
 @pytest.mark.parametrize(
     ("gaps", "served"),
     [

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -59,6 +59,8 @@ class ProtocolConfig(Strict):
     # guard_periods labelled periods, each scored before it was trained on, is below the updated
     # models' (0 switches this check off).
     guard_periods: int = Field(default=3, ge=0)
+    # what those gaps measure: mean log loss (lower is better) or AUC (higher is better), on D_s's last rows
+    guard_metric: Literal["logloss", "auc"] = "logloss"
 
     @property
     def served_periods(self) -> int:

@@ -48,7 +48,7 @@ from reloop.config import Config, RunSpec
 from reloop.data.schema import FeatureMap
 from reloop.data.tensors import History, PeriodTensors, Stream
 from reloop.device import clock
-from reloop.memory.compensate import Compensator
+from reloop.memory.compensate import Compensator, rank_auc
 from reloop.models.base import CTRModel, build_model
 from reloop.update.generators.base import ModelGenerator
 from reloop.update.losses import CrossEntropy
@@ -138,6 +138,7 @@ class RunEngine:
         # The out-of-sample check (``protocol.guard_periods``): Θ*_{t−1} when it differed from Θ_{t−1},
         # and per labelled period s the log-loss gap L(Θ*_{s−1}; D_s) − L(Θ_{s−1}; D_s), newest last.
         self.guard_periods: int = int(cfg.protocol.guard_periods)
+        self.guard_metric: str = cfg.protocol.guard_metric
         self.last_generated: CTRModel | None = None
         self.gaps: list[float] = []
         # The same evidence for the shadow comparison: what the run chose to serve at t−1 (before the
@@ -301,22 +302,34 @@ class RunEngine:
         return GuardDecision("generated", "", l_gen, _finite(l_base))
 
     def _with_gap(self, gaps: list[float], candidate: CTRModel, base: CTRModel, latest: PeriodTensors) -> list[float]:
-        """``gaps`` plus ``L(candidate; D_t) − L(base; D_t)``, the last ``guard_periods`` kept.
+        """``gaps`` plus the candidate's shortfall on D_t, the last ``guard_periods`` kept.
 
-        Both models were trained on D_1..D_{t−1} only (the caller scores them before step t trains). A
-        non-finite candidate counts as a gap of ``ln 2`` nats a row (a coin flip's loss over a fitted
-        base), so one divergence weighs heavily without blocking the candidate forever.
+        ``protocol.guard_metric``: ``logloss`` appends ``L(candidate; D_t) − L(base; D_t)`` (mean log
+        loss), ``auc`` appends ``AUC(base; D_t) − AUC(candidate; D_t)``; either way a positive gap means
+        the candidate did worse. Both models were trained on D_1..D_{t−1} only (the caller scores them
+        before step t trains). A non-finite candidate counts as a gap of ``ln 2`` nats a row (log loss)
+        or 0.5 (AUC), so one divergence weighs heavily without blocking the candidate forever. Rows with
+        one class only give no AUC gap.
         """
         if self.guard_periods == 0:
             return gaps
         rows = _guard_rows(latest)
         batch = self.cfg.train.eval_batch_size
         labels = rows.data["label"]
-        l_cand = logloss(predict_rows(candidate, rows, batch, hidden=False)[0], labels)
-        l_base = logloss(predict_rows(base, rows, batch, hidden=False)[0], labels)
-        if not math.isfinite(l_base):
+        z_cand = predict_rows(candidate, rows, batch, hidden=False)[0]
+        z_base = predict_rows(base, rows, batch, hidden=False)[0]
+        if self.guard_metric == "auc":
+            a_base = rank_auc(z_base.float().cpu(), labels.cpu())
+            finite = bool(torch.isfinite(z_cand).all())
+            a_cand = rank_auc(z_cand.float().cpu(), labels.cpu()) if finite else a_base - 0.5
+            gap = a_base - a_cand
+        else:
+            l_cand, l_base = logloss(z_cand, labels), logloss(z_base, labels)
+            gap = l_cand - l_base if math.isfinite(l_cand) else math.log(2.0)
+            gap = gap if math.isfinite(l_base) else float("nan")
+        if not math.isfinite(gap):
             return gaps
-        return [*gaps, l_cand - l_base if math.isfinite(l_cand) else math.log(2.0)][-self.guard_periods :]
+        return [*gaps, gap][-self.guard_periods :]
 
     def evidence(
         self,
@@ -345,9 +358,10 @@ class RunEngine:
             )
         gap = sum(gaps) / len(gaps)
         if gap >= 0.0:
+            metric = "AUC fell short of" if self.guard_metric == "auc" else "log loss exceeded"
             return GuardDecision(
                 "base",
-                f"{what}' out-of-sample log loss exceeded the {other}' by {gap:+.4f} "
+                f"{what}' out-of-sample {metric} the {other}' by {gap:+.4f} "
                 f"(mean over the last {len(gaps)} periods); the {other[:-1]} serves",
                 decision.loss_generated,
                 decision.loss_base,
