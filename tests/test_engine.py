@@ -98,7 +98,7 @@ def test_the_out_of_sample_guard_decides_the_same_offline_and_online(tmp_path, m
     (fails if a service version forgets the gaps or Θ*_{t−1}, e.g. ``version_state`` without ``guard``)."""
     torch.set_num_threads(1)
     raw = _raw(tmp_path)
-    raw["protocol"].update(warmup=2, valid=1, test=1)
+    raw["protocol"].update(warmup=2, valid=1, test=1, guard_metric="logloss")  # scaling logits keeps the AUC
     raw["runs"] = {"IU": {"update": "incremental"}}
     cfg = parse_config(raw)
     P = cfg.protocol.pretrain
@@ -162,10 +162,12 @@ class _Scaled(ModelGenerator):
 
 
 def _engine_and_stream(tmp_path, margin: float = 0.1, periods: int = 0):
-    """``periods=0``: the in-sample margin alone (the out-of-sample check has its own tests below)."""
+    """``periods=0``: the in-sample margin alone (the out-of-sample check has its own tests below, in
+    log loss unless a test sets ``engine.guard_metric``)."""
     raw = _raw(tmp_path)
     raw["protocol"]["guard_margin"] = margin
     raw["protocol"]["guard_periods"] = periods
+    raw["protocol"]["guard_metric"] = "logloss"
     cfg = parse_config(raw)
     stream = prepare_stream(cfg.data, cfg.protocol.pretrain).stream
     theta0, optim0 = pretrain(cfg, stream, 0)

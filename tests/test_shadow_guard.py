@@ -113,6 +113,7 @@ def test_the_shadow_check_is_out_of_sample_too(tmp_path):
     torch.set_num_threads(1)
     cfg, stream, theta0, optim0 = _setup(tmp_path, {"BU": {"update": {"batch": 2}}})
     engine = RunEngine(cfg, cfg.runs["BU"], 0, stream.feature_map)
+    engine.guard_metric = "logloss"
     t = cfg.protocol.pretrain + 1
     first = engine.step(theta0, optim0, stream, t, None)
     assert first.serving is first.shadow and "out of sample yet" in first.guard.reason

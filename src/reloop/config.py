@@ -58,9 +58,9 @@ class ProtocolConfig(Strict):
     # ... and, out of sample: Θ*_t serves only while the generated models' mean log loss on the last
     # guard_periods labelled periods, each scored before it was trained on, is below the updated
     # models' (0 switches this check off).
-    guard_periods: int = Field(default=3, ge=0)
-    # what those gaps measure: mean log loss (lower is better) or AUC (higher is better), on D_s's last rows
-    guard_metric: Literal["logloss", "auc"] = "logloss"
+    guard_periods: int = Field(default=1, ge=0)
+    # what those gaps measure: AUC (higher is better) or mean log loss (lower is better), on D_s's last rows
+    guard_metric: Literal["logloss", "auc"] = "auc"
 
     @property
     def served_periods(self) -> int:
