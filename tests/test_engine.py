@@ -9,6 +9,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 warnings.filterwarnings("ignore", message=".*httpx2.*")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -266,6 +268,24 @@ def test_out_of_sample_rule_by_hand(tmp_path, gaps, served):
     assert engine.evidence(GuardDecision("generated")).served == served
     engine.guard_periods = 0
     assert engine.evidence(GuardDecision("generated")).served == "generated"
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(gaps=st.lists(st.floats(-1.0, 1.0, allow_nan=False), max_size=12), window=st.integers(0, 5))
+def test_out_of_sample_rule_property(tmp_path, gaps, window):
+    """For any gaps and window: the candidate serves iff the check is off, or gaps exist and their mean
+    is < 0 (fails if the mean is replaced by the last gap or the max, or the no-evidence default flips)."""
+    engine = _PROPERTY_ENGINE.setdefault("e", _engine_and_stream(tmp_path, periods=3)[-1])
+    engine.guard_periods = window
+    engine.gaps = list(gaps)
+    served = engine.evidence(GuardDecision("generated")).served
+    if window == 0:
+        assert served == "generated"
+    else:
+        assert served == ("generated" if gaps and sum(gaps) / len(gaps) < 0 else "base")
+
+
+_PROPERTY_ENGINE: dict = {}  # one engine for every example (building one trains Θ0)
 
 
 def test_out_of_sample_window_and_state_round_trip(tmp_path):
