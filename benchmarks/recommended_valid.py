@@ -2,8 +2,8 @@
 
 For each regime of ``benchmarks/robustness.py`` (its data, model and training as written), every candidate
 run is served up to the last ``valid`` period (``reloop.protocol.tune.evaluate``: no test period is ever
-trained on or served), and the Hedge combination's ``eta``/``share`` are scored on the same valid
-periods from the experts' served predictions. Prints one JSON line per (regime, candidate) with the
+trained on or served). The guard's defaults and the ``combined`` run's Hedge are chosen by
+``benchmarks/combine_valid.py`` (5 seeds, from the recommended runs' served predictions). Prints one JSON line per (regime, candidate) with the
 valid AUC and its imp% vs IU, then the mean imp% over regimes per candidate.
 
     python benchmarks/recommended_valid.py --jobs 2
@@ -37,13 +37,6 @@ CANDIDATES: dict[str, Any] = {
     },
     "ASMG k=3 multi": {"update": "incremental", "generator": {"asmg_gru": {"k": 3, "hidden": 4, "variant": "multi"}}},
 }
-HEDGES = [
-    {"eta": 0.01, "share": 0.0},
-    {"eta": 0.01, "share": 0.01},
-    {"eta": 0.001, "share": 0.0},
-    {"eta": 0.1, "share": 0.01},
-]
-EXPERTS = ["IU", "ReLoop a=0.1", "ReLoop2 sketch auto-auc", "ASMG k=3 multi"]
 
 
 def _one(job: tuple[str, str]) -> list[dict[str, Any]]:
@@ -51,11 +44,9 @@ def _one(job: tuple[str, str]) -> list[dict[str, Any]]:
     import torch
 
     torch.set_num_threads(1)
-    from reloop.combine import CombineOptions
     from reloop.config import parse_config
     from reloop.data.encode import EncoderConfig
     from reloop.data.prepare import prepare_stream
-    from reloop.protocol.combined import combine_served
     from reloop.protocol.runner import pretrain, run_one
     from reloop.protocol.tune import last_valid_step, valid_score
 
@@ -63,25 +54,11 @@ def _one(job: tuple[str, str]) -> list[dict[str, Any]]:
     cfg = parse_config(regime_config(regime, CANDIDATES, [0], out / regime))
     stream = prepare_stream(cfg.data, cfg.protocol.pretrain, EncoderConfig(**cfg.encoder.model_dump())).stream
     theta0, optim0 = pretrain(cfg, stream, 0, out=out / regime / "pretrain")
-    lines, served, scores = [], {}, {}
+    lines, scores = [], {}
     for name, spec in cfg.runs.items():
-        got: dict[str, torch.Tensor] = {}
-        rows = run_one(cfg, stream, name, spec, 0, theta0, optim0, stop_after=last_valid_step(cfg), served_out=got)
+        rows = run_one(cfg, stream, name, spec, 0, theta0, optim0, stop_after=last_valid_step(cfg))
         assert not any(r["phase"] == "test" for r in rows)
-        served[name] = got["final"]
         scores[name] = valid_score(rows)[0]
-    # the Hedge on the valid periods only: rows of the test periods are never mixed nor scored
-    for h in HEDGES:
-        rows, _, _ = combine_served(
-            cfg,
-            stream,
-            "hedge",
-            {e: served[e] for e in EXPERTS},
-            0,
-            CombineOptions(experts=None, hedge=h),
-            last_period=last_valid_step(cfg) + 1,
-        )
-        scores[f"hedge eta={h['eta']} share={h['share']}"] = valid_score(rows)[0]
     for name, auc in scores.items():
         line = {
             "regime": regime,
