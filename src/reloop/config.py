@@ -55,11 +55,10 @@ class ProtocolConfig(Strict):
     # The step engine's guard (reloop.engine.RunEngine.guard): a generated model whose log loss on the
     # latest labelled period exceeds (1 + guard_margin) × the updated model's is not served.
     guard_margin: float = Field(default=0.1, ge=0.0)
-    # ... and, out of sample: Θ*_t serves only while the generated models' mean log loss on the last
-    # guard_periods labelled periods, each scored before it was trained on, is below the updated
-    # models' (0 switches this check off).
+    # ... and, out of sample: Θ*_t serves only while the generated models did better than the updated
+    # ones on the last guard_periods labelled periods, each scored before either trained on it (0
+    # switches this check off); guard_metric says what "better" measures on each period's last rows.
     guard_periods: int = Field(default=1, ge=0)
-    # what those gaps measure: AUC (higher is better) or mean log loss (lower is better), on D_s's last rows
     guard_metric: Literal["logloss", "auc"] = "auc"
 
     @property

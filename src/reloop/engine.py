@@ -136,7 +136,7 @@ class RunEngine:
         self.shadow_optim: dict[str, Any] | None = None
         self.shadow_rng = torch.Generator().manual_seed(self.seed)
         # The out-of-sample check (``protocol.guard_periods``): Θ*_{t−1} when it differed from Θ_{t−1},
-        # and per labelled period s the log-loss gap L(Θ*_{s−1}; D_s) − L(Θ_{s−1}; D_s), newest last.
+        # and per labelled period s the gap of Θ*_{s−1} behind Θ_{s−1} on D_s (:meth:`_with_gap`), newest last.
         self.guard_periods: int = int(cfg.protocol.guard_periods)
         self.guard_metric: str = cfg.protocol.guard_metric
         self.last_generated: CTRModel | None = None
@@ -220,7 +220,7 @@ class RunEngine:
         if shadow is not None:
             versus = self.guard(serving, shadow, latest, what="run's model", other="shadow IU model")
             if versus.served == "generated":
-                versus = self.evidence(versus, self.shadow_gaps, what="run's models", other="shadow IU models")
+                versus = self.evidence(versus, self.shadow_gaps, what="run's model", other="shadow IU model")
             self.last_run_model = serving
             if versus.served == "base":
                 decision, serving = GuardDecision("iu", versus.reason, versus.loss_generated, versus.loss_base), shadow
@@ -318,33 +318,32 @@ class RunEngine:
         labels = rows.data["label"]
         z_cand = predict_rows(candidate, rows, batch, hidden=False)[0]
         z_base = predict_rows(base, rows, batch, hidden=False)[0]
+        diverged = not bool(torch.isfinite(z_cand).all())
         if self.guard_metric == "auc":
             a_base = rank_auc(z_base.float().cpu(), labels.cpu())
-            finite = bool(torch.isfinite(z_cand).all())
-            a_cand = rank_auc(z_cand.float().cpu(), labels.cpu()) if finite else a_base - 0.5
-            gap = a_base - a_cand
+            gap = 0.5 if diverged else a_base - rank_auc(z_cand.float().cpu(), labels.cpu())
+            gap = gap if math.isfinite(a_base) else float("nan")  # one class only: no evidence
         else:
-            l_cand, l_base = logloss(z_cand, labels), logloss(z_base, labels)
-            gap = l_cand - l_base if math.isfinite(l_cand) else math.log(2.0)
+            l_base = logloss(z_base, labels)
+            gap = math.log(2.0) if diverged else logloss(z_cand, labels) - l_base
             gap = gap if math.isfinite(l_base) else float("nan")
-        if not math.isfinite(gap):
-            return gaps
-        return [*gaps, gap][-self.guard_periods :]
+        return [*gaps, gap][-self.guard_periods :] if math.isfinite(gap) else gaps
 
     def evidence(
         self,
         decision: GuardDecision,
         gaps: list[float] | None = None,
-        what: str = "generated models",
-        other: str = "updated models",
+        what: str = "generated model",
+        other: str = "updated model",
     ) -> GuardDecision:
         """The out-of-sample check: keep serving the candidate only if it has beaten the fallback.
 
-        Rule: with ``g_s = L(Θ*_{s−1}; D_s) − L(Θ_{s−1}; D_s)`` (mean log loss on D_s's last
-        ``GUARD_ROWS`` rows, both models trained on D_1..D_{s−1} only), Θ*_t serves iff the last
-        ``protocol.guard_periods`` gaps exist and their mean is < 0. Until a candidate has been scored on
-        a period it had not seen, the fallback serves. ``guard_periods = 0`` skips it. ``gaps`` defaults
-        to the generator's (Θ*_t vs Θ_t); the shadow check passes the run's against Θ^IU's.
+        Rule: with ``g_s`` the gap of :meth:`_with_gap` (how far Θ*_{s−1} fell behind Θ_{s−1} on D_s's
+        last ``GUARD_ROWS`` rows, in ``protocol.guard_metric``; both trained on D_1..D_{s−1} only),
+        Θ*_t serves iff the last ``protocol.guard_periods`` gaps exist and their mean is < 0. Until a
+        candidate has been scored on a period it had not seen, the fallback serves. ``guard_periods = 0``
+        skips it. ``gaps`` defaults to the generator's (Θ*_t vs Θ_t); the shadow check passes the run's
+        against Θ^IU's.
         """
         gaps = self.gaps if gaps is None else gaps
         if self.guard_periods == 0:
@@ -352,7 +351,7 @@ class RunEngine:
         if not gaps:
             return GuardDecision(
                 "base",
-                f"none of the {what} has been scored out of sample yet; the {other[:-1]} serves",
+                f"no {what} has been scored out of sample yet; the {other} serves",
                 decision.loss_generated,
                 decision.loss_base,
             )
@@ -361,8 +360,8 @@ class RunEngine:
             metric = "AUC fell short of" if self.guard_metric == "auc" else "log loss exceeded"
             return GuardDecision(
                 "base",
-                f"{what}' out-of-sample {metric} the {other}' by {gap:+.4f} "
-                f"(mean over the last {len(gaps)} periods); the {other[:-1]} serves",
+                f"the {what}s' out-of-sample {metric} the {other}s' by {gap:+.4f} "
+                f"(mean over the last {len(gaps)} periods); the {other} serves",
                 decision.loss_generated,
                 decision.loss_base,
             )
