@@ -58,8 +58,8 @@ def _stream(cfg: Any) -> Any:
     return prepare_stream(cfg.data, cfg.protocol.pretrain, EncoderConfig(**cfg.encoder.model_dump())).stream
 
 
-def _collect(job: tuple[str, int, str | None, list[str] | None]) -> str:
-    regime, seed, guard_periods, only = job
+def _collect(job: tuple[str, int, str | None, list[str] | None, str | None]) -> str:
+    regime, seed, guard_periods, only, label = job
     import torch
 
     torch.set_num_threads(1)
@@ -77,12 +77,13 @@ def _collect(job: tuple[str, int, str | None, list[str] | None]) -> str:
         rows = run_one(cfg, stream, name, spec, seed, theta0, optim0, stop_after=last_valid_step(cfg), served_out=got)
         assert not any(r["phase"] == "test" for r in rows), "a test period was served"
         served[name] = got["final"].float().numpy()
-    np.savez_compressed(OUT / regime / _file(seed, guard_periods), **served)
-    return f"{regime} seed {seed} guard_periods {guard_periods}"
+    np.savez_compressed(OUT / regime / _file(seed, guard_periods, label), **served)
+    return f"{regime} seed {seed} guard_periods {guard_periods} {label or ''}".rstrip()
 
 
-def _file(seed: int, guard: str | None) -> str:
-    return f"seed{seed}.npz" if guard is None else f"seed{seed}-g{guard.replace(':', '-')}.npz"
+def _file(seed: int, guard: str | None, label: str | None = None) -> str:
+    name = f"seed{seed}" if guard is None else f"seed{seed}-g{guard.replace(':', '-')}"
+    return f"{name}-{label}.npz" if label else f"{name}.npz"
 
 
 def _sweep_regime(job: tuple[str, list[str]]) -> dict[str, list[float]]:
@@ -92,7 +93,7 @@ def _sweep_regime(job: tuple[str, list[str]]) -> dict[str, list[float]]:
     (ASMG, combined) re-served with ``protocol.guard_periods = N``, scored as ``run ASMG g=N`` and mixed
     as ``... g=N``.
     """
-    regime, guards = job
+    regime, guards, variant = job
     import torch
 
     from reloop.combine import CombineOptions
@@ -104,6 +105,7 @@ def _sweep_regime(job: tuple[str, list[str]]) -> dict[str, list[float]]:
         f
         for f in sorted((OUT / regime).glob("seed?.npz"))
         if all((OUT / regime / _file(int(f.stem[4:]), g)).exists() for g in guards)
+        and (variant is None or (OUT / regime / _file(int(f.stem[4:]), variant[1], variant[0])).exists())
     ]
     cfg = _config(regime, [0])
     stream = _stream(cfg)
@@ -129,6 +131,21 @@ def _sweep_regime(job: tuple[str, list[str]]) -> dict[str, list[float]]:
                 opts = CombineOptions(hedge={"eta": eta, "share": share, "prior": prior})
                 rows, _, _ = combine_served(cfg, stream, "combined", served, seed, opts, last_period=last)
                 out.setdefault(f"hedge eta={eta} share={share} iu_prior={iu}{tag}", []).append(valid_score(rows)[0])
+        if variant is not None:  # the runs re-served by the working tree's engine (``--variant``)
+            label, g = variant
+            served = dict(base)
+            served.update({n: torch.from_numpy(v) for n, v in np.load(OUT / regime / _file(seed, g)).items()})
+            changed = {n: torch.from_numpy(v) for n, v in np.load(OUT / regime / _file(seed, g, label)).items()}
+            served.update(changed)
+            tag = f" [{label}] g={g}"
+            for n, v in changed.items():
+                rows, _, _ = combine_served(cfg, stream, n, {n: v}, seed, CombineOptions(), last_period=last)
+                out.setdefault(f"run {n}{tag}", []).append(valid_score(rows)[0])
+            for eta, share, iu in itertools.product(ETAS, SHARES, IU_PRIOR):
+                prior = {"IU": iu} if iu != 1.0 else None
+                opts = CombineOptions(hedge={"eta": eta, "share": share, "prior": prior})
+                rows, _, _ = combine_served(cfg, stream, "combined", served, seed, opts, last_period=last)
+                out.setdefault(f"hedge eta={eta} share={share} iu_prior={iu}{tag}", []).append(valid_score(rows)[0])
     base = out["run IU"]
     return {k: [(a - b) / b * 100 for a, b in zip(v, base)] for k, v in out.items()}
 
@@ -146,26 +163,42 @@ def main() -> None:
         default=[],
         help="re-serve ASMG and combined with these: N (guard_periods) or N:auc (and guard_metric auc)",
     )
+    ap.add_argument(
+        "--variant",
+        nargs="+",
+        default=None,
+        metavar=("LABEL GUARD", "RUN"),
+        help="LABEL GUARD RUN...: re-serve these runs with the working tree's code under GUARD (N or N:auc) "
+        "into seed<k>-g<GUARD>-LABEL.npz; the sweep scores them and the Hedge over them",
+    )
     args = ap.parse_args()
     if not ML100K.exists():
         args.regimes = [r for r in args.regimes if not r.startswith("ml100k")]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    variant = None if args.variant is None else (args.variant[0], args.variant[1])
     if args.collect:
         for r in args.regimes:
             (OUT / r).mkdir(parents=True, exist_ok=True)
         jobs = [
-            (r, s, g, None if g is None else ["ASMG", "combined"])
+            (r, s, g, None if g is None else ["ASMG", "combined"], None)
             for g in [None, *args.guard_periods]
             for s in range(args.seeds)
             for r in args.regimes
             if not (OUT / r / _file(s, g)).exists()
         ]
+        if variant is not None:
+            jobs += [
+                (r, s, variant[1], args.variant[2:], variant[0])
+                for s in range(args.seeds)
+                for r in args.regimes
+                if not (OUT / r / _file(s, variant[1], variant[0])).exists()
+            ]
         with mp.get_context("spawn").Pool(args.jobs) as pool:
             for done in pool.imap_unordered(_collect, jobs):
                 print(json.dumps({"collected": done}), flush=True)
     if args.sweep:
         with mp.get_context("spawn").Pool(args.jobs) as pool:
-            per = dict(zip(args.regimes, pool.map(_sweep_regime, [(r, args.guard_periods) for r in args.regimes])))
+            per = dict(zip(args.regimes, pool.map(_sweep_regime, [(r, args.guard_periods, variant) for r in args.regimes])))
         table: dict[str, dict[str, float]] = {}
         for regime, by in per.items():
             for k, v in by.items():

@@ -148,3 +148,51 @@ def test_the_shadow_resumes_exactly(tmp_path):
     sa = a.step(first.model, first.optim_state, stream, t + 1, None)
     sb = b.step(first.model, first.optim_state, stream, t + 1, None)
     assert sa.shadow is not None and sb.shadow is not None and _same(sa.shadow, sb.shadow)
+
+
+@pytest.mark.parametrize(
+    ("spec", "shadowed"),
+    [
+        ({}, False),  # IU: it is Θ^IU
+        ({"loss": {"self_correction": 0.1}}, True),  # ReLoop: the loss shapes the chain
+        ({"loss": {"distill": 0.3}}, True),  # IncCTR's KD
+        ({"update": {"batch": 2}}, True),
+        ({"update": "none", "loss": {"self_correction": 0.1}}, False),  # nothing trains: nothing to guard
+        ({"generator": {"asmg_gru": {"k": 2, "hidden": 2}}}, False),  # its own fallback is Θ_t (= IU)
+    ],
+)
+def test_which_runs_train_the_shadow(tmp_path, spec, shadowed):
+    """Every run whose models may differ from plain IU's, and has no Θ^IU of its own, trains the shadow
+    (fails if SC or KD runs are left unguarded, or if an IU run pays for a second chain)."""
+    cfg, stream, _, _ = _setup(tmp_path, {"R": spec})
+    assert RunEngine(cfg, cfg.runs["R"], 0, stream.feature_map).shadow_iu == shadowed
+
+
+def test_an_sc_run_is_guarded_by_the_shadow_and_left_alone(tmp_path):
+    """ReLoop (SC): the shadow equals an IU run's model bit for bit, the run's own models equal those it
+    trains without a shadow, and it serves its own model iff its out-of-sample gap against Θ^IU is < 0
+    (fails if the SC run keeps no shadow, or the shadow disturbs the run's chain)."""
+    torch.set_num_threads(1)
+    cfg, stream, theta0, optim0 = _setup(tmp_path, {"SC": {"loss": {"self_correction": 0.5}}, "IU": {}})
+    sc = RunEngine(cfg, cfg.runs["SC"], 0, stream.feature_map)
+    plain = RunEngine(cfg, cfg.runs["SC"], 0, stream.feature_map)
+    plain.shadow_iu = False
+    iu = RunEngine(cfg, cfg.runs["IU"], 0, stream.feature_map)
+    t = cfg.protocol.pretrain + 1
+    served = torch.full((len(stream.rows),), 0.5)  # ŷ_last for the SC loss: any served prediction
+    m_sc, o_sc, m_plain, o_plain, m_iu, o_iu = theta0, optim0, theta0, optim0, theta0, optim0
+    for s in range(t, t + 3):
+        a = sc.step(m_sc, o_sc, stream, s, served)
+        b = plain.step(m_plain, o_plain, stream, s, served)
+        c = iu.step(m_iu, o_iu, stream, s, None)
+        assert a.shadow is not None and _same(a.shadow, c.model), f"shadow ≠ IU at t={s}"
+        assert _same(a.model, b.model), f"the shadow changed the SC run's own model at t={s}"
+        assert not _same(a.model, c.model)  # SC is not IU: the comparison above means something
+        if s == t:  # nothing scored out of sample yet: Θ^IU serves
+            assert a.serving is a.shadow and a.guard.served == "iu"
+        m_sc, o_sc, m_plain, o_plain, m_iu, o_iu = a.model, a.optim_state, b.model, b.optim_state, c.model, c.optim_state
+    assert len(sc.shadow_gaps) == 1  # guard_periods 1: the last gap
+    for gaps, own in (([-0.01], True), ([0.01], False)):
+        sc.shadow_gaps, sc.last_run_model = gaps, None
+        step = sc.step(m_sc, o_sc, stream, t + 3, served)
+        assert (step.serving is step.model) == own and (step.serving is step.shadow) == (not own), gaps

@@ -10,7 +10,8 @@ drives one period (ASMG Algorithm 1, METHODS.md "The protocol"):
    stated margin, or when the generated models have done worse than the updated ones *out of sample*
    (each pair Θ*_{s−1}, Θ_{s−1} scored on D_s before either trained on it, over the last
    ``protocol.guard_periods`` periods: :meth:`RunEngine.evidence`). A run whose base update is not
-   incremental (BU-w, full retraining, replay) also trains a **shadow IU** chain (plain cross-entropy,
+   incremental (BU-w, full retraining, replay), or whose loss is not plain cross-entropy (ReLoop's
+   self-correction, IncCTR's distillation: :func:`shadow_needed`), also trains a **shadow IU** chain (plain cross-entropy,
    Θ^IU_t from Θ^IU_{t−1} on D_t, its own random stream), and the guard serves Θ^IU_t when the run's
    model is non-finite or worse than it by the same margin, or has done worse than Θ^IU out of sample
    (the same evidence: the run's choice at s−1 against Θ^IU_{s−1} on D_s). The error memory is
@@ -51,7 +52,7 @@ from reloop.device import clock
 from reloop.memory.compensate import Compensator, rank_auc
 from reloop.models.base import CTRModel, build_model
 from reloop.update.generators.base import ModelGenerator
-from reloop.update.losses import CrossEntropy
+from reloop.update.losses import CrossEntropy, Loss
 from reloop.update.strategies import Incremental, NoUpdate, UpdateContext, UpdateStrategy
 from reloop.update.trainer import predict_rows
 
@@ -129,9 +130,10 @@ class RunEngine:
         )
         self.rng = torch.Generator().manual_seed(self.seed)
         self.guard_margin: float = float(cfg.protocol.guard_margin)
-        # The shadow IU chain (see the module docstring): only for updates other than IU and "none";
-        # its own random stream, so the run's own models are those it would train without a shadow.
-        self.shadow_iu: bool = type(self.strategy) not in (Incremental, NoUpdate)
+        # The shadow IU chain (see the module docstring): for updates other than IU and "none", and for
+        # an incremental run whose loss is not plain cross-entropy (ReLoop's self-correction, IncCTR's
+        # distillation); its own random stream, so the run's own models are those it would train without.
+        self.shadow_iu: bool = shadow_needed(self.strategy, self.loss_spec.loss)
         self.shadow_model: CTRModel | None = None  # Θ^IU_{t−1}; None before the first step (= Θ_0)
         self.shadow_optim: dict[str, Any] | None = None
         self.shadow_rng = torch.Generator().manual_seed(self.seed)
@@ -193,11 +195,11 @@ class RunEngine:
         """Update on D_t, generate Θ*_t, guard it, reset the memory when the model changed.
 
         ``release``: the caller gives up ``model`` and ``optim_state`` (it keeps the returned ones only),
-        so the update may train them in place (``UpdateContext.owned``) — except when the shadow IU
-        chain starts from them after the update.
+        so the update may train them in place (``UpdateContext.owned``) — except at the shadow IU chain's
+        first step, which starts from them after the update.
         """
         ctx = self.context(stream, t, served, model, on_batch)
-        ctx.owned = release and not self.shadow_iu
+        ctx.owned = release and not (self.shadow_iu and self.shadow_model is None)
         latest = ctx.history.period(t)
         t0 = clock(self.device)
         # the previous pairs, on D_t before anything trains on it (the update may train Θ_{t−1} in place)
@@ -434,6 +436,15 @@ class RunEngine:
         model = self.fresh_model()
         model.load_state_dict(state)
         return model
+
+
+def shadow_needed(strategy: UpdateStrategy, loss: Loss) -> bool:
+    """Whether a run trains the shadow IU chain: its models may differ from plain IU's, and nothing else
+    in the run is Θ^IU to fall back to. True for a base update other than IU and "none" (BU-w, full
+    retraining, replay) and for IU under another loss than cross-entropy (SC, KD)."""
+    if isinstance(strategy, NoUpdate):
+        return False
+    return type(strategy) is not Incremental or type(loss) is not CrossEntropy
 
 
 def _guard_rows(latest: PeriodTensors) -> PeriodTensors:
