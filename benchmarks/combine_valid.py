@@ -198,7 +198,9 @@ def main() -> None:
                 print(json.dumps({"collected": done}), flush=True)
     if args.sweep:
         with mp.get_context("spawn").Pool(args.jobs) as pool:
-            per = dict(zip(args.regimes, pool.map(_sweep_regime, [(r, args.guard_periods, variant) for r in args.regimes])))
+            per = dict(
+                zip(args.regimes, pool.map(_sweep_regime, [(r, args.guard_periods, variant) for r in args.regimes]))
+            )
         table: dict[str, dict[str, float]] = {}
         for regime, by in per.items():
             for k, v in by.items():

@@ -190,7 +190,14 @@ def test_an_sc_run_is_guarded_by_the_shadow_and_left_alone(tmp_path):
         assert not _same(a.model, c.model)  # SC is not IU: the comparison above means something
         if s == t:  # nothing scored out of sample yet: Θ^IU serves
             assert a.serving is a.shadow and a.guard.served == "iu"
-        m_sc, o_sc, m_plain, o_plain, m_iu, o_iu = a.model, a.optim_state, b.model, b.optim_state, c.model, c.optim_state
+        m_sc, o_sc, m_plain, o_plain, m_iu, o_iu = (
+            a.model,
+            a.optim_state,
+            b.model,
+            b.optim_state,
+            c.model,
+            c.optim_state,
+        )
     assert len(sc.shadow_gaps) == 1  # guard_periods 1: the last gap
     for gaps, own in (([-0.01], True), ([0.01], False)):
         sc.shadow_gaps, sc.last_run_model = gaps, None
