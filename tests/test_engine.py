@@ -131,6 +131,41 @@ def test_the_out_of_sample_guard_decides_the_same_offline_and_online(tmp_path, m
     assert online == offline
 
 
+def test_the_shadow_check_of_an_sc_run_decides_the_same_offline_and_online(tmp_path):
+    """A ReLoop (SC) run's shadow IU check over four periods, through ``reloop run`` and through the
+    service (one retrain per period, ŷ_last from the service's log): the same decisions (fails if a
+    service version forgets the shadow chain or its gaps, or the service does not train the shadow)."""
+    torch.set_num_threads(1)
+    raw = _raw(tmp_path)
+    raw["protocol"].update(warmup=2, valid=1, test=1)
+    raw["runs"] = {"ReLoop": {"update": "incremental", "loss": {"self_correction": 0.5}}}
+    cfg = parse_config(raw)
+    P = cfg.protocol.pretrain
+    periods = range(P + 1, P + 5)
+    stream = prepare_stream(cfg.data, P).stream
+    theta0, optim0 = pretrain(cfg, stream, 0)
+    rows = run_one(cfg, stream, "ReLoop", cfg.runs["ReLoop"], 0, theta0, optim0, stop_after=periods[-1])
+    offline = {r["period"] - 1: r["fallback"] for r in rows if r["period"] - 1 in periods}
+    assert "shadow IU" in offline[P + 1]  # nothing scored out of sample yet: the shadow serves
+
+    md = bootstrap(cfg, tmp_path / "md", "ReLoop", log=lambda *_: None).path
+    client = TestClient(create_app(md))
+    frame = load_source(cfg.data).frame
+    online = {}
+    for t in periods:
+        part = frame.slice((t - 1) * ROWS, ROWS)
+        recs = part.select(["user_id", "item_id", "item_cat", "hour"]).to_dicts()
+        ids = [p["impression_id"] for p in client.post("/predict", json={"records": recs}).json()["predictions"]]
+        events = [{"impression_id": i, "label": y} for i, y in zip(ids, part["label"].to_list())]
+        assert client.post("/feedback", json={"events": events}).status_code == 200
+        result = retrain(md, RetrainOptions(holdout=0.0, max_auc_drop=1.0))
+        assert result.outcome == "published", result
+        client.close()
+        client = TestClient(create_app(md))
+        online[t] = ModelDir(md).meta(result.version)["validation"]["guard"]
+    assert online == offline
+
+
 class _Diverging(ModelGenerator):
     """A generator whose Θ* outputs NaN (SML's failure mode, made certain)."""
 

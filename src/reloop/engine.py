@@ -358,12 +358,12 @@ class RunEngine:
                 decision.loss_base,
             )
         gap = sum(gaps) / len(gaps)
+        over = "on the last period" if len(gaps) == 1 else f"mean over the last {len(gaps)} periods"
         if gap >= 0.0:
             metric = "AUC fell short of" if self.guard_metric == "auc" else "log loss exceeded"
             return GuardDecision(
                 "base",
-                f"the {what}s' out-of-sample {metric} the {other}s' by {gap:+.4f} "
-                f"(mean over the last {len(gaps)} periods); the {other} serves",
+                f"the {what}s' out-of-sample {metric} the {other}s' by {gap:+.4f} ({over}); the {other} serves",
                 decision.loss_generated,
                 decision.loss_base,
             )
