@@ -93,7 +93,7 @@ def _sweep_regime(job: tuple[str, list[str]]) -> dict[str, list[float]]:
     (ASMG, combined) re-served with ``protocol.guard_periods = N``, scored as ``run ASMG g=N`` and mixed
     as ``... g=N``.
     """
-    regime, guards, variant = job
+    regime, guards, variant, independent = job
     import torch
 
     from reloop.combine import CombineOptions
@@ -146,6 +146,17 @@ def _sweep_regime(job: tuple[str, list[str]]) -> dict[str, list[float]]:
                 opts = CombineOptions(hedge={"eta": eta, "share": share, "prior": prior})
                 rows, _, _ = combine_served(cfg, stream, "combined", served, seed, opts, last_period=last)
                 out.setdefault(f"hedge eta={eta} share={share} iu_prior={iu}{tag}", []).append(valid_score(rows)[0])
+            if independent:  # + IU of the next seed: another Θ0 on the same stream (an ensemble member)
+                nxt = files[(files.index(f) + 1) % len(files)]
+                other = {**served, "IU-other-seed": torch.from_numpy(np.load(nxt)["IU"])}
+                for eta in ETAS:
+                    opts = CombineOptions(hedge={"eta": eta})
+                    rows, _, _ = combine_served(cfg, stream, "combined", other, seed, opts, last_period=last)
+                    key = f"hedge eta={eta} share=0.0 iu_prior=1.0 [{label} +IU-other-seed] g={g}"
+                    out.setdefault(key, []).append(valid_score(rows)[0])
+                    pair = {"IU": served["IU"], "IU-other-seed": other["IU-other-seed"]}  # the ensemble alone
+                    rows, _, _ = combine_served(cfg, stream, "IU", pair, seed, opts, last_period=last)
+                    out.setdefault(f"hedge eta={eta} [IU + IU-other-seed]", []).append(valid_score(rows)[0])
     base = out["run IU"]
     return {k: [(a - b) / b * 100 for a, b in zip(v, base)] for k, v in out.items()}
 
@@ -162,6 +173,11 @@ def main() -> None:
         nargs="*",
         default=[],
         help="re-serve ASMG and combined with these: N (guard_periods) or N:auc (and guard_metric auc)",
+    )
+    ap.add_argument(
+        "--independent-iu",
+        action="store_true",
+        help="with --variant: also mix in IU of the next seed (another Θ0 on the same stream), for reference",
     )
     ap.add_argument(
         "--variant",
@@ -199,7 +215,12 @@ def main() -> None:
     if args.sweep:
         with mp.get_context("spawn").Pool(args.jobs) as pool:
             per = dict(
-                zip(args.regimes, pool.map(_sweep_regime, [(r, args.guard_periods, variant) for r in args.regimes]))
+                zip(
+                    args.regimes,
+                    pool.map(
+                        _sweep_regime, [(r, args.guard_periods, variant, args.independent_iu) for r in args.regimes]
+                    ),
+                )
             )
         table: dict[str, dict[str, float]] = {}
         for regime, by in per.items():
