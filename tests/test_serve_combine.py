@@ -402,3 +402,88 @@ def test_rejected_chains_keep_their_versions(world, tmp_path, monkeypatch):
     assert result.outcome == "rejected" and result.version == 2, result
     assert {e["outcome"] for e in result.extra["experts"].values()} == {"rejected"}
     assert md.current_version() == 2 and ServeLog(md.log_path).current_period() == P + 3
+
+
+def test_a_replica_expert_is_its_run_from_the_next_seeds_theta0_offline_and_online(tmp_path):
+    """``combine.replicas: {IU: 1}`` adds the expert ``IU.r1``: IU trained from seed 1's Θ0 with seed 1's
+    random stream. Offline, ``run_seed`` serves exactly what ``run_one`` of IU under seed 1 serves; online,
+    bootstrap gives its chain seed 1's Θ0 and a retrain continues it as offline, and the served mixture
+    over P+1 and P+2 equals ``combine_served``'s (fails if the replica shares seed 0's Θ0 or its random
+    stream, online or offline)."""
+    from reloop.config import experts_of
+    from reloop.protocol import runner
+
+    torch.set_num_threads(1)
+    raw = _raw(tmp_path)
+    raw["runs"]["combined"]["combine"]["replicas"] = {"IU": 1}
+    cfg = parse_config(raw)
+    names = experts_of(cfg, "combined")
+    assert names == [*NAMES, "IU.r1"]
+    P = cfg.protocol.pretrain
+    stream = prepare_stream(cfg.data, P).stream
+
+    # offline: run_seed trains the replica as IU under seed 1
+    captured: dict[str, torch.Tensor] = {}
+    original = runner.run_one
+
+    def spy(cfg_, stream_, name, spec, seed, *a, served_out=None, **kw):
+        out = original(cfg_, stream_, name, spec, seed, *a, served_out=served_out, **kw)
+        captured[f"{name}@{seed}"] = served_out["final"].clone()
+        return out
+
+    theta0, optim0 = pretrain(cfg, stream, 0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner, "run_one", spy)
+        rows = runner.run_seed(cfg, stream, 0, theta0, optim0)
+    assert set(captured) == {"IU@0", "SC@0", "MEM@0", "combined@0", "IU.r1@1"}
+    assert not any(r["run"] == "IU.r1" for r in rows)  # internal to the mixture: no rows of its own
+    assert "IU.r1" in rows[-1]["weights"]
+    theta1, optim1 = pretrain(cfg, stream, 1)
+    alone: dict[str, torch.Tensor] = {}
+    run_one(cfg, stream, "IU", cfg.runs["IU"], 1, theta1, optim1, served_out=alone)
+    torch.testing.assert_close(captured["IU.r1@1"], alone["final"], rtol=0, atol=0, equal_nan=True)
+    assert float((captured["IU.r1@1"] - captured["IU@0"]).nan_to_num().abs().max()) > 1e-3
+
+    # online: the replica's chain starts from seed 1's Θ0, and the mixture is the offline one
+    md_path = bootstrap(cfg, tmp_path / "md", "combined", log=lambda *_: None).path
+    md = ModelDir(md_path)
+    assert md.meta(1)["experts"] == dict.fromkeys(names[1:], 1)
+    replica = ExpertDir(md, "IU.r1")
+    assert replica.meta(1)["composition"]["seed_offset"] == 1
+    assert torch.equal(replica.load_serving(1).head.weight, theta1.head.weight)
+    assert not torch.equal(replica.load_serving(1).head.weight, md.load_serving(1).head.weight)
+    served = {n: captured[f"{n}@0"] for n in NAMES} | {"IU.r1": captured["IU.r1@1"]}
+    _, _, offline = combine_served(cfg, stream, "combined", served, 0, cfg.runs["combined"].combine, last_period=P + 2)
+    options = RetrainOptions(holdout=0.0, max_auc_drop=1.0)
+    client = TestClient(create_app(md_path, admin_token=TOKEN, retrain_options=options), headers=ADMIN)
+    frame = load_source(cfg.data).frame
+    world = {"frame": frame}
+    online: list[float] = []
+    for i in range(ROWS // BATCH):
+        online += _serve(client, *_batch(world, P + 1, i))[1]
+    result = retrain(md_path, options)
+    assert result.outcome == "published", result
+    assert client.post("/admin/reload").json()["swapped"]
+    for i in range(ROWS // BATCH):
+        online += _serve(client, *_batch(world, P + 2, i))[1]
+    start, end = stream.bounds[P][0], stream.bounds[P + 1][1]
+    torch.testing.assert_close(torch.tensor(online), offline[start:end], rtol=0, atol=2e-6)
+
+
+def test_replicas_are_checked_naming_the_field(tmp_path):
+    from reloop.errors import ConfigError
+
+    for replicas, match in (
+        ({"nope": 1}, r"runs\.combined\.combine\.replicas: 'nope' is not a run"),
+        ({"IU": 0}, r"runs\.combined\.combine\.replicas"),
+        ({"IU": 9}, r"runs\.combined\.combine\.replicas"),
+    ):
+        raw = _raw(tmp_path)
+        raw["runs"]["combined"]["combine"]["replicas"] = replicas
+        with pytest.raises(ConfigError, match=match):
+            parse_config(raw)
+    raw = _raw(tmp_path)
+    raw["runs"]["IU.r1"] = {"update": "incremental"}
+    raw["runs"]["combined"]["combine"]["replicas"] = {"IU": 1}
+    with pytest.raises(ConfigError, match=r"runs\.combined\.combine\.replicas: 'IU.r1'"):
+        parse_config(raw)

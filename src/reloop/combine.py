@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -318,15 +318,30 @@ class HedgeOptions(Strict):
         return Hedge(names, eta=self.eta, eps=self.eps, share=self.share, prior=self.prior_of(names))
 
 
+#: Replicas of one run a ``combine:`` block may ask for (each costs a pretraining and a chain).
+MAX_REPLICAS = 4
+
+
+def replica_name(run: str, k: int) -> str:
+    """The expert name of ``run``'s k-th replica (k ≥ 1): trained from the Θ0 of seed + k."""
+    return f"{run}.r{k}"
+
+
 class CombineOptions(Strict):
     """The ``combine:`` block of a run: which runs are the experts and how they are weighted::
 
         combine: {experts: [IU, ReLoop, ReLoop2, ASMG], hedge: {eta: 1.0, eps: 1.0e-6, share: 0.0}}
 
     ``experts: null`` (the default) means every other run of the config.
+
+    ``replicas: {IU: 1}`` also mixes the run ``IU`` trained again from the Θ0 of the next seed (seed + 1,
+    with that seed's random stream), named ``IU.r1`` (``IU.r2`` … for more): an expert that disagrees
+    with the others for another reason than its remedy, so the mixture also averages initialisation
+    noise away (an ensemble). Its fair baseline is then an equal-size ensemble, not IU alone.
     """
 
     experts: list[str] | None = None
+    replicas: dict[str, Annotated[int, Field(ge=1, le=MAX_REPLICAS)]] = Field(default_factory=dict)
     hedge: HedgeOptions = Field(default_factory=HedgeOptions)
 
     @model_validator(mode="after")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from reloop.combine import CombineOptions
+from reloop.combine import CombineOptions, replica_name
 from reloop.components import GENERATORS, LOSSES, UPDATES, MemoryConfig
 from reloop.data.periods import PeriodsConfig
 from reloop.data.sources import SOURCES, parse_source_config
@@ -205,6 +205,14 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> Config:
                 raise ConfigError(f"runs.{name}.combine.experts: unknown run {expert!r} (runs: {sorted(cfg.runs)})")
             if cfg.runs[expert].combine is not None and expert != name:
                 raise ConfigError(f"runs.{name}.combine.experts: {expert!r} is itself a combine run")
+        for base in run.combine.replicas:
+            if base not in cfg.runs or cfg.runs[base].combine is not None:
+                raise ConfigError(
+                    f"runs.{name}.combine.replicas: {base!r} is not a run to replicate (runs: {sorted(cfg.runs)})"
+                )
+        taken = [r for r in replicas_of(run.combine) if r in cfg.runs]
+        if taken:
+            raise ConfigError(f"runs.{name}.combine.replicas: {taken[0]!r} (a replica's name) is already a run")
         try:
             run.combine.hedge.prior_of(experts_of(cfg, name))
         except ValueError as e:
@@ -213,7 +221,8 @@ def parse_config(raw: dict[str, Any], base_dir: Path | None = None) -> Config:
 
 
 def experts_of(cfg: Config, name: str) -> list[str]:
-    """The runs a ``combine:`` run mixes (itself first): ``experts``, or every run without ``combine``."""
+    """The runs a ``combine:`` run mixes (itself first): ``experts``, or every run without ``combine``;
+    then its ``replicas`` (``IU.r1`` …: :func:`expert_spec`)."""
     options = cfg.runs[name].combine
     assert options is not None
     others = (
@@ -221,7 +230,27 @@ def experts_of(cfg: Config, name: str) -> list[str]:
         if options.experts is not None
         else [r for r, spec in cfg.runs.items() if r != name and spec.combine is None]
     )
-    return [name, *[r for r in others if r != name]]
+    return [name, *[r for r in others if r != name], *replicas_of(options)]
+
+
+def replicas_of(options: CombineOptions) -> list[str]:
+    """The replica experts' names of a ``combine:`` block, in the order written."""
+    return [replica_name(run, k) for run, n in options.replicas.items() for k in range(1, n + 1)]
+
+
+def expert_spec(cfg: Config, expert: str) -> tuple[RunSpec, int]:
+    """An expert's run and seed offset: ``(cfg.runs[expert], 0)`` for a run, ``(cfg.runs[R], k)`` for the
+    replica ``R.rk`` of a ``combine.replicas`` (trained from the Θ0 of seed + k, with that seed's
+    random stream: offline by ``run_seed``, online by the service's expert chains)."""
+    if expert in cfg.runs:
+        return cfg.runs[expert], 0
+    for spec in cfg.runs.values():
+        if spec.combine is not None:
+            for run, n in spec.combine.replicas.items():
+                for k in range(1, n + 1):
+                    if replica_name(run, k) == expert:
+                        return cfg.runs[run], k
+    raise KeyError(f"no run or replica named {expert!r}")
 
 
 def demo_config_path() -> Path:

@@ -21,7 +21,7 @@ from rich.progress import (
 
 from reloop import threads as host_threads
 from reloop.components import build_update
-from reloop.config import Config, RunSpec, dump_config
+from reloop.config import Config, RunSpec, dump_config, expert_spec
 from reloop.data.encode import EncoderConfig
 from reloop.data.prepare import prepare_stream
 from reloop.data.tensors import Stream
@@ -177,7 +177,7 @@ def run_experiment(
                     if again is not None and again.threads != choice.threads:
                         console.print(f"[bold]threads[/]: {again.describe()}")
                         choice = again
-                total = max(expected_rows(cfg, cfg.runs[name], sizes), 1)
+                total = max(expected_rows(cfg, expert_spec(cfg, name)[0], sizes), 1)
                 task = bar.add_task(f"seed {seed}: {name}", total=total)
                 tasks[name] = (task, total)
                 done = {"rows": 0}
@@ -208,6 +208,7 @@ def run_experiment(
                 progress_for=progress_for,
                 on_run=finished,
                 own_theta0=True,  # this seed's Θ0 is not used after its runs
+                pretrain_dir=pretrain_dir or out,
             )
     result = write_results(cfg, out, all_rows, {p: o["auc"] for p, o in oracle.items()})
     if oracle:

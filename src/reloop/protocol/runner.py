@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from reloop.components import memory_key
-from reloop.config import Config, RunSpec, experts_of
+from reloop.config import Config, RunSpec, expert_spec, experts_of
 from reloop.data.periods import phase_of
 from reloop.data.tensors import Stream
 from reloop.device import clock, to_cpu
@@ -460,6 +460,7 @@ def run_seed(
     progress_for: Callable[[str], Progress | None] | None = None,
     on_run: Callable[[str, list[dict[str, Any]]], None] | None = None,
     own_theta0: bool = False,
+    pretrain_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Every run of ``cfg`` under one seed (Θ0 shared, paired comparisons); returns their period rows.
 
@@ -468,8 +469,11 @@ def run_seed(
 
     Runs without ``combine:`` go first, in config order; then each ``combine:`` run trains its own
     composition and serves the Hedge mixture of its predictions and its experts'
-    (:func:`reloop.protocol.combined.combine_served`). ``progress_for(name)`` gives a run's
-    ``progress`` callback; ``on_run(name, rows)`` is called as each run finishes.
+    (:func:`reloop.protocol.combined.combine_served`). A ``combine.replicas`` expert (``IU.r1``) is
+    trained just before the mixture, as its run under seed + k from that seed's Θ0 (``pretrain``, cached
+    under ``pretrain_dir``); only its served predictions are used, its rows are not returned.
+    ``progress_for(name)`` gives a run's ``progress`` callback; ``on_run(name, rows)`` is called as each
+    run finishes.
     """
     order = [n for n, s in cfg.runs.items() if s.combine is None] + [
         n for n, s in cfg.runs.items() if s.combine is not None
@@ -497,6 +501,28 @@ def run_seed(
         served[name] = got["final"]
         if spec.combine is not None:
             experts = experts_of(cfg, name)
+            for replica in experts:
+                if replica in served:
+                    continue
+                base, k = expert_spec(cfg, replica)
+                theta_k, optim_k = pretrain(cfg, stream, seed + k, pretrain_dir, device=device)
+                mine: dict[str, torch.Tensor] = {}
+                run_one(
+                    cfg,
+                    stream,
+                    replica,
+                    base,
+                    seed + k,
+                    theta_k,
+                    optim_k,
+                    out=out,
+                    resume=resume,
+                    device=device,
+                    progress=progress_for(replica) if progress_for else None,
+                    served_out=mine,
+                    own_theta0=True,
+                )
+                served[replica] = mine["final"]
             rows, _, _ = combine_served(cfg, stream, name, {e: served[e] for e in experts}, seed, spec.combine)
         all_rows.extend(rows)
         if on_run is not None:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from reloop.components import build_memory, memory_key, memory_resets_on_update
-from reloop.config import Config
+from reloop.config import Config, expert_spec
 from reloop.models.base import CTRModel
 from reloop.serve.events import log_event
 from reloop.serve.guard import ErrorLog
@@ -89,7 +89,7 @@ class ModelHost:
     ) -> None:
         self.md = md
         self.cfg = cfg
-        self.spec = cfg.runs[run]
+        self.spec = expert_spec(cfg, run)[0]
         self.log = log
         self.device = device
         self.poll_interval = poll_interval

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 import yaml
 
-from reloop.config import Config, dump_config, experts_of, parse_config
+from reloop.config import Config, dump_config, expert_spec, experts_of, parse_config
 from reloop.data.encode import EncoderConfig, FeatureEncoder
 from reloop.data.schema import N_RESERVED, FeatureMap
 from reloop.data.tensors import PeriodTensors
@@ -467,9 +467,12 @@ def pick_run(cfg: Config, run: str | None) -> str:
 
 
 def composition(cfg: Config, run: str) -> dict[str, Any]:
-    """The run's choices as written in YAML (JSON values: they go into ``meta.json`` and ``/model``)."""
-    spec = cfg.runs[run].model_dump(mode="json")
-    return {"run": run, **{k: spec[k] for k in ("update", "loss", "generator", "memory")}}
+    """The run's choices as written in YAML (JSON values: they go into ``meta.json`` and ``/model``); a
+    ``combine.replicas`` expert also says its seed offset."""
+    spec_of, offset = expert_spec(cfg, run)
+    spec = spec_of.model_dump(mode="json")
+    extra = {"seed_offset": offset} if offset else {}
+    return {"run": run, **{k: spec[k] for k in ("update", "loss", "generator", "memory")}, **extra}
 
 
 def pretrain_encoder(encoder: FeatureEncoder, rows: PeriodTensors, feature_map: FeatureMap) -> FeatureEncoder:
@@ -581,11 +584,15 @@ def bootstrap(
     }
     for name in ("config.yaml", "service.json", "encoder.json"):
         _fsync_file(md.path / name)
-    if spec.combine is not None:  # every expert's chain starts from the same Θ0, as offline (run_seed)
+    if spec.combine is not None:  # every expert's chain starts from the seed's Θ0, as offline (run_seed)
         pins: dict[str, int] = {}
         for expert in combine_names(cfg, run)[1:]:
-            e_state = RunEngine(cfg, cfg.runs[expert], seed, stream.feature_map).version_state(optim_state, expert)
-            ExpertDir(md, expert).publish(model, model, e_state, {**meta, "composition": composition(cfg, expert)}, 1)
+            e_spec, k = expert_spec(cfg, expert)  # a replica: the Θ0 and random stream of seed + k
+            e_model, e_optim = (model, optim_state) if k == 0 else pretrain(cfg, stream, seed + k)
+            e_model.eval()
+            e_state = RunEngine(cfg, e_spec, seed + k, stream.feature_map).version_state(e_optim, expert)
+            meta_e = {**meta, "composition": composition(cfg, expert)}
+            ExpertDir(md, expert).publish(e_model, e_model, e_state, meta_e, 1)
             pins[expert] = 1
         meta["experts"] = pins
     slog = ServeLog(md.log_path)

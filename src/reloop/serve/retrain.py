@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from reloop.components import build_loss
-from reloop.config import Config
+from reloop.config import Config, expert_spec
 from reloop.data.tensors import PeriodTensors, Stream
 from reloop.device import resolve_device
 from reloop.engine import RunEngine
@@ -357,12 +357,13 @@ def _train_chain(p: _Period, chain_md: ModelDir, run: str, version: int, served:
     held-out rows. Publishing is the caller's (a combine run writes its experts before its own version)."""
     cfg, t = p.cfg, p.t
     meta_now = chain_md.meta(version)
-    engine = RunEngine(cfg, cfg.runs[run], p.seed, p.full.feature_map, key_dim=None, device=p.device)
+    spec, offset = expert_spec(cfg, run)  # a combine.replicas expert: the random stream of seed + k
+    engine = RunEngine(cfg, spec, p.seed + offset, p.full.feature_map, key_dim=None, device=p.device)
     state = chain_md.load_state(version)
     engine.load_state_dict(state, memory=False)
     base = chain_md.load_base(version).to(p.device)
     serving_now = chain_md.load_serving(version).to(p.device)
-    torch.manual_seed(p.seed * 100003 + t)
+    torch.manual_seed(engine.seed * 100003 + t)
     if isinstance(engine.strategy, NoUpdate):
         return _Chain("no-update", "the run's update is 'none'")
 
@@ -438,7 +439,7 @@ def _retrain_combine(
     try:
         for k, name in enumerate(names):
             base, comp = store.served_rows(md.log_path, k, ids)
-            y = base if build_loss(cfg.runs[name].loss).y_last != "compensated" else comp
+            y = base if build_loss(expert_spec(cfg, name)[0].loss).y_last != "compensated" else comp
             served = torch.cat([torch.full((n_pre,), float("nan")), y])
             chain_md = md if k == 0 else ExpertDir(md, name)
             chains[name] = _train_chain(p, chain_md, name, version if k == 0 else pins[name], served)
