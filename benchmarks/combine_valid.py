@@ -109,7 +109,7 @@ def _sweep_regime(job: tuple[str, list[str]]) -> dict[str, list[float]]:
     ]
     cfg = _config(regime, [0])
     stream = _stream(cfg)
-    names = experts_of(cfg, "combined")
+    names = [n for n in experts_of(cfg, "combined") if n in cfg.runs]  # replicas: --independent-iu
     last = last_valid_step(cfg) + 1
     out: dict[str, list[float]] = {}
     for f in files:
