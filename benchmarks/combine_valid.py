@@ -126,11 +126,7 @@ def _sweep_regime(job: tuple[str, list[str]]) -> dict[str, list[float]]:
                 solo = {n: served[n]}
                 rows, _, _ = combine_served(cfg, stream, n, solo, seed, CombineOptions(), last_period=last)
                 out.setdefault(f"run {n}{tag}", []).append(valid_score(rows)[0])
-            for eta, share, iu in itertools.product(ETAS, SHARES, IU_PRIOR):
-                prior = {"IU": iu} if iu != 1.0 else None
-                opts = CombineOptions(hedge={"eta": eta, "share": share, "prior": prior})
-                rows, _, _ = combine_served(cfg, stream, "combined", served, seed, opts, last_period=last)
-                out.setdefault(f"hedge eta={eta} share={share} iu_prior={iu}{tag}", []).append(valid_score(rows)[0])
+            _grid(cfg, stream, served, seed, last, tag, out)
         if variant is not None:  # the runs re-served by the working tree's engine (``--variant``)
             label, g = variant
             served = dict(base)
@@ -141,11 +137,7 @@ def _sweep_regime(job: tuple[str, list[str]]) -> dict[str, list[float]]:
             for n, v in changed.items():
                 rows, _, _ = combine_served(cfg, stream, n, {n: v}, seed, CombineOptions(), last_period=last)
                 out.setdefault(f"run {n}{tag}", []).append(valid_score(rows)[0])
-            for eta, share, iu in itertools.product(ETAS, SHARES, IU_PRIOR):
-                prior = {"IU": iu} if iu != 1.0 else None
-                opts = CombineOptions(hedge={"eta": eta, "share": share, "prior": prior})
-                rows, _, _ = combine_served(cfg, stream, "combined", served, seed, opts, last_period=last)
-                out.setdefault(f"hedge eta={eta} share={share} iu_prior={iu}{tag}", []).append(valid_score(rows)[0])
+            _grid(cfg, stream, served, seed, last, tag, out)
             if independent:  # + IU of the next seed: another Θ0 on the same stream (an ensemble member)
                 nxt = files[(files.index(f) + 1) % len(files)]
                 other = {**served, "IU-other-seed": torch.from_numpy(np.load(nxt)["IU"])}
@@ -159,6 +151,19 @@ def _sweep_regime(job: tuple[str, list[str]]) -> dict[str, list[float]]:
                     out.setdefault(f"hedge eta={eta} [IU + IU-other-seed]", []).append(valid_score(rows)[0])
     base = out["run IU"]
     return {k: [(a - b) / b * 100 for a, b in zip(v, base)] for k, v in out.items()}
+
+
+def _grid(cfg: Any, stream: Any, served: dict[str, Any], seed: int, last: int, tag: str, out: dict) -> None:
+    """Every Hedge setting of the grid over ``served``, its valid score appended under ``hedge ...{tag}``."""
+    from reloop.combine import CombineOptions
+    from reloop.protocol.combined import combine_served
+    from reloop.protocol.tune import valid_score
+
+    for eta, share, iu in itertools.product(ETAS, SHARES, IU_PRIOR):
+        prior = {"IU": iu} if iu != 1.0 else None
+        opts = CombineOptions(hedge={"eta": eta, "share": share, "prior": prior})
+        rows, _, _ = combine_served(cfg, stream, "combined", served, seed, opts, last_period=last)
+        out.setdefault(f"hedge eta={eta} share={share} iu_prior={iu}{tag}", []).append(valid_score(rows)[0])
 
 
 def main() -> None:

@@ -113,22 +113,27 @@ def test_the_out_of_sample_guard_decides_the_same_offline_and_online(tmp_path, m
     offline = {r["period"] - 1: r["fallback"] for r in rows if r["period"] - 1 in periods}
     assert any(offline.values()) and not all(offline.values()), offline  # both decisions occur
 
-    md = bootstrap(cfg, tmp_path / "md", "IU", log=lambda *_: None).path
-    client = TestClient(create_app(md))
+    assert _online_guard_decisions(cfg, tmp_path, "IU", periods) == offline
+
+
+def _online_guard_decisions(cfg, tmp_path, run: str, periods: range) -> dict[int, str]:
+    """The service's guard decision per period: bootstrap ``run``, then per period predict, label and
+    retrain (a fresh app each time: the new version serves the next period)."""
+    md = bootstrap(cfg, tmp_path / "md", run, log=lambda *_: None).path
     frame = load_source(cfg.data).frame
     online = {}
     for t in periods:
+        client = TestClient(create_app(md))
         part = frame.slice((t - 1) * ROWS, ROWS)
         recs = part.select(["user_id", "item_id", "item_cat", "hour"]).to_dicts()
         ids = [p["impression_id"] for p in client.post("/predict", json={"records": recs}).json()["predictions"]]
         events = [{"impression_id": i, "label": y} for i, y in zip(ids, part["label"].to_list())]
         assert client.post("/feedback", json={"events": events}).status_code == 200
+        client.close()
         result = retrain(md, RetrainOptions(holdout=0.0, max_auc_drop=1.0))
         assert result.outcome == "published", result
-        client.close()
-        client = TestClient(create_app(md))  # the new version serves the next period
         online[t] = ModelDir(md).meta(result.version)["validation"]["guard"]
-    assert online == offline
+    return online
 
 
 def test_the_shadow_check_of_an_sc_run_decides_the_same_offline_and_online(tmp_path):
@@ -148,22 +153,7 @@ def test_the_shadow_check_of_an_sc_run_decides_the_same_offline_and_online(tmp_p
     offline = {r["period"] - 1: r["fallback"] for r in rows if r["period"] - 1 in periods}
     assert "shadow IU" in offline[P + 1]  # nothing scored out of sample yet: the shadow serves
 
-    md = bootstrap(cfg, tmp_path / "md", "ReLoop", log=lambda *_: None).path
-    client = TestClient(create_app(md))
-    frame = load_source(cfg.data).frame
-    online = {}
-    for t in periods:
-        part = frame.slice((t - 1) * ROWS, ROWS)
-        recs = part.select(["user_id", "item_id", "item_cat", "hour"]).to_dicts()
-        ids = [p["impression_id"] for p in client.post("/predict", json={"records": recs}).json()["predictions"]]
-        events = [{"impression_id": i, "label": y} for i, y in zip(ids, part["label"].to_list())]
-        assert client.post("/feedback", json={"events": events}).status_code == 200
-        result = retrain(md, RetrainOptions(holdout=0.0, max_auc_drop=1.0))
-        assert result.outcome == "published", result
-        client.close()
-        client = TestClient(create_app(md))
-        online[t] = ModelDir(md).meta(result.version)["validation"]["guard"]
-    assert online == offline
+    assert _online_guard_decisions(cfg, tmp_path, "ReLoop", periods) == offline
 
 
 class _Diverging(ModelGenerator):

@@ -480,49 +480,37 @@ def run_seed(
     ]
     served: dict[str, torch.Tensor] = {}
     all_rows: list[dict[str, Any]] = []
-    for name in order:
-        spec = cfg.runs[name]
+
+    def train(name: str, spec: RunSpec, s: int, theta: CTRModel, optim: dict, own: bool) -> list[dict[str, Any]]:
+        """``run_one`` of ``name`` under seed ``s``; keeps its served predictions in ``served``."""
         got: dict[str, torch.Tensor] = {}
+        progress = progress_for(name) if progress_for else None
         rows = run_one(
             cfg,
             stream,
             name,
             spec,
-            seed,
-            theta0,
-            optim0,
+            s,
+            theta,
+            optim,
             out=out,
             resume=resume,
+            progress=progress,
             device=device,
-            progress=progress_for(name) if progress_for else None,
             served_out=got,
-            own_theta0=own_theta0 and name == order[-1],
+            own_theta0=own,
         )
         served[name] = got["final"]
+        return rows
+
+    for name in order:
+        spec = cfg.runs[name]
+        rows = train(name, spec, seed, theta0, optim0, own_theta0 and name == order[-1])
         if spec.combine is not None:
             experts = experts_of(cfg, name)
-            for replica in experts:
-                if replica in served:
-                    continue
+            for replica in (e for e in experts if e not in served):
                 base, k = expert_spec(cfg, replica)
-                theta_k, optim_k = pretrain(cfg, stream, seed + k, pretrain_dir, device=device)
-                mine: dict[str, torch.Tensor] = {}
-                run_one(
-                    cfg,
-                    stream,
-                    replica,
-                    base,
-                    seed + k,
-                    theta_k,
-                    optim_k,
-                    out=out,
-                    resume=resume,
-                    device=device,
-                    progress=progress_for(replica) if progress_for else None,
-                    served_out=mine,
-                    own_theta0=True,
-                )
-                served[replica] = mine["final"]
+                train(replica, base, seed + k, *pretrain(cfg, stream, seed + k, pretrain_dir, device=device), own=True)
             rows, _, _ = combine_served(cfg, stream, name, {e: served[e] for e in experts}, seed, spec.combine)
         all_rows.extend(rows)
         if on_run is not None:
