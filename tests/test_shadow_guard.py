@@ -40,27 +40,31 @@ def test_shadow_is_the_iu_chain_and_leaves_the_run_alone(tmp_path):
     cfg, stream, theta0, optim0 = _setup(
         tmp_path, {"BU": {"update": {"batch": 2}, "loss": {"self_correction": 0.5}}, "IU": {}}
     )
-    bu = RunEngine(cfg, cfg.runs["BU"], 0, stream.feature_map)
-    plain = RunEngine(cfg, cfg.runs["BU"], 0, stream.feature_map)
+    bu, steps = _beside_iu(cfg, stream, theta0, optim0, "BU", None, 3)
+    assert bu.shadow_iu and len(steps) == 3
+
+
+def _beside_iu(cfg, stream, theta0, optim0, run: str, served, periods: int):
+    """``periods`` steps of ``run`` from Θ0, beside an engine of the same run without the shadow and
+    an IU engine: each step's shadow equals IU's model bit for bit, the run's own model equals the
+    unshadowed engine's, and differs from IU's. Returns the run's engine and its steps."""
+    engine = RunEngine(cfg, cfg.runs[run], 0, stream.feature_map)
+    plain = RunEngine(cfg, cfg.runs[run], 0, stream.feature_map)
     plain.shadow_iu = False
     iu = RunEngine(cfg, cfg.runs["IU"], 0, stream.feature_map)
-    assert bu.shadow_iu and not iu.shadow_iu
-    m_bu, o_bu, m_plain, o_plain, m_iu, o_iu = theta0, optim0, theta0, optim0, theta0, optim0
-    for t in range(cfg.protocol.pretrain + 1, cfg.protocol.pretrain + 4):
-        a = bu.step(m_bu, o_bu, stream, t, None)
-        b = plain.step(m_plain, o_plain, stream, t, None)
-        c = iu.step(m_iu, o_iu, stream, t, None)
+    assert not iu.shadow_iu
+    states = {"run": (theta0, optim0), "plain": (theta0, optim0), "iu": (theta0, optim0)}
+    steps = []
+    for t in range(cfg.protocol.pretrain + 1, cfg.protocol.pretrain + 1 + periods):
+        a = engine.step(*states["run"], stream, t, served)
+        b = plain.step(*states["plain"], stream, t, served)
+        c = iu.step(*states["iu"], stream, t, None)
         assert a.shadow is not None and _same(a.shadow, c.model), f"shadow ≠ IU at t={t}"
-        assert _same(a.model, b.model), f"the shadow changed BU's own model at t={t}"
-        assert not _same(a.model, c.model)  # BU-2 is not IU: the comparison above means something
-        m_bu, o_bu, m_plain, o_plain, m_iu, o_iu = (
-            a.model,
-            a.optim_state,
-            b.model,
-            b.optim_state,
-            c.model,
-            c.optim_state,
-        )
+        assert _same(a.model, b.model), f"the shadow changed {run}'s own model at t={t}"
+        assert not _same(a.model, c.model)  # not IU: the comparison above means something
+        states = {"run": (a.model, a.optim_state), "plain": (b.model, b.optim_state), "iu": (c.model, c.optim_state)}
+        steps.append(a)
+    return engine, steps
 
 
 @pytest.mark.parametrize("how", ["nan", "overconfident"])
@@ -174,32 +178,13 @@ def test_an_sc_run_is_guarded_by_the_shadow_and_left_alone(tmp_path):
     (fails if the SC run keeps no shadow, or the shadow disturbs the run's chain)."""
     torch.set_num_threads(1)
     cfg, stream, theta0, optim0 = _setup(tmp_path, {"SC": {"loss": {"self_correction": 0.5}}, "IU": {}})
-    sc = RunEngine(cfg, cfg.runs["SC"], 0, stream.feature_map)
-    plain = RunEngine(cfg, cfg.runs["SC"], 0, stream.feature_map)
-    plain.shadow_iu = False
-    iu = RunEngine(cfg, cfg.runs["IU"], 0, stream.feature_map)
-    t = cfg.protocol.pretrain + 1
     served = torch.full((len(stream.rows),), 0.5)  # ŷ_last for the SC loss: any served prediction
-    m_sc, o_sc, m_plain, o_plain, m_iu, o_iu = theta0, optim0, theta0, optim0, theta0, optim0
-    for s in range(t, t + 3):
-        a = sc.step(m_sc, o_sc, stream, s, served)
-        b = plain.step(m_plain, o_plain, stream, s, served)
-        c = iu.step(m_iu, o_iu, stream, s, None)
-        assert a.shadow is not None and _same(a.shadow, c.model), f"shadow ≠ IU at t={s}"
-        assert _same(a.model, b.model), f"the shadow changed the SC run's own model at t={s}"
-        assert not _same(a.model, c.model)  # SC is not IU: the comparison above means something
-        if s == t:  # nothing scored out of sample yet: Θ^IU serves
-            assert a.serving is a.shadow and a.guard.served == "iu"
-        m_sc, o_sc, m_plain, o_plain, m_iu, o_iu = (
-            a.model,
-            a.optim_state,
-            b.model,
-            b.optim_state,
-            c.model,
-            c.optim_state,
-        )
+    sc, steps = _beside_iu(cfg, stream, theta0, optim0, "SC", served, 3)
+    first = steps[0]  # nothing scored out of sample yet: Θ^IU serves
+    assert first.serving is first.shadow and first.guard.served == "iu"
+    t = cfg.protocol.pretrain + 1
     assert len(sc.shadow_gaps) == 1  # guard_periods 1: the last gap
     for gaps, own in (([-0.01], True), ([0.01], False)):
         sc.shadow_gaps, sc.last_run_model = gaps, None
-        step = sc.step(m_sc, o_sc, stream, t + 3, served)
+        step = sc.step(steps[-1].model, steps[-1].optim_state, stream, t + 3, served)
         assert (step.serving is step.model) == own and (step.serving is step.shadow) == (not own), gaps
